@@ -1,0 +1,144 @@
+"""Built-in models: GPT-2/GPT-3 shapes, a Llama-style model, an HF-style model.
+
+Use :func:`build` to get a model and example inputs by name::
+
+    model, (idx,) = build("gpt-tiny", batch_size=2)
+    logits = model(idx)
+
+:data:`MODELS` maps each name to a one-line description; :func:`names` lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from partc.errors import PartcError
+from partc.models import gpt, hf_style, llama
+from partc.models.gpt import GPT, GPTConfig, gpt3_shaped
+from partc.models.hf_style import HFStyleConfig, HFStyleModel
+from partc.models.llama import Llama, LlamaConfig
+
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "HFStyleConfig",
+    "HFStyleModel",
+    "Llama",
+    "LlamaConfig",
+    "MODELS",
+    "META_THRESHOLD",
+    "build",
+    "config",
+    "gpt3_shaped",
+    "names",
+    "num_params",
+]
+
+# Models above this many parameters are built on the meta device unless a device is
+# given: 2B fp32 parameters are 8 GB, more than a laptop or CI runner should allocate.
+META_THRESHOLD = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class _Entry:
+    description: str
+    make_config: Callable[[], Any]
+    model_cls: type[nn.Module]
+    max_len_field: str  # the config field holding the maximum sequence length
+
+
+_ENTRIES = MappingProxyType(
+    {
+        "gpt2": _Entry("GPT-2 small, 124M parameters", gpt.gpt2, GPT, "block_size"),
+        "gpt2-medium": _Entry("GPT-2 medium, 350M parameters", gpt.gpt2_medium, GPT, "block_size"),
+        "gpt3-1.3b": _Entry("GPT-3 XL, 1.3B parameters", gpt.gpt3_1_3b, GPT, "block_size"),
+        "gpt3-2.6b": _Entry("GPT-3 2.7B, 2.6B parameters", gpt.gpt3_2_6b, GPT, "block_size"),
+        "gpt3-6.7b": _Entry("GPT-3 6.7B", gpt.gpt3_6_7b, GPT, "block_size"),
+        "gpt3-175b": _Entry("GPT-3 175B (96 layers, d_model 12288)", gpt.gpt3_175b, GPT, "block_size"),
+        "gpt-tiny": _Entry("tiny GPT for tests (2 layers, d_model 64)", gpt.gpt_tiny, GPT, "block_size"),
+        "llama-tiny": _Entry("tiny Llama for tests (GQA 4/2 heads, d_model 64)", llama.llama_tiny, Llama, "max_seq_len"),
+        "llama-1b": _Entry("Llama 1B-class (16 layers, GQA 32/8 heads)", llama.llama_1b, Llama, "max_seq_len"),
+        "llama-7b": _Entry("Llama 7B (32 layers, MHA)", llama.llama_7b, Llama, "max_seq_len"),
+        "llama-70b": _Entry("Llama 70B (80 layers, GQA 64/8 heads)", llama.llama_70b, Llama, "max_seq_len"),
+        "hf-tiny": _Entry(
+            "tiny HuggingFace-style LM: fx symbolic tracing fails, torch.export works",
+            hf_style.hf_tiny,
+            HFStyleModel,
+            "max_position_embeddings",
+        ),
+    }
+)
+
+# The public, read-only registry: name -> description.
+MODELS = MappingProxyType({name: entry.description for name, entry in _ENTRIES.items()})
+
+
+def names() -> list[str]:
+    """The built-in model names, in registry order."""
+    return list(MODELS)
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _ENTRIES[name]
+    except KeyError:
+        raise PartcError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+
+
+def config(name: str) -> Any:
+    """The config (a frozen dataclass) of a built-in model."""
+    return _entry(name).make_config()
+
+
+def num_params(model: nn.Module) -> int:
+    """Parameter count, counting a tied (shared) Parameter once; works on meta."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(
+    name: str,
+    *,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A built-in model and example inputs ``(token_ids,)``, a LongTensor
+    [batch_size, seq_len] on the model's device.
+
+    ``seq_len`` defaults to the model's maximum sequence length. ``device=None`` builds
+    on ``"meta"`` (no memory, no init cost) for models over 2B parameters and on
+    ``"cpu"`` otherwise. Initialisation uses the global RNG; seed it for
+    reproducibility.
+    """
+    entry = _entry(name)
+    cfg = entry.make_config()
+    max_len = getattr(cfg, entry.max_len_field)
+    if seq_len is None:
+        seq_len = max_len
+    if not 0 < seq_len <= max_len:
+        raise PartcError(f"seq_len must be in [1, {max_len}] for {name!r}, got {seq_len}")
+    if batch_size < 1:
+        raise PartcError(f"batch_size must be >= 1, got {batch_size}")
+
+    model = None
+    if device is None:
+        # Counting on meta is exact (tied weights included) and allocates nothing;
+        # a model that stays on meta is reused rather than built twice.
+        with torch.device("meta"):
+            model = entry.model_cls(cfg)
+        if num_params(model) > META_THRESHOLD:
+            device = "meta"
+        else:
+            device, model = "cpu", None
+    device = torch.device(device)
+
+    with torch.device(device):
+        if model is None:
+            model = entry.model_cls(cfg)
+        idx = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), dtype=torch.long)
+    return model, (idx,)

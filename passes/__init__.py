@@ -1,0 +1,1 @@
+"""The compiler passes of partc (installed as ``partc.passes``)."""

@@ -1,0 +1,182 @@
+"""Capture pass: an ``nn.Module`` becomes one fx graph in partc's IR.
+
+Two frontends, tried in order:
+
+1. ``torch.fx`` symbolic tracing with no leaf modules, so ``nn.Linear`` becomes
+   ``F.linear(x, weight, bias)`` with its parameters as ``get_attr`` nodes. It is fast
+   and keeps the user's functions, but fails on Python control flow that reads tensor
+   values or shapes (``if x.sum() > 0``, ``if input_ids.shape[1] > n``), which is how
+   HuggingFace models are written.
+2. ``torch.export.export(strict=False)``, which runs the model on fake tensors with
+   concrete shapes, so shape checks pass; it gives an aten-level graph. Its parameter
+   placeholders are turned back into ``get_attr`` nodes with the model's own names,
+   so both frontends give graphs of one form: placeholders for user inputs only,
+   ``get_attr`` for every parameter, buffer and constant, call_function/call_method for
+   the rest. Buffer writes (BatchNorm running statistics) are recorded, not kept as outputs.
+
+Either way the result is a ``GraphModule`` whose attributes *are* the model's own
+parameter objects (nothing is copied, so a model on the meta device stays free), with
+``graph_module.meta["partc"]`` a :class:`~partc.passes.ir.GraphInfo` naming the frontend.
+When neither frontend can capture the model, :class:`~partc.TraceError` names the module
+and the source line that stopped it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from partc.errors import ErrorContext, TraceError
+from partc.passes.ir import META_KEY, GraphInfo, is_library_file
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+class _TraceThroughModules(fx.Tracer):
+    """A tracer that records every module's internals (no leaf modules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return False
+
+
+def capture(model: nn.Module, example_inputs: Sequence[Any], *, frontend: str = "auto") -> fx.GraphModule:
+    """Capture ``model`` called on ``example_inputs`` into an fx GraphModule.
+
+    ``frontend``: "auto" (symbolic tracing, then torch.export), "fx" or "export".
+    """
+    if frontend not in FRONTENDS:
+        raise TraceError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"partc captures torch.nn.Module objects, got {type(model).__name__}")
+    args = tuple(example_inputs)
+    fx_error: BaseException | None = None
+    if frontend in ("auto", "fx"):
+        try:
+            return _symbolic_trace(model, len(args))
+        except Exception as e:  # noqa: BLE001 - any failure here means "try torch.export"
+            if frontend == "fx":
+                raise _trace_error(model, e, "torch.fx symbolic tracing") from e
+            fx_error = e
+    try:
+        reason = None if fx_error is None else f"{type(fx_error).__name__}: {_first_line(fx_error)}"
+        return _export(model, args, reason)
+    except Exception as e:  # noqa: BLE001
+        raise _trace_error(model, e, "torch.fx symbolic tracing and torch.export" if fx_error else "torch.export") from e
+
+
+def _symbolic_trace(model: nn.Module, num_args: int) -> fx.GraphModule:
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if num_args > len(positional):
+        raise TypeError(f"forward() takes {len(positional)} arguments, example_inputs gives {num_args}")
+    missing = [p.name for p in positional[num_args:] if p.default is p.empty]
+    if missing:
+        raise TypeError(f"forward() needs {', '.join(missing)}, which example_inputs does not give")
+    # Arguments the caller leaves at their defaults (attention_mask=None) are traced as
+    # those constants, so `if attention_mask is not None` takes the branch the user's call takes.
+    defaults = {p.name: p.default for p in positional[num_args:]}
+    graph = _TraceThroughModules().trace(model, concrete_args=defaults or None)
+    for node in [n for n in graph.nodes if n.op == "placeholder"][num_args:]:
+        for check in [u for u in node.users if u.target is fx._symbolic_trace._assert_is_none]:
+            graph.erase_node(check)  # the constant is the user's own default
+        if node.users:
+            raise TypeError(f"forward() argument {node.target!r} is used although it was left at its default")
+        graph.erase_node(node)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.meta[META_KEY] = GraphInfo(frontend="fx.symbolic_trace")
+    return gm
+
+
+def _export(model: nn.Module, args: tuple, fallback_reason: str | None) -> fx.GraphModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export's own notices are not the user's concern
+        exported = torch.export.export(model, args, strict=False)
+    signature = exported.graph_signature
+    names_of = {
+        **signature.inputs_to_parameters,
+        **signature.inputs_to_buffers,
+        **getattr(signature, "inputs_to_lifted_tensor_constants", {}),
+    }
+    state = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    state.update({name: value for name, value in exported.constants.items() if name not in state})
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in exported.graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in names_of:
+            env[node] = graph.get_attr(names_of[node.name])
+            env[node].meta = dict(node.meta)
+        elif node.op == "output":
+            graph.output(fx.node.map_arg(_user_outputs(node, signature), lambda n: env[n]))
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+
+    root = {node.target: state[node.target] for node in graph.nodes if node.op == "get_attr"}
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    mutated = tuple(sorted(getattr(signature, "buffers_to_mutate", {}).values()))
+    gm.meta[META_KEY] = GraphInfo(frontend="torch.export", fallback_reason=fallback_reason, mutated_buffers=mutated)
+    return gm
+
+
+def _user_outputs(output_node: fx.Node, signature) -> Any:
+    """Keep only the user's outputs (export puts buffer updates first)."""
+    flat = list(output_node.args[0])
+    kinds = [spec.kind.name for spec in signature.output_specs]
+    user = [value for value, kind in zip(flat, kinds) if kind == "USER_OUTPUT"]
+    return user[0] if len(user) == 1 else tuple(user)
+
+
+def _trace_error(model: nn.Module, error: BaseException, frontends: str) -> TraceError:
+    module, source = _blame(model, error)
+    return TraceError(
+        f"{frontends} could not capture {type(model).__name__}: {type(error).__name__}: {_first_line(error)}",
+        ErrorContext(
+            pass_name="capture",
+            module=module,
+            source=source,
+            fix=(
+                "replace Python control flow on tensor values with torch.where / torch.cond, "
+                "move data-dependent checks out of forward(), or pass every forward() argument "
+                "as a tensor in example_inputs"
+            ),
+        ),
+    )
+
+
+def _blame(model: nn.Module, error: BaseException) -> tuple[str | None, str | None]:
+    """The module and the user's source line where ``error`` was raised (innermost wins)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    module = source = None
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for exc in chain:
+        tb = exc.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if not is_library_file(frame.f_code.co_filename):
+                owner = frame.f_locals.get("self")
+                if id(owner) in names:
+                    module = names[id(owner)]
+                summary = traceback.extract_tb(tb, limit=1)[0]
+                source = f"{summary.filename.rsplit('/', 1)[-1]}:{summary.lineno}  {(summary.line or '').strip()}"
+            tb = tb.tb_next
+        if source is not None:
+            break
+    return module, source
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
