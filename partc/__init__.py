@@ -12,3 +12,22 @@ from partc.errors import (
 )
 
 __version__ = "0.1.0"
+
+from partc.plan import Plan  # noqa: E402  (after the light imports above)
+from partc.planner import plan  # noqa: E402
+
+__all__ = [
+    "Cluster",
+    "ClusterError",
+    "DeviceSpec",
+    "InfeasiblePlanError",
+    "Link",
+    "NodeSpec",
+    "PartcError",
+    "Plan",
+    "PlanMismatchError",
+    "SolverError",
+    "TraceError",
+    "UnsupportedOpError",
+    "plan",
+]

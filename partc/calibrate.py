@@ -23,7 +23,9 @@ What it measures
   the host's physical RAM (``os.sysconf``) divided by the processes on this node.
 * **Links** (alpha-beta): all-reduce, all-gather, reduce-scatter and a send/recv
   ping-pong, each over a sweep of message sizes, median over repeats with a barrier before
-  each timing, the slowest rank's median taken. ``alpha`` (latency) and ``beta``
+  each timing, the slowest rank's median taken (a collective where the backend lacks it,
+  like gloo's reduce-scatter in older torch releases, is skipped and the output says so).
+  ``alpha`` (latency) and ``beta``
   (seconds per byte) are fitted by least squares to ``t = a*alpha + b*S*beta`` with each
   collective's ring coefficients (all-reduce a=2(n-1), b=2(n-1)/n; all-gather and
   reduce-scatter a=n-1, b=(n-1)/n; point-to-point a=1, b=1; S is the full tensor's
@@ -31,7 +33,8 @@ What it measures
   predicts what the planner will predict. Rows are weighted by 1/t, so the fit minimises
   *relative* error over sizes spanning four orders of magnitude. Each collective is also
   fitted on its own and its relative residual reported; the link written is the joint
-  fit over all collectives. ``alpha`` is clamped to >= 0 (beta refitted); a fit with
+  fit over all collectives whose own fit is not degenerate (a backend's non-ring
+  implementation would otherwise drag the shared beta negative). ``alpha`` is clamped to >= 0 (beta refitted); a fit with
   beta <= 0 is degenerate and falls back to the largest message's bandwidth (said so).
 
   The intra-node link of each node is fitted on that node's local ranks (all nodes
@@ -93,11 +96,14 @@ class _Settings:
 def _settings(cuda: bool, quick: bool) -> _Settings:
     if cuda:
         if quick:
-            return _Settings(2048, 0.5, 0.01, 256 * MiB, _sweep(4 * KiB, 4 * MiB, 16), 2, 3)
-        return _Settings(8192, 2.0, 0.05, 1 * GiB, _sweep(4 * KiB, 64 * MiB, 4), 3, 7)
+            return _Settings(2048, 0.5, 0.01, 256 * MiB, _sweep(4 * KiB, 4 * MiB, 16), 2, 5)
+        return _Settings(8192, 2.0, 0.05, 1 * GiB, _sweep(4 * KiB, 64 * MiB, 4), 3, 10)
+    # CPU collectives are cheap (~0.1-10 ms) but noisy: gloo's threads share the cores with
+    # the other ranks, and single timings jump by a scheduler time slice (~3 ms on a
+    # 2-core VM). More repeats keep the median on the common case.
     if quick:
-        return _Settings(512, 0.05, 0.005, 32 * MiB, (4 * KiB, 64 * KiB, 1 * MiB), 1, 3)
-    return _Settings(1024, 0.25, 0.05, 256 * MiB, _sweep(4 * KiB, 4 * MiB, 4), 2, 7)
+        return _Settings(512, 0.05, 0.005, 32 * MiB, (4 * KiB, 64 * KiB, 1 * MiB), 2, 7)
+    return _Settings(1024, 0.25, 0.05, 256 * MiB, _sweep(4 * KiB, 4 * MiB, 4), 3, 21)
 
 
 def _sweep(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -276,6 +282,7 @@ class Fit:
     residual: float  # root-mean-square relative error of the fit over its points
     points: int
     note: str | None = None  # set when the fit was clamped or fell back
+    degenerate: bool = False  # beta came from the largest message, not from the fit
 
     @property
     def bandwidth(self) -> float:
@@ -297,7 +304,7 @@ def _fit_alpha_beta(points: Sequence[tuple[float, float, float, float]]) -> Fit:
     A = np.array([[a, b * s] for a, b, s, _ in pts], dtype=np.float64)
     t = np.array([p[3] for p in pts], dtype=np.float64)
     w = 1.0 / t
-    note = None
+    note, degenerate = None, False
     sizes = {s for _, _, s, _ in pts}
     if len(sizes) >= 2:
         (alpha, beta), *_ = np.linalg.lstsq(A * w[:, None], t * w, rcond=None)
@@ -314,9 +321,10 @@ def _fit_alpha_beta(points: Sequence[tuple[float, float, float, float]]) -> Fit:
         small = min(pts, key=lambda p: p[2])
         alpha = max(0.0, (small[3] - small[1] * small[2] * beta) / small[0])
         note = "degenerate fit (beta <= 0 or one message size): bandwidth from the largest message"
+        degenerate = True
     pred = A @ np.array([alpha, beta])
     residual = float(np.sqrt(np.mean(((pred - t) / t) ** 2)))
-    return Fit(alpha=float(alpha), beta=float(beta), residual=residual, points=len(pts), note=note)
+    return Fit(alpha=float(alpha), beta=float(beta), residual=residual, points=len(pts), note=note, degenerate=degenerate)
 
 
 # -- collectives ------------------------------------------------------------------------
@@ -387,7 +395,7 @@ def _time_collectives(dist, group, ranks: Sequence[int], device: torch.device, s
                     else:
                         op = _ping_pong(dist, full, partner, initiator)
                     seconds = timed(op)
-                except RuntimeError as e:
+                except (RuntimeError, NotImplementedError) as e:
                     # Every rank of the group fails alike (same backend), so skipping
                     # keeps them in step.
                     result.skipped[collective] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -445,7 +453,14 @@ def _fit_link(records: Sequence[_Timings], label: str, log: _Log) -> _LinkResult
     per = {c: _fit_alpha_beta(p) for c, p in points_by_collective.items()}
     for c, f in per.items():
         log(f"{label} fit {c:14} alpha {f.alpha * 1e6:8.1f} us  bandwidth {f.bandwidth / 1e9:8.2f} GB/s  residual {f.residual:6.1%}" + (f"  [{f.note}]" if f.note else ""))
-    joint = _fit_alpha_beta([p for pts in points_by_collective.values() for p in pts])
+    # The link is the joint fit over the collectives that fit the model on their own; one
+    # whose own fit is degenerate (a backend's non-ring implementation, e.g. a
+    # size-independent cost) would drag the shared beta negative.
+    usable = [c for c, f in per.items() if not f.degenerate] or list(per)
+    if len(usable) < len(per):
+        dropped = sorted(set(per) - set(usable))
+        notes.append(f"{', '.join(dropped)} left out of the link fit: its own fit is degenerate")
+    joint = _fit_alpha_beta([p for c in usable for p in points_by_collective[c]])
     log(f"{label} fit {'(all)':14} alpha {joint.alpha * 1e6:8.1f} us  bandwidth {joint.bandwidth / 1e9:8.2f} GB/s  residual {joint.residual:6.1%}" + (f"  [{joint.note}]" if joint.note else ""))
     return _LinkResult(fit=joint, per_collective=per, notes=tuple(notes))
 
@@ -643,13 +658,13 @@ def _summary(cluster: Cluster, links: dict[str, _LinkResult], nnodes: int | None
         lines.append(f"{label:24}{f.alpha * 1e6:>10.1f}{f.bandwidth / 1e9:>10.2f}{f.residual:>10.1%}  {f.note or 'joint fit'}")
         for c, pf in res.per_collective.items():
             lines.append(f"{'  ' + c:24}{pf.alpha * 1e6:>10.1f}{pf.bandwidth / 1e9:>10.2f}{pf.residual:>10.1%}  {pf.note or ''}".rstrip())
+    if not any(label.startswith("intra") for label in links):
+        il = cluster.nodes[0].intra_link
+        lines.append(f"{'intra-node':24}{il.latency * 1e6:>10.1f}{il.bandwidth / 1e9:>10.2f}{'-':>10}  not measured (placeholder)")
     if "inter-node" not in links:
         il = cluster.inter_link
         why = "copied from intra-node" if nnodes == 1 and links else "not measured (placeholder)"
         lines.append(f"{'inter-node':24}{il.latency * 1e6:>10.1f}{il.bandwidth / 1e9:>10.2f}{'-':>10}  {why}")
-    if not links:
-        il = cluster.nodes[0].intra_link
-        lines.append(f"{'intra-node':24}{il.latency * 1e6:>10.1f}{il.bandwidth / 1e9:>10.2f}{'-':>10}  not measured (placeholder)")
     if notes:
         lines += ["", "notes:"] + [f"  - {n}" for n in notes]
     lines += ["", f"wrote {out}"]

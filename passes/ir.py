@@ -85,7 +85,7 @@ _register(OpKind.INDEX, "getitem select slice narrow index index_select gather t
 _register(OpKind.SPLIT, "split split_with_sizes chunk unbind tensor_split")
 _register(OpKind.CAT, "cat concat concatenate stack")
 _register(OpKind.FACTORY, "arange zeros ones full empty zeros_like ones_like full_like empty_like rand randn tensor scalar_tensor lift_fresh_copy tril triu")
-_register(OpKind.SHAPE, "size dim numel sym_size _assert_tensor_metadata _assert_scalar sym_constrain_range_for_size")
+_register(OpKind.SHAPE, "size dim numel getattr sym_size _assert_tensor_metadata _assert_scalar sym_constrain_range_for_size")
 _register(
     OpKind.ELEMENTWISE,
     """add sub mul div truediv floordiv neg pos pow rsqrt sqrt exp log log1p tanh sigmoid relu gelu silu

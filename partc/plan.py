@@ -1,0 +1,275 @@
+"""The plan: what partc decided, what it predicts, and how to look at it.
+
+A :class:`Plan` is plain data (mesh, per-layer predictions, memory, the cluster) plus,
+when it was just computed, the annotated graph it was computed from. It is saved as
+versioned JSON, never pickle, and read back with :meth:`Plan.from_json`, which refuses
+anything that is not a partc plan of a version it understands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from partc.cluster import Cluster, write_atomic
+from partc.cost_model import MemoryBreakdown
+from partc.errors import PlanMismatchError
+from partc.passes.estimate import LayerEstimate
+from partc.passes.ir import OpKind, graph_info, node_info
+
+PLAN_FORMAT = "partc.plan"
+PLAN_VERSION = 1
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A parallel layout for one model on one cluster, with its predicted cost."""
+
+    model: str  # the model's class name
+    frontend: str  # how the model was captured ("fx.symbolic_trace" / "torch.export")
+    fallback_reason: str | None  # why symbolic tracing was not used
+    mesh: dict[str, int]  # parallel degrees, e.g. {"pp": 1, "dp": 8, "tp": 1}
+    batch_size: int  # global batch of example_inputs
+    compute_dtype: str  # dtype the matmuls run in
+    cluster: Cluster
+    layers: tuple[LayerEstimate, ...]
+    predicted_step_time: float  # seconds per training step
+    compute_time: float  # forward + backward
+    exposed_communication_time: float  # communication not hidden behind compute
+    optimizer_time: float
+    memory: MemoryBreakdown  # peak bytes per device
+    memory_limit: float  # bytes per device the plan must fit in
+    fingerprint: str  # hash of the graph's structure, shapes and dtypes
+    unsupported_ops: tuple[str, ...] = ()  # nodes no pass has a rule for
+    pass_times: dict[str, float] = field(default_factory=dict)  # seconds per pass
+    graph: fx.GraphModule | None = field(default=None, compare=False, repr=False)  # not saved in JSON
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.memory_limit
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        """One entry per pipeline stage (a data-parallel plan has one stage holding every layer)."""
+        return [
+            {
+                "layers": [l.name for l in self.layers],
+                "predicted_time": self.compute_time,
+                "peak_memory": self.memory.total,
+            }
+        ]
+
+    # -- reading ------------------------------------------------------------------------
+    def summary(self, *, expand: bool = False) -> str:
+        """A table per layer (identical consecutive blocks folded unless ``expand``)."""
+        mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+        rows = []
+        for group in _fold(self.layers, expand):
+            first, count = group[0], len(group)
+            name = first.name if count == 1 else f"{first.name} .. {group[-1].name} (x{count})"
+            rows.append(
+                [
+                    str(first.index) if count == 1 else f"{first.index}-{group[-1].index}",
+                    name,
+                    f"{first.fwd_flops / 1e9:,.1f}",
+                    _count(first.param_numel),
+                    f"{first.activation_bytes / 2**20:,.1f}",
+                    f"{(first.forward_time + first.backward_time) * 1e3:,.3f}",
+                    f"{first.memory / 2**20:,.1f}",
+                ]
+            )
+        header = ["layer", "module", "GFLOP fwd", "params", "act MiB", "fwd+bwd ms", "mem MiB"]
+        per_layer = "per layer, per device" if not expand else "per device"
+        fit = "fits" if self.fits else f"DOES NOT FIT (over by {(self.memory.total - self.memory_limit) / GiB:.2f} GiB)"
+        m = self.memory
+        lines = [
+            f"partc plan: {self.model} on {self.cluster.describe()}",
+            f"  captured with {self.frontend}" + (f" (symbolic tracing failed: {self.fallback_reason})" if self.fallback_reason else ""),
+            f"  mesh {mesh}; global batch {self.batch_size}; compute in {self.compute_dtype}",
+            "",
+            f"Layers ({per_layer}; repeated identical blocks folded):" if not expand else f"Layers ({per_layer}):",
+            _table(header, rows),
+            "",
+            f"Predicted step time  {self.predicted_step_time * 1e3:,.2f} ms"
+            f"  (compute {self.compute_time * 1e3:,.2f} + exposed communication {self.exposed_communication_time * 1e3:,.2f}"
+            f" + optimizer {self.optimizer_time * 1e3:,.2f})",
+            f"Peak memory / device {m.total / GiB:,.2f} GiB of {self.memory_limit / GiB:,.2f} GiB: {fit}",
+            f"  parameters {m.parameters / GiB:,.2f}, gradients {m.gradients / GiB:,.2f}, optimizer {m.optimizer_state / GiB:,.2f},"
+            f" activations {m.activations / GiB:,.2f}, transient {m.transient / GiB:,.2f} GiB",
+        ]
+        if self.unsupported_ops:
+            lines.append(f"Operators with no rule ({len(self.unsupported_ops)}, replicated): {', '.join(self.unsupported_ops[:10])}")
+        return "\n".join(lines)
+
+    def to_dot(self) -> str:
+        """The annotated graph in Graphviz DOT, one coloured cluster per layer."""
+        if self.graph is None:
+            raise PlanMismatchError("this plan was read from JSON and holds no graph; plan the model again to draw it")
+        return graph_to_dot(self.graph)
+
+    # -- JSON -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "partc_version": _partc_version(),
+            "torch_version": torch.__version__,
+            "model": self.model,
+            "frontend": self.frontend,
+            "fallback_reason": self.fallback_reason,
+            "mesh": dict(self.mesh),
+            "batch_size": self.batch_size,
+            "compute_dtype": self.compute_dtype,
+            "cluster": self.cluster.to_dict(),
+            "layers": [asdict(l) for l in self.layers],
+            "predicted_step_time": self.predicted_step_time,
+            "compute_time": self.compute_time,
+            "exposed_communication_time": self.exposed_communication_time,
+            "optimizer_time": self.optimizer_time,
+            "memory": asdict(self.memory),
+            "memory_limit": self.memory_limit,
+            "fingerprint": self.fingerprint,
+            "unsupported_ops": list(self.unsupported_ops),
+            "pass_times": dict(self.pass_times),
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The plan as JSON text; written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            write_atomic(path, text)
+        return text
+
+    @staticmethod
+    def from_json(path_or_text: str | os.PathLike) -> "Plan":
+        """Read a plan saved by :meth:`to_json` (a path, or the JSON text itself)."""
+        raw = _read_text(path_or_text)
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanMismatchError(f"not a partc plan: the file is not JSON ({e}); partc never reads pickled plans") from e
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanMismatchError("not a partc plan: the JSON has no \"format\": \"partc.plan\" field")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanMismatchError(f"plan version {data.get('version')!r} is not the version this partc reads ({PLAN_VERSION}); plan again")
+        try:
+            return Plan(
+                model=data["model"],
+                frontend=data["frontend"],
+                fallback_reason=data["fallback_reason"],
+                mesh=dict(data["mesh"]),
+                batch_size=data["batch_size"],
+                compute_dtype=data["compute_dtype"],
+                cluster=Cluster.from_dict(data["cluster"]),
+                layers=tuple(LayerEstimate(**l) for l in data["layers"]),
+                predicted_step_time=data["predicted_step_time"],
+                compute_time=data["compute_time"],
+                exposed_communication_time=data["exposed_communication_time"],
+                optimizer_time=data["optimizer_time"],
+                memory=MemoryBreakdown(**data["memory"]),
+                memory_limit=data["memory_limit"],
+                fingerprint=data["fingerprint"],
+                unsupported_ops=tuple(data["unsupported_ops"]),
+                pass_times=dict(data["pass_times"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise PlanMismatchError(f"plan JSON is missing or has a wrong field: {e}") from e
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    """A hash of the graph's structure, parameter shapes and dtypes, and input specs.
+
+    Names of fx nodes are left out (they depend on tracing order details, not on the model);
+    layer signatures and the input specs carry the rest."""
+    info = graph_info(gm)
+    digest = hashlib.sha256()
+    for layer in info.layers:
+        digest.update(f"{layer.signature}:{layer.param_numel}:{layer.param_bytes};".encode())
+    digest.update(";".join(str(s) for s in info.input_specs).encode())
+    return digest.hexdigest()[:32]
+
+
+def graph_to_dot(gm: fx.GraphModule) -> str:
+    layers = graph_info(gm).layers
+    palette = ["#e8f1fb", "#fdf0e2", "#e9f7ec", "#f6e8f7", "#fbf7dd", "#e6f5f5"]
+    lines = ["digraph partc {", '  rankdir=TB; node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];']
+    members: dict[int, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        members.setdefault(node_info(node).layer, []).append(node)
+    for index, nodes in members.items():
+        layer = layers[index]
+        lines.append(f"  subgraph cluster_{index} {{")
+        lines.append(f'    label="{_dot_escape(layer.name)} ({layer.fwd_flops / 1e9:.2f} GFLOP)"; style=filled; color="{palette[index % len(palette)]}";')
+        for node in nodes:
+            info = node_info(node)
+            shape = " ".join(str(s) for s in info.outputs) or "-"
+            label = f"{node.name}\\n{info.op.value}: {info.name}\\n{shape}"
+            if info.fwd_flops:
+                label += f"\\n{info.fwd_flops / 1e6:,.1f} MFLOP"
+            fill = "#ffffff" if info.op not in (OpKind.OTHER,) else "#ffd6d6"
+            lines.append(f'    "{node.name}" [label="{_dot_escape(label)}", fillcolor="{fill}"];')
+        lines.append("  }")
+    for node in gm.graph.nodes:
+        for user in node.users:
+            lines.append(f'  "{node.name}" -> "{user.name}";')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _dot_escape(text: str) -> str:
+    return text.replace('"', '\\"')
+
+
+def _fold(layers: tuple[LayerEstimate, ...], expand: bool) -> list[list[LayerEstimate]]:
+    groups: list[list[LayerEstimate]] = []
+    for layer in layers:
+        if groups and not expand and groups[-1][0].signature == layer.signature:
+            groups[-1].append(layer)
+        else:
+            groups.append([layer])
+    return groups
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    left = {1}  # the module name reads best left-aligned
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.2f}{unit}"
+    return str(int(n))
+
+
+def _read_text(path_or_text: str | os.PathLike) -> str:
+    text = os.fspath(path_or_text)
+    if text.lstrip().startswith("{"):
+        return text
+    try:
+        with open(text, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PlanMismatchError(f"cannot read plan file {text}: {e.strerror}") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PlanMismatchError(f"not a partc plan: {text} is binary (a pickle?); partc reads JSON plans only") from e
+
+
+def _partc_version() -> str:
+    import partc
+
+    return partc.__version__

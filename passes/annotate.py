@@ -1,0 +1,372 @@
+"""Annotate pass: what each node costs, what it keeps for backward, and which layer it is in.
+
+Reads the shapes written by the propagate pass and writes, on every node, a frozen
+:class:`~partc.passes.ir.NodeInfo` (``node.meta["partc"]``), and on the graph module a
+:class:`~partc.passes.ir.GraphInfo` listing the layers. Nothing else changes.
+
+Costs
+    Forward FLOPs by operator kind (a linear layer is ``2 * out_numel * in_features``,
+    attention ``4 * B * H * L * S * E`` halved when causal, pointwise ops one FLOP per
+    element...). Backward FLOPs are twice the forward (2.5x for fused attention, which
+    recomputes its scores), and zero for nodes nothing trainable depends on.
+    ``bytes_moved`` is what the kernel reads and writes; views move nothing.
+
+Parameters
+    Parameter bytes sit on the ``get_attr`` node, once per distinct tensor object, so a
+    weight tied between the embedding and the LM head is counted once.
+
+Activations kept for backward
+    Each operator declares which of its inputs (or its output) autograd saves: a linear
+    layer its input, GELU its input, softmax its output, a sum nothing. Saved tensors are
+    followed through views to the tensor that owns the storage and counted once on the
+    node that produced it, so the input of the Q, K and V projections, saved three
+    times by autograd, is counted once. Operators that save something of their own (a
+    dropout mask, attention's log-sum-exp, a norm's statistics) add it to their node.
+
+Layers
+    A node belongs to the module it was called in; inside an indexed container
+    (``blocks.3.attn.qkv``) the layer is the container element (``blocks.3``), elsewhere
+    the top-level child (``lm_head``). Code in the root's own forward joins the layer that
+    runs before it. Layers are contiguous runs in graph order; parameters and inputs join
+    the layer of their first user. Each layer's structural signature hashes its operators,
+    shapes and internal edges (not its names), so repeated blocks share one signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+from dataclasses import replace
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from partc.passes.ir import (
+    META_KEY,
+    SAVES_NOTHING,
+    SAVES_OUTPUT,
+    GraphInfo,
+    LayerInfo,
+    NodeInfo,
+    OpKind,
+    TensorSpec,
+    canonical_name,
+    graph_info,
+    op_kind,
+    owning_module,
+    user_source,
+)
+
+# Kinds that neither compute nor move data.
+_FREE = frozenset({OpKind.INPUT, OpKind.PARAMETER, OpKind.OUTPUT, OpKind.VIEW, OpKind.SHAPE, OpKind.SPLIT})
+# Kinds whose output aliases their first input's storage.
+_ALIASING = frozenset({OpKind.VIEW, OpKind.SPLIT})
+_BACKWARD_RATIO = {OpKind.ATTENTION: 2.5}
+
+
+def annotate(gm: fx.GraphModule) -> fx.GraphModule:
+    """Write ``node.meta["partc"]`` on every node and the layers into ``gm.meta["partc"]``."""
+    nodes = list(gm.graph.nodes)
+    kinds = {n: op_kind(n) for n in nodes}
+    names = {n: canonical_name(n) for n in nodes}
+    specs = {n: _specs(n.meta.get("val")) for n in nodes}
+    requires_grad = _requires_grad(gm, nodes, kinds, specs)
+    param_numel, param_bytes = _parameter_sizes(gm, nodes)
+    base = _storage_owners(nodes, kinds, specs)
+    saved_extra, saved_by = _saved_for_backward(nodes, kinds, names, specs, requires_grad, base)
+    layer_of, layer_names = _assign_layers(nodes, kinds)
+
+    for n in nodes:
+        kind, module = kinds[n], owning_module(n)
+        if kind == OpKind.PARAMETER:
+            module = (n.target.rpartition(".")[0], "")
+        fwd = _forward_flops(n, kind, names[n], specs)
+        ratio = _BACKWARD_RATIO.get(kind, 2.0)
+        n.meta[META_KEY] = NodeInfo(
+            op=kind,
+            name=names[n],
+            outputs=specs[n],
+            fwd_flops=fwd,
+            bwd_flops=int(fwd * ratio) if requires_grad[n] else 0,
+            bytes_moved=_bytes_moved(n, kind, specs),
+            param_bytes=param_bytes.get(n, 0),
+            param_numel=param_numel.get(n, 0),
+            activation_bytes=(sum(s.nbytes for s in specs[n]) if n in saved_by else 0) + saved_extra.get(n, 0),
+            requires_grad=requires_grad[n],
+            module=module[0],
+            module_type=module[1],
+            layer=layer_of[n],
+            source=user_source(n),
+        )
+    layers = _summarise_layers(nodes, layer_of, layer_names, specs, base)
+    inputs = tuple(s for n in nodes if kinds[n] == OpKind.INPUT for s in specs[n])
+    gm.meta[META_KEY] = replace(graph_info(gm), layers=layers, input_specs=inputs)
+    return gm
+
+
+# -- shapes ---------------------------------------------------------------------------------
+def _specs(value: Any) -> tuple[TensorSpec, ...]:
+    if isinstance(value, torch.Tensor):
+        return (TensorSpec(tuple(int(d) for d in value.shape), value.dtype),)
+    if isinstance(value, (tuple, list)):
+        return tuple(s for v in value for s in _specs(v))
+    return ()
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    """Node arguments (flattened through lists), in order."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def _first_spec(node: Any, specs) -> TensorSpec | None:
+    return specs[node][0] if isinstance(node, fx.Node) and specs.get(node) else None
+
+
+# -- gradients and parameters ---------------------------------------------------------------
+def _requires_grad(gm, nodes, kinds, specs) -> dict[fx.Node, bool]:
+    result: dict[fx.Node, bool] = {}
+    for n in nodes:
+        floating = bool(specs[n]) and specs[n][0].dtype.is_floating_point
+        if kinds[n] == OpKind.PARAMETER:
+            result[n] = floating and bool(getattr(_fetch(gm, n.target), "requires_grad", False))
+        elif kinds[n] in (OpKind.INPUT, OpKind.FACTORY, OpKind.SHAPE) or names_detach(n):
+            result[n] = False
+        else:
+            result[n] = floating and any(result.get(a, False) for a in _tensor_args(n))
+    return result
+
+
+def names_detach(node: fx.Node) -> bool:
+    return canonical_name(node) in ("detach", "argmax", "argmin")
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    return operator.attrgetter(target)(gm)
+
+
+def _parameter_sizes(gm, nodes) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
+    """Trainable elements and bytes per get_attr node; a tensor reached twice counts once."""
+    seen: set[int] = set()
+    numel: dict[fx.Node, int] = {}
+    nbytes: dict[fx.Node, int] = {}
+    for n in nodes:
+        if n.op != "get_attr":
+            continue
+        tensor = _fetch(gm, n.target)
+        if not isinstance(tensor, torch.Tensor) or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        nbytes[n] = tensor.numel() * tensor.element_size()
+        if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
+            numel[n] = tensor.numel()
+    return numel, nbytes
+
+
+# -- FLOPs and bytes --------------------------------------------------------------------------
+def _forward_flops(node: fx.Node, kind: OpKind, name: str, specs) -> int:
+    out = specs[node]
+    if kind in _FREE or kind in (OpKind.INDEX, OpKind.CAT, OpKind.FACTORY, OpKind.EMBEDDING) or not out:
+        return 0
+    out_numel = out[0].numel
+    args = node.args
+    if kind == OpKind.LINEAR:
+        x = _first_spec(args[1] if name == "addmm" else args[0], specs)
+        has_bias = name == "addmm" or (len(args) > 2 and args[2] is not None) or node.kwargs.get("bias") is not None
+        return 2 * out_numel * (x.shape[-1] if x and x.shape else 1) + (out_numel if has_bias else 0)
+    if kind == OpKind.MATMUL:
+        if name == "einsum":
+            return _einsum_flops(args[0], [_first_spec(a, specs) for a in _tensor_args(node)])
+        a = _first_spec(args[1] if name == "baddbmm" else args[0], specs)
+        return 2 * out_numel * (a.shape[-1] if a and a.shape else 1)
+    if kind == OpKind.ATTENTION:
+        q, k, v = (_first_spec(a, specs) for a in args[:3])
+        batch_heads = math.prod(q.shape[:-2])
+        flops = 2 * batch_heads * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        causal = node.kwargs.get("is_causal", args[5] if len(args) > 5 else False)
+        return flops // 2 if causal is True else flops
+    if kind == OpKind.CONV:
+        weight = _first_spec(args[1], specs)
+        return 2 * out_numel * math.prod(weight.shape[1:]) if weight else out_numel
+    if kind in (OpKind.LAYER_NORM, OpKind.RMS_NORM, OpKind.BATCH_NORM, OpKind.GROUP_NORM, OpKind.SOFTMAX):
+        return 5 * out_numel
+    if kind in (OpKind.REDUCTION, OpKind.LOSS):
+        x = _first_spec(args[0], specs)
+        return (5 if kind == OpKind.LOSS else 1) * (x.numel if x else out_numel)
+    return out_numel  # pointwise, dropout, unknown
+
+
+def _einsum_flops(equation: Any, operands: list[TensorSpec | None]) -> int:
+    if not isinstance(equation, str) or None in operands:
+        return 0
+    sizes: dict[str, int] = {}
+    for term, spec in zip(equation.split("->")[0].split(","), operands):
+        for letter, dim in zip(term.strip(), spec.shape):
+            sizes[letter] = dim
+    return 2 * math.prod(sizes.values())
+
+
+def _bytes_moved(node: fx.Node, kind: OpKind, specs) -> int:
+    if kind in _FREE:
+        return 0
+    read = sum(specs[a][0].nbytes for a in _tensor_args(node) if specs.get(a))
+    return read + sum(s.nbytes for s in specs[node])
+
+
+# -- activations saved for backward -----------------------------------------------------------
+def _storage_owners(nodes, kinds, specs) -> dict[fx.Node, fx.Node]:
+    """For every tensor node, the node that allocated its storage (views share their base's)."""
+    base: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        aliases = kinds[n] in _ALIASING or (kinds[n] == OpKind.INDEX and canonical_name(n) in ("getitem", "select", "slice", "narrow"))
+        if aliases and source is not None and kinds.get(source) not in (None,) and _is_view_source(source, kinds, specs):
+            base[n] = base.get(source, source)
+        else:
+            base[n] = n
+    return base
+
+
+def _is_view_source(source: fx.Node, kinds, specs) -> bool:
+    # getitem on the tuple result of a non-split op (export's native_layer_norm) picks a
+    # fresh tensor, not a view.
+    return isinstance(source.meta.get("val"), torch.Tensor) or kinds[source] == OpKind.SPLIT
+
+
+def _saved_for_backward(nodes, kinds, names, specs, requires_grad, base):
+    """(extra bytes each node saves of its own, the set of storage owners autograd keeps)."""
+    extra: dict[fx.Node, int] = {}
+    kept: set[fx.Node] = set()
+
+    def keep(values: Iterable[Any]) -> None:
+        for v in values:
+            if isinstance(v, fx.Node) and kinds[v] != OpKind.PARAMETER and specs.get(v):
+                owner = base[v]
+                if kinds[owner] != OpKind.PARAMETER:
+                    kept.add(owner)
+
+    for n in nodes:
+        if not requires_grad[n] or not specs[n]:
+            continue
+        kind, name, args = kinds[n], names[n], n.args
+        out = specs[n][0]
+        tensors = _tensor_args(n)
+        if kind == OpKind.LINEAR:
+            keep([args[1] if name == "addmm" else args[0]])
+        elif kind in (OpKind.MATMUL, OpKind.CONV, OpKind.REDUCTION, OpKind.OTHER) and name not in ("sum", "mean"):
+            keep(tensors)
+        elif kind == OpKind.ATTENTION:
+            keep(list(args[:3]) + [n])
+            extra[n] = math.prod(out.shape[:-1]) * 4  # fp32 log-sum-exp per query row
+        elif kind in (OpKind.LAYER_NORM, OpKind.RMS_NORM, OpKind.GROUP_NORM, OpKind.BATCH_NORM):
+            keep(args[:1])
+            extra[n] = 2 * 4 * math.prod(out.shape[:-1])  # fp32 mean and rstd per row
+        elif kind == OpKind.SOFTMAX or name in SAVES_OUTPUT:
+            keep([n])
+        elif kind == OpKind.DROPOUT:
+            p = n.kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            extra[n] = out.numel if isinstance(p, (int, float)) and p > 0 else 0  # bool mask
+        elif kind == OpKind.LOSS:
+            keep(tensors[1:2])  # targets
+            logits = _first_spec(args[0], specs)
+            extra[n] = logits.nbytes if logits else 0  # log-softmax of the logits
+        elif kind == OpKind.EMBEDDING:
+            keep([a for a in tensors if specs[a] and not specs[a][0].dtype.is_floating_point])
+        elif kind == OpKind.ELEMENTWISE and name not in SAVES_NOTHING:
+            keep(tensors)
+    return extra, kept
+
+
+# -- layers -------------------------------------------------------------------------------
+def _layer_key(module_path: str) -> str | None:
+    """'blocks.3.attn.qkv' -> 'blocks.3'; 'lm_head' -> 'lm_head'; '' -> None."""
+    if not module_path:
+        return None
+    parts = module_path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0]
+
+
+def _assign_layers(nodes, kinds) -> tuple[dict[fx.Node, int], list[str]]:
+    layer_of: dict[fx.Node, int] = {}
+    layer_names: list[str] = []
+    current_key: str | None = None
+    for n in nodes:
+        if kinds[n] in (OpKind.INPUT, OpKind.PARAMETER, OpKind.OUTPUT):
+            continue
+        key = _layer_key(owning_module(n)[0])
+        if not layer_names or (key is not None and key != current_key):
+            layer_names.append(key or "<root>")
+            current_key = key
+        layer_of[n] = len(layer_names) - 1
+    if not layer_names:
+        layer_names.append("<root>")
+    last = len(layer_names) - 1
+    for n in nodes:
+        if n in layer_of:
+            continue
+        if kinds[n] == OpKind.OUTPUT:
+            layer_of[n] = last
+        else:  # inputs and parameters live where they are first used
+            users = [layer_of[u] for u in n.users if u in layer_of]
+            layer_of[n] = min(users) if users else 0
+    return layer_of, layer_names
+
+
+def _summarise_layers(nodes, layer_of, layer_names, specs, base) -> tuple[LayerInfo, ...]:
+    members: list[list[fx.Node]] = [[] for _ in layer_names]
+    for n in nodes:
+        members[layer_of[n]].append(n)
+    layers = []
+    for index, group in enumerate(members):
+        infos = [node_meta(n) for n in group]
+        crossing = {base[n] for n in group if any(layer_of[u] > index for u in n.users) and node_meta(n).op not in (OpKind.PARAMETER,)}
+        layers.append(
+            LayerInfo(
+                index=index,
+                name=layer_names[index],
+                nodes=tuple(n.name for n in group),
+                signature=_signature(group, specs),
+                fwd_flops=sum(i.fwd_flops for i in infos),
+                bwd_flops=sum(i.bwd_flops for i in infos),
+                bytes_moved=sum(i.bytes_moved for i in infos),
+                param_bytes=sum(i.param_bytes for i in infos),
+                param_numel=sum(i.param_numel for i in infos),
+                activation_bytes=sum(i.activation_bytes for i in infos),
+                output_bytes=sum(s.nbytes for owner in crossing for s in specs[owner]),
+            )
+        )
+    return tuple(layers)
+
+
+def node_meta(node: fx.Node) -> NodeInfo:
+    return node.meta[META_KEY]
+
+
+def _signature(group: list[fx.Node], specs) -> str:
+    """A hash of the layer's structure: operators, shapes, constants and internal edges."""
+    position = {n: i for i, n in enumerate(group)}
+
+    def describe(arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return f"#{position[arg]}" if arg in position else f"ext{_spec_text(specs[arg])}"
+        if isinstance(arg, (tuple, list)):
+            return [describe(a) for a in arg]
+        if isinstance(arg, dict):
+            return {k: describe(v) for k, v in sorted(arg.items())}
+        return repr(arg)
+
+    digest = hashlib.sha1()
+    for n in group:
+        text = f"{n.op}|{canonical_name(n)}|{_spec_text(specs[n])}|{describe(n.args)}|{describe(n.kwargs)}"
+        digest.update(text.encode())
+    return digest.hexdigest()[:16]
+
+
+def _spec_text(specs: tuple[TensorSpec, ...]) -> str:
+    return ",".join(str(s) for s in specs)
