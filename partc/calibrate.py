@@ -96,7 +96,7 @@ class _Settings:
 def _settings(cuda: bool, quick: bool) -> _Settings:
     if cuda:
         if quick:
-            return _Settings(2048, 0.5, 0.01, 256 * MiB, _sweep(4 * KiB, 4 * MiB, 16), 2, 5)
+            return _Settings(2048, 0.5, 0.01, 256 * MiB, _sweep(4 * KiB, 64 * MiB, 16), 2, 5)
         return _Settings(8192, 2.0, 0.05, 1 * GiB, _sweep(4 * KiB, 64 * MiB, 4), 3, 10)
     # CPU collectives are cheap (~0.1-10 ms) but noisy: gloo's threads share the cores with
     # the other ranks, and single timings jump by a scheduler time slice (~3 ms on a
@@ -191,20 +191,30 @@ def _device_memory(device: torch.device, local_world_size: int) -> tuple[float, 
 
 
 def _matmul_flops(dtype: torch.dtype, device: torch.device, s: _Settings) -> tuple[float, int]:
-    """Achieved FLOP/s of square ``dtype`` matmuls, and the size used."""
-    probe_n = min(256, s.matmul_size)
-    a = torch.randn(probe_n, probe_n, device=device).to(dtype)
-    b = torch.randn(probe_n, probe_n, device=device).to(dtype)
-    a @ b  # first call: kernel selection, library loading
-    _sync(device)
-    probe_rate = 2 * probe_n**3 / max(_time_once(lambda: a @ b, device), 1e-9)
-    # The largest size up to the target whose one product fits the time budget.
-    n = s.matmul_size
-    fit = int((s.matmul_budget_s * probe_rate / 2) ** (1 / 3))
-    if fit < n:
-        n = max(128, fit // 64 * 64)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    """Achieved FLOP/s of square ``dtype`` matmuls, and the size used.
+
+    The size is the target unless one product would overrun the time budget: probe at
+    256, doubling while the next size surely fits (small products run below the large
+    ones' rate, so the estimate errs long), then take the target or the largest size
+    the last rate allows."""
+
+    def operands(n: int):
+        return torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+
+    n = min(256, s.matmul_size)
+    while True:
+        a, b = operands(n)
+        a @ b  # first call at this size: kernel selection, library loading
+        _sync(device)
+        rate = 2 * n**3 / max(_time_once(lambda: a @ b, device), 1e-9)
+        if 2 * s.matmul_size**3 / rate <= s.matmul_budget_s:
+            n = s.matmul_size
+            break
+        if n * 2 >= s.matmul_size or 2 * (2 * n) ** 3 / rate > s.matmul_budget_s:
+            n = max(128, min(s.matmul_size, int((s.matmul_budget_s * rate / 2) ** (1 / 3)) // 64 * 64))
+            break
+        n *= 2
+    a, b = operands(n)
     out = torch.empty(n, n, device=device, dtype=dtype)
     seconds = _median_time(lambda: torch.matmul(a, b, out=out), device, warmup=s.warmup, repeats=s.repeats, min_time=s.matmul_min_time_s)
     return 2 * n**3 / seconds, n
@@ -515,7 +525,13 @@ def calibrate(out: str, *, quick: bool = False) -> Cluster:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        if cuda:  # binding the device lets barriers and subgroups use it without guessing
+            # The ping-pong's send/recv on an eagerly initialised 2-rank group is serialised
+            # with its other ops, which is what a timed ping-pong wants: mute the warning.
+            os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+        else:
+            dist.init_process_group(backend="gloo")
     try:
         return _calibrate_distributed(dist, out, cuda, quick)
     finally:

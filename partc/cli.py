@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PartcError as e:
         print(f"partc: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `partc graph | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
