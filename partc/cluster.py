@@ -27,6 +27,7 @@ from partc.errors import ClusterError
 
 SCHEMA_VERSION = 1
 GB = 1e9
+GiB = 2**30
 
 
 @dataclass(frozen=True)
@@ -281,18 +282,19 @@ def _gpu(name: str, bf16: float, fp32: float, memory: float, bandwidth: float, e
     )
 
 
-# Datasheet numbers (SXM parts, dense). fp32 is the non-tensor-core rate: PyTorch does not
+# Datasheet numbers (SXM parts, dense); memory is what torch reports as the device's
+# total (an "80 GB" H100 shows 79.1 GiB, an H200 about 139 GiB). fp32 is the non-tensor-core rate: PyTorch does not
 # use TF32 for fp32 matmuls unless asked. Efficiencies: H200 bf16 matmuls reach ~790 of
 # 989 TFLOP/s when measured (see the brief); H100/A100 use the same ratio until calibrated.
 # Links: NVLink bandwidth per direction (900 GB/s bidirectional -> 450 GB/s), one 400 Gb/s
 # (H100/H200) or 200 Gb/s (A100) InfiniBand NIC per GPU.
 PRESETS: dict[str, tuple[DeviceSpec, Link, Link]] = {
-    "h100": (_gpu("H100-SXM-80GB", 989e12, 67e12, 80 * GB, 3.35e12, 0.8), Link(5e-6, 450 * GB), Link(1e-5, 50 * GB)),
-    "h200": (_gpu("H200-SXM-141GB", 989e12, 67e12, 141 * GB, 4.8e12, 0.8), Link(5e-6, 450 * GB), Link(1e-5, 50 * GB)),
-    "a100": (_gpu("A100-SXM-80GB", 312e12, 19.5e12, 80 * GB, 2.039e12, 0.8), Link(5e-6, 300 * GB), Link(1e-5, 25 * GB)),
+    "h100": (_gpu("H100-SXM-80GB", 989e12, 67e12, 79 * GiB, 3.35e12, 0.8), Link(5e-6, 450 * GB), Link(1e-5, 50 * GB)),
+    "h200": (_gpu("H200-SXM-141GB", 989e12, 67e12, 139 * GiB, 4.8e12, 0.8), Link(5e-6, 450 * GB), Link(1e-5, 50 * GB)),
+    "a100": (_gpu("A100-SXM-80GB", 312e12, 19.5e12, 79 * GiB, 2.039e12, 0.8), Link(5e-6, 300 * GB), Link(1e-5, 25 * GB)),
     # A generic CPU host: gloo over loopback inside a node, 10 GbE between nodes.
     "cpu": (
-        DeviceSpec("CPU", {"float32": 1e11, "bfloat16": 5e10}, 16 * 2**30, 2e10, 0.5),
+        DeviceSpec("CPU", {"float32": 1e11, "bfloat16": 5e10}, 16 * GiB, 2e10, 0.5),
         Link(5e-5, 2 * GB),
         Link(1e-4, 1.25 * GB),
     ),

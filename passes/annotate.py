@@ -224,10 +224,24 @@ def _storage_owners(nodes, kinds, specs) -> dict[fx.Node, fx.Node]:
         source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
         aliases = kinds[n] in _ALIASING or (kinds[n] == OpKind.INDEX and canonical_name(n) in ("getitem", "select", "slice", "narrow"))
         if aliases and source is not None and kinds.get(source) not in (None,) and _is_view_source(source, kinds, specs):
-            base[n] = base.get(source, source)
+            owner = base.get(source, source)
+            base[n] = owner if _shares_storage(n, owner) else n
         else:
             base[n] = n
     return base
+
+
+def _shares_storage(node: fx.Node, owner: fx.Node) -> bool:
+    # reshape and contiguous copy a non-contiguous input: the copy owns its storage.
+    # The fake tensors from propagate alias exactly as the real ones would.
+    out, src = _first_tensor(node.meta.get("val")), _first_tensor(owner.meta.get("val"))
+    return out is None or src is None or torch._C._is_alias_of(out, src)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _is_view_source(source: fx.Node, kinds, specs) -> bool:

@@ -131,17 +131,31 @@ def _export(model: nn.Module, args: tuple, fallback_reason: str | None) -> fx.Gr
     }
     state = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
     state.update({name: value for name, value in exported.constants.items() if name not in state})
+    # A tied tensor (lm_head.weight is wte.weight) gets one placeholder per name, and export
+    # may route every use through one of them; read it through one get_attr under its
+    # first name, as symbolic tracing does.
+    first_name: dict[int, str] = {}
+    for name, value in [*model.named_parameters(), *model.named_buffers()]:
+        first_name.setdefault(id(value), name)
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    attr_nodes: dict[str, fx.Node] = {}
     for node in exported.graph_module.graph.nodes:
         if node.op == "placeholder" and node.name in names_of:
-            env[node] = graph.get_attr(names_of[node.name])
-            env[node].meta = dict(node.meta)
+            name = names_of[node.name]
+            name = first_name.get(id(state[name]), name)
+            if name not in attr_nodes:
+                attr_nodes[name] = graph.get_attr(name)
+                attr_nodes[name].meta = dict(node.meta)
+            env[node] = attr_nodes[name]
         elif node.op == "output":
             graph.output(fx.node.map_arg(_user_outputs(node, signature), lambda n: env[n]))
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
+    for node in attr_nodes.values():
+        if not node.users:  # a name export lifted but forward never read
+            graph.erase_node(node)
 
     root = {node.target: state[node.target] for node in graph.nodes if node.op == "get_attr"}
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
