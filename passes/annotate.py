@@ -364,6 +364,9 @@ def node_meta(node: fx.Node) -> NodeInfo:
 
 def _signature(group: list[fx.Node], specs) -> str:
     """A hash of the layer's structure: operators, shapes, constants and internal edges."""
+    # The model's inputs join the first layer that reads them; like any value from outside
+    # the layer they are not its structure, so blocks.0 hashes like blocks.1.
+    group = [n for n in group if n.op != "placeholder"]
     position = {n: i for i, n in enumerate(group)}
 
     def describe(arg: Any) -> Any:

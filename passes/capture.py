@@ -10,7 +10,8 @@ Two frontends, tried in order:
 2. ``torch.export.export(strict=False)``, which runs the model on fake tensors with
    concrete shapes, so shape checks pass; it gives an aten-level graph. Its parameter
    placeholders are turned back into ``get_attr`` nodes with the model's own names,
-   so both frontends give graphs of one form: placeholders for user inputs only,
+   and the batch dimension is kept symbolic (``Dim.AUTO``) so that microbatches run
+   through the graph. So both frontends give graphs of one form: placeholders for user inputs only,
    ``get_attr`` for every parameter, buffer and constant, call_function/call_method for
    the rest. Buffer writes (BatchNorm running statistics) are recorded, not kept as outputs.
 
@@ -81,6 +82,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], *, frontend: str = 
     if not isinstance(model, nn.Module):
         raise TraceError(f"partc captures torch.nn.Module objects, got {type(model).__name__}")
     args = tuple(example_inputs)
+    _check_arity(model, len(args))
     fx_error: BaseException | None = None
     if frontend in ("auto", "fx"):
         try:
@@ -96,14 +98,27 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], *, frontend: str = 
         raise _trace_error(model, e, "torch.fx symbolic tracing and torch.export" if fx_error else "torch.export") from e
 
 
-def _symbolic_trace(model: nn.Module, num_args: int) -> fx.GraphModule:
-    parameters = list(inspect.signature(model.forward).parameters.values())
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if num_args > len(positional):
-        raise TypeError(f"forward() takes {len(positional)} arguments, example_inputs gives {num_args}")
+def _positional_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    parameters = inspect.signature(model.forward).parameters.values()
+    return [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _check_arity(model: nn.Module, num_args: int) -> None:
+    """Refuse example_inputs that cannot be forward()'s arguments, before any tracing."""
+    if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
+        return
+    positional = _positional_parameters(model)
     missing = [p.name for p in positional[num_args:] if p.default is p.empty]
-    if missing:
-        raise TypeError(f"forward() needs {', '.join(missing)}, which example_inputs does not give")
+    if num_args > len(positional) or missing:
+        names = ", ".join(p.name for p in positional)
+        raise TraceError(
+            f"{type(model).__name__}.forward({names}) cannot take the {num_args} example input(s) given",
+            ErrorContext(pass_name="capture", module="", fix=f"pass one tensor per forward() argument{' (missing: ' + ', '.join(missing) + ')' if missing else ''}"),
+        )
+
+
+def _symbolic_trace(model: nn.Module, num_args: int) -> fx.GraphModule:
+    positional = _positional_parameters(model)
     # Arguments the caller leaves at their defaults (attention_mask=None) are traced as
     # those constants, so `if attention_mask is not None` takes the branch the user's call takes.
     defaults = {p.name: p.default for p in positional[num_args:]}
@@ -122,7 +137,7 @@ def _symbolic_trace(model: nn.Module, num_args: int) -> fx.GraphModule:
 def _export(model: nn.Module, args: tuple, fallback_reason: str | None) -> fx.GraphModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's own notices are not the user's concern
-        exported = torch.export.export(model, args, strict=False)
+        exported = torch.export.export(model, args, strict=False, dynamic_shapes=_batch_dynamic(args))
     signature = exported.graph_signature
     names_of = {
         **signature.inputs_to_parameters,
@@ -162,6 +177,15 @@ def _export(model: nn.Module, args: tuple, fallback_reason: str | None) -> fx.Gr
     mutated = tuple(sorted(getattr(signature, "buffers_to_mutate", {}).values()))
     gm.meta[META_KEY] = GraphInfo(frontend="torch.export", fallback_reason=fallback_reason, mutated_buffers=mutated)
     return gm
+
+
+def _batch_dynamic(args: tuple) -> tuple | None:
+    """Mark dim 0 of every tensor input as dynamic, so that the graph computes batch sizes
+    instead of baking them in as constants (a pipeline runs it on microbatches)."""
+    auto = getattr(torch.export.Dim, "AUTO", None)
+    if auto is None:  # torch < 2.6: the graph keeps the example's batch size
+        return None
+    return tuple({0: auto} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
 
 
 def _user_outputs(output_node: fx.Node, signature) -> Any:

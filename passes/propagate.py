@@ -26,6 +26,7 @@ class _FakePropagator(fx.Interpreter):
         super().__init__(gm)
         self.mode = mode
         self._fake_of: dict[int, torch.Tensor] = {}
+        self.values: dict[fx.Node, Any] = {}
 
     def fake(self, value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
@@ -52,15 +53,22 @@ class _FakePropagator(fx.Interpreter):
                     "operators whose output shape depends on tensor values (nonzero, .item()) are not supported yet",
                 ),
             ) from e
-        node.meta["val"] = result
+        self.values[node] = result
         return result
 
 
-def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    """Write ``node.meta["val"]`` (a fake tensor, or a tuple of them) on every node of ``gm``."""
+def fake_values(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, Any]:
+    """Every node's value (fake tensors, or Python values such as sizes) for these inputs."""
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     interpreter = _FakePropagator(gm, mode)
     fake_inputs = [interpreter.fake(x) for x in example_inputs]
     with mode, torch.no_grad():
         interpreter.run(*fake_inputs)
+    return interpreter.values
+
+
+def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """Write ``node.meta["val"]`` (a fake tensor, or a tuple of them) on every node of ``gm``."""
+    for node, value in fake_values(gm, example_inputs).items():
+        node.meta["val"] = value
     return gm

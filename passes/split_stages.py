@@ -1,0 +1,171 @@
+"""Split-stages pass: cut the annotated graph into one GraphModule per pipeline stage.
+
+Input: the captured graph and, for every layer, the stage it belongs to (the stage
+partition's answer). Output: a list of :class:`StageModule`, one per stage, each a new
+``fx.GraphModule`` (the input graph is not changed).
+
+What crosses a cut
+    Stage ``s`` receives, as positional arguments, every tensor that was produced before
+    it (by an earlier stage, or a user input) and is used by stage ``s`` or later, in
+    graph order; it returns, as a tuple, every tensor produced by it or before it that a
+    later stage uses. So a skip connection spanning stages, or an input that only the
+    last stage reads, is relayed through the stages between. Stage 0 receives the user's
+    inputs; the last stage returns the model's output. Python values that cross a cut
+    (``B, T = x.size()`` computed in one stage, used in the next) cannot travel through
+    ``torch.distributed.pipelining``; they are computed here for the microbatch shapes and
+    written into the consuming stage as constants.
+
+Parameters
+    A stage holds the parameters its nodes read, under their original qualified names,
+    so ``stage.state_dict()`` keys are the single-device model's keys, and the union over
+    stages is the whole state dict. A parameter read by several stages (an embedding tied
+    to the LM head) is held by each of them; :attr:`StageModule.shared` names it, and the
+    runtime sums its gradients across the stages that hold it.
+
+For a GPT cut after block 5, stage 1's generated code reads like::
+
+    def forward(self, dropout_relay, add_11):       # tensors from stage 0
+        blocks_6_ln_1_weight = self.blocks.6.ln_1.weight
+        layer_norm_12 = torch.nn.functional.layer_norm(add_11, (768,), ...)
+        ...
+        return linear_48                             # the logits
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from partc.errors import PartcError
+from partc.passes.ir import error_context, node_info
+from partc.passes.propagate import fake_values
+
+
+@dataclass(frozen=True)
+class StageModule:
+    """One pipeline stage's code and what it shares with other stages."""
+
+    index: int
+    module: fx.GraphModule
+    layers: tuple[str, ...]  # names of the layers it runs
+    inputs: tuple[str, ...]  # graph values it receives, in argument order
+    outputs: tuple[str, ...]  # graph values it returns, in order (the model output for the last stage)
+    shared: tuple[str, ...]  # parameter names other stages hold too
+
+
+def split_stages(
+    gm: fx.GraphModule,
+    stage_of_layer: Sequence[int],
+    microbatch_inputs: Sequence[Any],
+    *,
+    persistent_names: set[str] | None = None,
+) -> list[StageModule]:
+    """Cut ``gm`` into stages; ``stage_of_layer[j]`` is the stage of layer ``j``.
+
+    microbatch_inputs: tensors (meta is fine) shaped like one microbatch, used to fix the
+        Python values that cross a cut.
+    persistent_names: the model's state-dict keys; other buffers are registered as
+        non-persistent, as they were in the model.
+    """
+    num_stages = max(stage_of_layer) + 1
+    if list(stage_of_layer) != sorted(stage_of_layer) or set(stage_of_layer) != set(range(num_stages)):
+        raise PartcError(f"stage_of_layer must be non-decreasing and use every stage 0..{num_stages - 1}, got {list(stage_of_layer)}")
+    nodes = list(gm.graph.nodes)
+    stage_of = _stage_of_nodes(nodes, stage_of_layer, num_stages)
+    values = fake_values(gm, microbatch_inputs)
+
+    last_use: dict[fx.Node, int] = {}
+    for n in nodes:
+        for arg in n.all_input_nodes:
+            if arg.op != "get_attr":
+                last_use[arg] = max(last_use.get(arg, -1), stage_of[n])
+    carried = [
+        [n for n in nodes if n.op != "get_attr" and stage_of[n] < s <= last_use.get(n, -1) and isinstance(values[n], torch.Tensor)]
+        for s in range(num_stages + 1)
+    ]
+    carried[0] = [n for n in nodes if n.op == "placeholder"]
+    param_stages: dict[str, set[int]] = {}
+    for n in nodes:
+        if n.op == "get_attr":
+            for user in n.users:
+                param_stages.setdefault(n.target, set()).add(stage_of[user])
+    shared = {name for name, stages in param_stages.items() if len(stages) > 1}
+    layer_names = [layer.name for layer in gm.meta["partc"].layers]
+
+    stages = []
+    for s in range(num_stages):
+        module = _build_stage(gm, nodes, stage_of, s, carried[s], carried[s + 1], values, num_stages, persistent_names)
+        stages.append(
+            StageModule(
+                index=s,
+                module=module,
+                layers=tuple(name for name, st in zip(layer_names, stage_of_layer) if st == s),
+                inputs=tuple(n.name for n in carried[s]),
+                outputs=tuple(n.name for n in carried[s + 1]) if s < num_stages - 1 else ("output",),
+                shared=tuple(sorted(name for name in shared if s in param_stages[name])),
+            )
+        )
+    return stages
+
+
+def _stage_of_nodes(nodes: list[fx.Node], stage_of_layer: Sequence[int], num_stages: int) -> dict[fx.Node, int]:
+    stage_of: dict[fx.Node, int] = {}
+    for n in nodes:
+        if n.op == "placeholder":
+            stage_of[n] = 0
+        elif n.op == "output":
+            stage_of[n] = num_stages - 1
+        else:
+            stage_of[n] = stage_of_layer[node_info(n).layer]
+    for n in nodes:
+        for arg in n.all_input_nodes:
+            if arg.op != "get_attr" and stage_of[arg] > stage_of[n]:
+                raise PartcError(
+                    f"node {n.name} in stage {stage_of[n]} reads {arg.name} from the later stage {stage_of[arg]}",
+                    error_context(n, "split_stages", fix="stages must follow the graph order; this is a partitioning bug"),
+                )
+    return stage_of
+
+
+def _build_stage(gm, nodes, stage_of, s, inputs, outputs, values, num_stages, persistent_names) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in inputs:
+        env[n] = graph.placeholder(n.name)
+        env[n].meta = dict(n.meta)
+
+    def lookup(arg: fx.Node) -> Any:
+        if arg in env:
+            return env[arg]
+        if arg.op == "get_attr":
+            env[arg] = graph.get_attr(arg.target)
+            env[arg].meta = dict(arg.meta)
+            return env[arg]
+        if stage_of[arg] < s and not isinstance(values[arg], torch.Tensor):
+            return values[arg]  # a Python value from an earlier stage: a constant here
+        raise PartcError(f"stage {s} needs {arg.name}, which no earlier stage passes on", error_context(arg, "split_stages"))
+
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr", "output") or stage_of[n] != s:
+            continue
+        env[n] = graph.node_copy(n, lookup)
+    if s == num_stages - 1:
+        output = next(n for n in nodes if n.op == "output")
+        graph.output(fx.node.map_arg(output.args[0], lookup))
+    else:
+        graph.output(tuple(lookup(n) for n in outputs))
+    graph.lint()
+
+    tensors = {n.target: operator.attrgetter(n.target)(gm) for n in graph.nodes if n.op == "get_attr"}
+    module = fx.GraphModule(tensors, graph, class_name=f"Stage{s}")
+    if persistent_names is not None:
+        for name in tensors:
+            if name not in persistent_names and not isinstance(tensors[name], torch.nn.Parameter):
+                owner_name, _, leaf = name.rpartition(".")
+                owner = module.get_submodule(owner_name) if owner_name else module
+                owner._non_persistent_buffers_set.add(leaf)
+    return module

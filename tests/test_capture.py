@@ -1,0 +1,271 @@
+"""Capture and propagate passes: the graph a model becomes, and the shapes on it."""
+
+from __future__ import annotations
+
+import collections
+import resource
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
+
+import partc
+import partc.models
+from partc.passes.annotate import annotate
+from partc.passes.capture import capture
+from partc.passes.ir import OpKind, graph_info, node_info, op_kind
+from partc.passes.propagate import propagate
+
+COMPUTE_KINDS = (OpKind.LINEAR, OpKind.MATMUL, OpKind.ATTENTION, OpKind.EMBEDDING, OpKind.LAYER_NORM, OpKind.SOFTMAX)
+
+
+def _build(name: str, **kwargs):
+    torch.manual_seed(0)
+    return partc.models.build(name, **{"batch_size": 2, "seq_len": 16, **kwargs})
+
+
+def _pipeline(model, inputs, frontend="auto"):
+    gm = capture(model, inputs, frontend=frontend)
+    propagate(gm, inputs)
+    annotate(gm)
+    return gm
+
+
+def _state_names(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} | {
+        name for name, _ in model.named_buffers(remove_duplicate=False)
+    }
+
+
+def _fetch(gm: torch.fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# -- the fx frontend --------------------------------------------------------------------------
+def test_fx_path_on_gpt_tiny_traces_through_modules_and_reproduces_the_model():
+    model, (idx,) = _build("gpt-tiny")
+    gm = capture(model, (idx,))
+
+    assert graph_info(gm).frontend == "fx.symbolic_trace"
+    assert graph_info(gm).fallback_reason is None
+    assert not [n for n in gm.graph.nodes if n.op == "call_module"]
+    targets = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    assert targets and set(targets) <= _state_names(model)
+    # The graph module holds the model's own tensors, not copies.
+    assert _fetch(gm, "blocks.0.attn.qkv.weight") is model.blocks[0].attn.qkv.weight
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["idx"]
+    torch.testing.assert_close(gm(idx), model(idx))
+
+
+# -- the torch.export fallback ------------------------------------------------------------------
+def test_hf_tiny_falls_back_to_torch_export():
+    model, (idx,) = _build("hf-tiny")
+    gm = capture(model, (idx,))
+
+    info = graph_info(gm)
+    assert info.frontend == "torch.export"
+    assert "control flow" in info.fallback_reason
+    # Only the user's input is a placeholder; every parameter is a get_attr under its own name.
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["input_ids"]
+    attrs = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    assert len(attrs) == len(set(attrs))
+    assert set(attrs) == {name for name, _ in model.named_parameters()}
+    for target in attrs:
+        assert _fetch(gm, target) is model.get_parameter(target)
+    torch.testing.assert_close(gm(idx), model(idx)["logits"])
+
+
+def test_fx_only_on_hf_tiny_raises_trace_error_naming_the_source_line():
+    model, (idx,) = _build("hf-tiny")
+    with pytest.raises(partc.TraceError) as info:
+        capture(model, (idx,), frontend="fx")
+    error = info.value
+    message = str(error)
+    assert "torch.fx symbolic tracing" in message
+    assert "hf_style.py:" in message
+    assert "if input_ids.shape[1] > self.config.max_position_embeddings" in message
+    assert "\n  fix:" in message
+    assert "\n  module: <root module>" in message  # the check sits in the root's forward
+    assert error.context.pass_name == "capture"
+    assert error.context.module == ""
+    assert error.context.source.startswith("hf_style.py:")
+
+
+# -- errors the user can cause ------------------------------------------------------------------
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return x
+
+
+class _Parent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.inner = nn.ModuleDict({"gate": _DataDependent()})
+
+    def forward(self, x):
+        return self.inner["gate"](self.pre(x))
+
+
+@pytest.mark.parametrize("frontend", ["auto", "fx", "export"])
+def test_data_dependent_control_flow_is_blamed_on_the_child_module(frontend):
+    with pytest.raises(partc.TraceError) as info:
+        capture(_Parent(), (torch.randn(2, 4),), frontend=frontend)
+    message = str(info.value)
+    assert "if x.sum() > 0" in message
+    assert "test_capture.py:" in message
+    assert "\n  fix:" in message
+    assert info.value.context.module == "inner.gate"
+    assert "\n  module: inner.gate" in message
+
+
+class _OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        y = self.lin(x)
+        if mask is not None:
+            y = y * mask
+        return y
+
+
+def test_optional_argument_left_at_default_is_traced_with_the_default_branch():
+    torch.manual_seed(0)
+    model, x = _OptionalMask(), torch.randn(2, 4)
+    gm = capture(model, (x,))
+    assert graph_info(gm).frontend == "fx.symbolic_trace"
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert not [n for n in gm.graph.nodes if op_kind(n) == OpKind.ELEMENTWISE]  # no `y * mask`
+    torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("frontend", ["auto", "fx"])
+def test_too_many_example_inputs_is_a_trace_error(frontend):
+    model, x = _OptionalMask(), torch.randn(2, 4)
+    with pytest.raises(partc.TraceError, match=r"forward\(x, mask\) cannot take the 3 example input\(s\) given"):
+        capture(model, (x, x, x), frontend=frontend)  # forward(x, mask=None) takes 2
+
+
+def test_unknown_frontend_is_a_trace_error():
+    with pytest.raises(partc.TraceError, match="unknown frontend"):
+        capture(_OptionalMask(), (torch.randn(2, 4),), frontend="jit")
+
+
+# -- tied weights -------------------------------------------------------------------------------
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_tied_weight_is_read_by_exactly_one_get_attr(frontend):
+    model, (idx,) = _build("gpt-tiny")
+    assert model.lm_head.weight is model.wte.weight
+    gm = _pipeline(model, (idx,), frontend)
+
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and _fetch(gm, n.target) is model.wte.weight]
+    assert len(readers) == 1
+    (reader,) = readers
+    assert reader.target == "wte.weight"  # its first name, whichever frontend
+    # Both the embedding and the LM head read it through that one node.
+    assert sorted(node_info(u).op.value for u in reader.users) == ["embedding", "linear"]
+    # So its bytes (128 * 64 * 4 = 32768) sit in the embedding's layer, once.
+    layers = graph_info(gm).layers
+    assert node_info(reader).param_bytes == 128 * 64 * 4
+    assert layers[node_info(reader).layer].name == "wte"
+    # No get_attr is dead weight.
+    assert all(n.users for n in gm.graph.nodes if n.op == "get_attr")
+
+
+# -- the two frontends agree --------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_fx_and_export_frontends_agree(name):
+    model, (idx,) = _build(name)
+    fx_gm = _pipeline(model, (idx,), "fx")
+    ex_gm = _pipeline(model, (idx,), "export")
+    assert graph_info(fx_gm).frontend == "fx.symbolic_trace"
+    assert graph_info(ex_gm).frontend == "torch.export"
+
+    def compute_kinds(gm):
+        return collections.Counter(k for k in (node_info(n).op for n in gm.graph.nodes) if k in COMPUTE_KINDS)
+
+    def flops(gm):
+        return sum(node_info(n).fwd_flops for n in gm.graph.nodes if node_info(n).op in (OpKind.LINEAR, OpKind.ATTENTION))
+
+    def numel(gm):
+        return sum(node_info(n).param_numel for n in gm.graph.nodes)
+
+    assert compute_kinds(fx_gm) == compute_kinds(ex_gm)
+    assert compute_kinds(fx_gm)[OpKind.ATTENTION] == 2  # 2 layers, one fused SDPA each
+    assert flops(fx_gm) > 0
+    assert abs(flops(fx_gm) - flops(ex_gm)) <= 0.01 * flops(fx_gm)
+    assert numel(fx_gm) == numel(ex_gm) == partc.models.num_params(model)
+    torch.testing.assert_close(ex_gm(idx), fx_gm(idx))
+
+
+# -- propagate ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt-tiny", "hf-tiny"])
+def test_propagate_writes_fake_tensors_on_every_node(name):
+    model, (idx,) = _build(name)
+    gm = capture(model, (idx,))
+    propagate(gm, (idx,))
+
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method") or op_kind(n) == OpKind.SHAPE:
+            continue  # SHAPE nodes carry Python values: ints, dtypes, devices
+        val = n.meta["val"]
+        if isinstance(val, (tuple, list)):
+            assert val and all(isinstance(v, FakeTensor) for v in val), n.format_node()
+        else:
+            assert isinstance(val, FakeTensor), n.format_node()
+    eager = model(idx)
+    eager = eager["logits"] if isinstance(eager, dict) else eager
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    assert tuple(output.meta["val"].shape) == tuple(eager.shape) == (2, 16, 128)
+
+
+def test_llama_70b_on_meta_is_planned_without_allocating_weights():
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    model, (idx,) = partc.models.build("llama-70b", batch_size=1, seq_len=128, device="meta")
+    assert idx.device.type == "meta"
+    gm = _pipeline(model, (idx,))
+    rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    assert _fetch(gm, "output.weight") is model.output.weight
+    assert {t.device.type for t in gm.parameters()} == {"meta"}
+
+    total = sum(node_info(n).param_numel for n in gm.graph.nodes)
+    expected = partc.models.num_params(model)
+    assert 68.5e9 < expected < 69.5e9
+    assert abs(total - expected) <= 0.01 * expected
+    # 69e9 fp32 weights are 276 GB; the whole pipeline stays under 2 GiB.
+    assert rss_growth < 2 * 1024**3
+    assert [layer.name for layer in graph_info(gm).layers].count("layers.79") == 1
+
+
+class _Proj(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_shape_error_is_reported_by_propagate_with_the_node():
+    x = torch.randn(2, 5)  # Linear(8, 4) needs [..., 8]
+    gm = capture(_Proj(), (x,))
+    with pytest.raises(partc.TraceError) as info:
+        propagate(gm, (x,))
+    message = str(info.value)
+    assert "shape propagation failed" in message
+    assert "\n  pass:   propagate" in message
+    assert "%linear" in info.value.context.node
+    assert info.value.context.module == "proj"
+    assert "\n  fix:" in message
