@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from partc.plan import Plan  # noqa: E402  (after the light imports above)
 from partc.planner import plan  # noqa: E402
+from partc.compiler import ParallelModule, compile  # noqa: E402
 
 __all__ = [
     "Cluster",
@@ -23,11 +24,13 @@ __all__ = [
     "InfeasiblePlanError",
     "Link",
     "NodeSpec",
+    "ParallelModule",
     "PartcError",
     "Plan",
     "PlanMismatchError",
     "SolverError",
     "TraceError",
     "UnsupportedOpError",
+    "compile",
     "plan",
 ]

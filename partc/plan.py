@@ -29,6 +29,19 @@ GiB = 2**30
 
 
 @dataclass(frozen=True)
+class StagePlan:
+    """One pipeline stage: which layers it runs, where, and what it costs."""
+
+    index: int
+    rank: int  # the pipeline rank that runs it
+    first_layer: int  # index of its first layer
+    last_layer: int  # index of its last layer (inclusive)
+    layers: tuple[str, ...]  # layer names
+    predicted_time: float  # seconds of forward + backward per microbatch, boundary transfers included
+    peak_memory: float  # bytes per device: parameters, gradients, optimizer state, in-flight activations
+
+
+@dataclass(frozen=True)
 class Plan:
     """A parallel layout for one model on one cluster, with its predicted cost."""
 
@@ -47,6 +60,11 @@ class Plan:
     memory: MemoryBreakdown  # peak bytes per device
     memory_limit: float  # bytes per device the plan must fit in
     fingerprint: str  # hash of the graph's structure, shapes and dtypes
+    stages: tuple[StagePlan, ...] = ()  # pipeline stages in order (one for a plan without a pipeline)
+    schedule: str = "none"  # pipeline schedule: gpipe, 1f1b, interleaved, zero_bubble (none: no pipeline)
+    microbatches: int = 1  # microbatches per step, per data-parallel replica
+    equal_split_stages: tuple[StagePlan, ...] = ()  # the naive equal-layer split, for comparison
+    solver_status: str | None = None  # the stage solver's honest status (optimal / feasible / heuristic)
     unsupported_ops: tuple[str, ...] = ()  # nodes no pass has a rule for
     pass_times: dict[str, float] = field(default_factory=dict)  # seconds per pass
     graph: fx.GraphModule | None = field(default=None, compare=False, repr=False)  # not saved in JSON
@@ -55,16 +73,13 @@ class Plan:
     def fits(self) -> bool:
         return self.memory.total <= self.memory_limit
 
-    @property
-    def stages(self) -> list[dict[str, Any]]:
-        """One entry per pipeline stage (a data-parallel plan has one stage holding every layer)."""
-        return [
-            {
-                "layers": [l.name for l in self.layers],
-                "predicted_time": self.compute_time,
-                "peak_memory": self.memory.total,
-            }
-        ]
+    def stage_of_layer(self) -> list[int]:
+        """For every layer index, the stage that runs it."""
+        result = [0] * len(self.layers)
+        for stage in self.stages:
+            for j in range(stage.first_layer, stage.last_layer + 1):
+                result[j] = stage.index
+        return result
 
     # -- reading ------------------------------------------------------------------------
     def summary(self, *, expand: bool = False) -> str:
@@ -136,6 +151,11 @@ class Plan:
             "memory": asdict(self.memory),
             "memory_limit": self.memory_limit,
             "fingerprint": self.fingerprint,
+            "stages": [asdict(st) for st in self.stages],
+            "schedule": self.schedule,
+            "microbatches": self.microbatches,
+            "equal_split_stages": [asdict(st) for st in self.equal_split_stages],
+            "solver_status": self.solver_status,
             "unsupported_ops": list(self.unsupported_ops),
             "pass_times": dict(self.pass_times),
         }
@@ -176,11 +196,20 @@ class Plan:
                 memory=MemoryBreakdown(**data["memory"]),
                 memory_limit=data["memory_limit"],
                 fingerprint=data["fingerprint"],
+                stages=_stages(data["stages"]),
+                schedule=data["schedule"],
+                microbatches=data["microbatches"],
+                equal_split_stages=_stages(data["equal_split_stages"]),
+                solver_status=data["solver_status"],
                 unsupported_ops=tuple(data["unsupported_ops"]),
                 pass_times=dict(data["pass_times"]),
             )
         except (KeyError, TypeError) as e:
             raise PlanMismatchError(f"plan JSON is missing or has a wrong field: {e}") from e
+
+
+def _stages(items: list[dict[str, Any]]) -> tuple[StagePlan, ...]:
+    return tuple(StagePlan(**{**item, "layers": tuple(item["layers"])}) for item in items)
 
 
 def graph_fingerprint(gm: fx.GraphModule) -> str:

@@ -24,7 +24,7 @@ from partc.passes.capture import capture
 from partc.passes.estimate import batch_size, estimate_data_parallel
 from partc.passes.ir import OpKind, graph_info, node_info
 from partc.passes.propagate import propagate
-from partc.plan import Plan, graph_fingerprint
+from partc.plan import Plan, StagePlan, graph_fingerprint
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -104,6 +104,17 @@ def plan(
         memory=estimate.memory,
         memory_limit=limit,
         fingerprint=graph_fingerprint(gm),
+        stages=(
+            StagePlan(
+                index=0,
+                rank=0,
+                first_layer=0,
+                last_layer=len(estimate.layers) - 1,
+                layers=tuple(l.name for l in estimate.layers),
+                predicted_time=estimate.compute_time,
+                peak_memory=estimate.memory.total,
+            ),
+        ),
         unsupported_ops=unsupported,
         pass_times=times,
         graph=gm,

@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from partc.errors import PartcError
-from partc.passes.ir import error_context, node_info
+from partc.passes.ir import TensorSpec, error_context, node_info
 from partc.passes.propagate import fake_values
 
 
@@ -55,6 +55,10 @@ class StageModule:
     inputs: tuple[str, ...]  # graph values it receives, in argument order
     outputs: tuple[str, ...]  # graph values it returns, in order (the model output for the last stage)
     shared: tuple[str, ...]  # parameter names other stages hold too
+    input_specs: tuple[TensorSpec, ...]  # shape and dtype of each input, for one microbatch
+    output_specs: tuple[TensorSpec, ...]  # ... of each output
+    input_grads: tuple[bool, ...]  # which inputs carry a gradient back to the previous stage
+    output_grads: tuple[bool, ...]  # which outputs receive a gradient from the next stage
 
 
 def split_stages(
@@ -98,6 +102,7 @@ def split_stages(
 
     stages = []
     for s in range(num_stages):
+        produced = carried[s + 1] if s < num_stages - 1 else _output_node(nodes).all_input_nodes
         module = _build_stage(gm, nodes, stage_of, s, carried[s], carried[s + 1], values, num_stages, persistent_names)
         stages.append(
             StageModule(
@@ -107,9 +112,22 @@ def split_stages(
                 inputs=tuple(n.name for n in carried[s]),
                 outputs=tuple(n.name for n in carried[s + 1]) if s < num_stages - 1 else ("output",),
                 shared=tuple(sorted(name for name in shared if s in param_stages[name])),
+                input_specs=_specs([values[n] for n in carried[s]]),
+                output_specs=_specs([values[n] for n in produced]),
+                input_grads=tuple(node_info(n).requires_grad for n in carried[s]),
+                output_grads=tuple(node_info(n).requires_grad for n in produced),
             )
         )
     return stages
+
+
+def _output_node(nodes: list[fx.Node]) -> fx.Node:
+    return next(n for n in reversed(nodes) if n.op == "output")
+
+
+def _specs(values: list[Any]) -> tuple[TensorSpec, ...]:
+    flat = [v for value in values for v in (value if isinstance(value, (tuple, list)) else (value,))]
+    return tuple(TensorSpec(tuple(v.shape), v.dtype) for v in flat if isinstance(v, torch.Tensor))
 
 
 def _stage_of_nodes(nodes: list[fx.Node], stage_of_layer: Sequence[int], num_stages: int) -> dict[fx.Node, int]:
@@ -154,7 +172,7 @@ def _build_stage(gm, nodes, stage_of, s, inputs, outputs, values, num_stages, pe
             continue
         env[n] = graph.node_copy(n, lookup)
     if s == num_stages - 1:
-        output = next(n for n in nodes if n.op == "output")
+        output = _output_node(nodes)
         graph.output(fx.node.map_arg(output.args[0], lookup))
     else:
         graph.output(tuple(lookup(n) for n in outputs))

@@ -1,0 +1,1 @@
+"""Runtime pieces the compiled module is made of (built on torch.distributed)."""

@@ -1,0 +1,204 @@
+"""Running pipeline stages: on ``torch.distributed.pipelining`` across ranks, or in one process.
+
+:class:`PipelineRunner` wraps each stage this rank owns in a ``PipelineStage`` and drives
+them with one of torch's schedules. Stage ``s`` of ``S`` runs on pipeline rank ``s % pp``
+(the loop placement torch's interleaved schedules expect), so with ``v = S / pp`` stages
+per rank the first and last stages sit on ranks 0 and pp-1.
+
+Loss and gradients
+    With ``loss_reduction="mean"`` (the user's ``loss_fn`` averages over the batch), each
+    microbatch's loss is divided by the microbatch count, so the sum of the microbatch
+    losses, and the gradients it produces, equal the single-device run on the whole batch.
+    With ``"sum"``, nothing is scaled. torch's own ``scale_grads`` is turned off so that
+    scaling happens in exactly one place.
+
+Tied parameters
+    A parameter held by stages on different ranks (an embedding tied to the LM head) gets
+    gradients from each; after the step they are all-reduced (summed) among the ranks
+    that hold it, so every copy takes the same optimizer step.
+
+:class:`LocalPipelineRunner` runs the same stage modules one after another in this
+process (no process group): the reference the distributed run is compared against, and
+what ``partc.compile`` returns outside torchrun.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from partc.errors import ErrorContext, PartcError
+from partc.passes.split_stages import StageModule
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
+
+
+def scaled_loss(loss_fn: Callable, microbatches: int, reduction: str) -> Callable:
+    if reduction not in ("mean", "sum"):
+        raise PartcError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}", ErrorContext(fix="say how loss_fn reduces over the batch"))
+    if reduction == "sum":
+        return loss_fn
+
+    def microbatch_loss(output, target):
+        return loss_fn(output, target) / microbatches
+
+    return microbatch_loss
+
+
+def split_microbatches(value: Any, microbatches: int, *, what: str) -> list[Any]:
+    """Split a batch along dim 0 into equal microbatches (refusing a remainder)."""
+    if not isinstance(value, torch.Tensor):
+        return [value] * microbatches
+    if value.dim() == 0 or value.shape[0] % microbatches:
+        raise PartcError(
+            f"{what}: a batch of {value.shape[0] if value.dim() else 'a scalar'} does not split into {microbatches} equal microbatches",
+            ErrorContext(pass_name="runtime", fix=f"use a batch size that is a multiple of {microbatches}, or another microbatch count"),
+        )
+    return list(value.chunk(microbatches))
+
+
+class LocalPipelineRunner:
+    """All stages in this process, microbatch by microbatch (GPipe order)."""
+
+    def __init__(self, stages: Sequence[StageModule], *, microbatches: int, loss_fn: Callable, loss_reduction: str = "mean"):
+        self.stages = list(stages)
+        self.microbatches = microbatches
+        self.loss_fn = scaled_loss(loss_fn, microbatches, loss_reduction)
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        values: tuple = inputs
+        for stage in self.stages:
+            out = stage.module(*values)
+            values = out if isinstance(out, tuple) and stage is not self.stages[-1] else (out,)
+        return values[0]
+
+    def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
+        chunks = [split_microbatches(x, self.microbatches, what="inputs") for x in inputs]
+        target_chunks = split_microbatches(targets, self.microbatches, what="targets")
+        total = torch.zeros(())
+        for i in range(self.microbatches):
+            loss = self.loss_fn(self.forward(*(c[i] for c in chunks)), target_chunks[i])
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+
+class PipelineRunner:
+    """This rank's stages on torch.distributed.pipelining."""
+
+    def __init__(
+        self,
+        stages: Sequence[StageModule],
+        *,
+        pp_rank: int,
+        pp_size: int,
+        group: dist.ProcessGroup,
+        schedule: str,
+        microbatches: int,
+        loss_fn: Callable,
+        loss_reduction: str,
+        device: torch.device,
+    ):
+        from torch.distributed import pipelining
+
+        if schedule not in SCHEDULES:
+            raise PartcError(f"unknown schedule {schedule!r}", ErrorContext(fix=f"use one of {', '.join(SCHEDULES)}"))
+        num_stages = len(stages)
+        if num_stages % pp_size:
+            raise PartcError(f"{num_stages} stages do not spread evenly over {pp_size} pipeline ranks")
+        virtual = num_stages // pp_size
+        if schedule in ("gpipe", "1f1b") and virtual != 1:
+            raise PartcError(f"schedule {schedule!r} runs one stage per rank, the plan has {virtual}", ErrorContext(fix="use 'interleaved' or 'zero_bubble'"))
+        if schedule in ("interleaved", "zero_bubble") and virtual < 2:
+            raise PartcError(f"schedule {schedule!r} needs at least 2 stages per rank, the plan has {virtual}", ErrorContext(fix="plan with virtual_stages >= 2"))
+
+        self.group, self.pp_rank, self.pp_size, self.device = group, pp_rank, pp_size, device
+        self.microbatches = microbatches
+        self.stage_rank = [s % pp_size for s in range(num_stages)]
+        self.local = [st for st in stages if self.stage_rank[st.index] == pp_rank]
+        for st in self.local:
+            st.module.to(device)
+        # Shapes are known from the plan: giving them makes torch skip its shape inference,
+        # which runs stages on uninitialised tensors (token ids out of range, for one).
+        self._pipeline_stages = [
+            pipelining.PipelineStage(
+                st.module,
+                st.index,
+                num_stages,
+                device,
+                input_args=_examples(st.input_specs, st.input_grads, device),
+                output_args=_examples(st.output_specs, st.output_grads, device),
+                group=group,
+            )
+            for st in self.local
+        ]
+        schedule_class = {
+            "gpipe": pipelining.ScheduleGPipe,
+            "1f1b": pipelining.Schedule1F1B,
+            "interleaved": pipelining.ScheduleInterleaved1F1B,
+            "zero_bubble": pipelining.ScheduleInterleavedZeroBubble,
+        }[schedule]
+        kwargs: dict[str, Any] = {"loss_fn": scaled_loss(loss_fn, microbatches, loss_reduction)}
+        if "scale_grads" in inspect.signature(schedule_class.__init__).parameters:
+            kwargs["scale_grads"] = False  # partc scales the loss itself (see the module docstring)
+        target = self._pipeline_stages[0] if virtual == 1 else self._pipeline_stages
+        self._schedule = schedule_class(target, microbatches, **kwargs)
+        self.holds_first = any(st.index == 0 for st in self.local)
+        self.holds_last = any(st.index == num_stages - 1 for st in self.local)
+        self._last_rank_global = dist.get_global_rank(group, self.stage_rank[-1])
+        self._tied_groups = _tied_parameter_groups(stages, self.stage_rank, group)
+
+    def parameters_by_name(self) -> dict[str, torch.nn.Parameter]:
+        named: dict[str, torch.nn.Parameter] = {}
+        for st in self.local:
+            for name, p in st.module.named_parameters():
+                named.setdefault(name, p)
+        return named
+
+    def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
+        for x in (*inputs, targets):
+            split_microbatches(x, self.microbatches, what="inputs and targets")  # clear error before any send
+        args = [x.to(self.device) for x in inputs] if self.holds_first else []
+        losses: list[torch.Tensor] = []
+        kwargs: dict[str, Any] = {}
+        if self.holds_last:
+            kwargs = {"target": targets.to(self.device), "losses": losses}
+        self._schedule.step(*args, **kwargs)
+        self._sync_tied_gradients()
+        loss = torch.stack([l.detach() for l in losses]).sum() if self.holds_last else torch.zeros((), device=self.device)
+        dist.broadcast(loss, src=self._last_rank_global, group=self.group)
+        return loss
+
+    def _sync_tied_gradients(self) -> None:
+        params = self.parameters_by_name()
+        for name, group in self._tied_groups:
+            p = params.get(name)
+            if p is None:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=group)
+
+
+def _examples(specs, requires_grad: Sequence[bool], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Uninitialised tensors that tell torch each boundary tensor's shape, dtype and whether a gradient flows."""
+    return tuple(torch.empty(spec.shape, dtype=spec.dtype, device=device, requires_grad=grad) for spec, grad in zip(specs, requires_grad))
+
+
+def _tied_parameter_groups(stages: Sequence[StageModule], stage_rank: list[int], group: dist.ProcessGroup) -> list[tuple[str, Any]]:
+    """A process group per parameter that stages on different ranks hold (same order on every rank)."""
+    holders: dict[str, set[int]] = {}
+    for st in stages:
+        for name in st.shared:
+            holders.setdefault(name, set()).add(stage_rank[st.index])
+    result = []
+    for name in sorted(holders):
+        ranks = sorted(dist.get_global_rank(group, r) for r in holders[name])
+        if len(ranks) > 1:
+            subgroup = dist.new_group(ranks)  # every rank calls this, in this order
+            if dist.get_rank() in ranks:
+                result.append((name, subgroup))
+    return result
