@@ -180,6 +180,11 @@ def _ring_gather(link: Link, n: int, nbytes: float) -> float:
 
 
 # -- memory -----------------------------------------------------------------------------------
+# An AdamW step reads parameter, gradient and two moments and writes three of them back:
+# 7 fp32 accesses per parameter; the step is bound by memory bandwidth.
+ADAMW_BYTES_PER_PARAM = 28
+
+
 @dataclass(frozen=True)
 class MemoryBreakdown:
     """Bytes one device holds at its peak, by kind."""

@@ -65,6 +65,8 @@ class Plan:
     microbatches: int = 1  # microbatches per step, per data-parallel replica
     equal_split_stages: tuple[StagePlan, ...] = ()  # the naive equal-layer split, for comparison
     solver_status: str | None = None  # the stage solver's honest status (optimal / feasible / heuristic)
+    bubble_fraction: float = 0.0  # pipeline idle time over busy time, imbalance included
+    equal_split_step_time: float | None = None  # predicted step of the equal-layer split, for comparison
     unsupported_ops: tuple[str, ...] = ()  # nodes no pass has a rule for
     pass_times: dict[str, float] = field(default_factory=dict)  # seconds per pass
     graph: fx.GraphModule | None = field(default=None, compare=False, repr=False)  # not saved in JSON
@@ -112,16 +114,49 @@ class Plan:
             f"Layers ({per_layer}; repeated identical blocks folded):" if not expand else f"Layers ({per_layer}):",
             _table(header, rows),
             "",
-            f"Predicted step time  {self.predicted_step_time * 1e3:,.2f} ms"
-            f"  (compute {self.compute_time * 1e3:,.2f} + exposed communication {self.exposed_communication_time * 1e3:,.2f}"
-            f" + optimizer {self.optimizer_time * 1e3:,.2f})",
+            f"Predicted step time  {self.predicted_step_time * 1e3:,.2f} ms  ("
+            + (
+                f"pipeline {self.compute_time * 1e3:,.2f} with transfers and fill/drain"
+                if len(self.stages) > 1
+                else f"compute {self.compute_time * 1e3:,.2f} + exposed communication {self.exposed_communication_time * 1e3:,.2f}"
+            )
+            + f" + optimizer {self.optimizer_time * 1e3:,.2f})",
             f"Peak memory / device {m.total / GiB:,.2f} GiB of {self.memory_limit / GiB:,.2f} GiB: {fit}",
             f"  parameters {m.parameters / GiB:,.2f}, gradients {m.gradients / GiB:,.2f}, optimizer {m.optimizer_state / GiB:,.2f},"
             f" activations {m.activations / GiB:,.2f}, transient {m.transient / GiB:,.2f} GiB",
         ]
+        if len(self.stages) > 1:
+            lines += ["", *self._stage_lines()]
         if self.unsupported_ops:
             lines.append(f"Operators with no rule ({len(self.unsupported_ops)}, replicated): {', '.join(self.unsupported_ops[:10])}")
         return "\n".join(lines)
+
+    def _stage_lines(self) -> list[str]:
+        def stats(stages: tuple[StagePlan, ...]) -> tuple[float, float]:
+            per_rank: dict[int, float] = {}
+            for st in stages:
+                per_rank[st.rank] = per_rank.get(st.rank, 0.0) + st.predicted_time
+            times = list(per_rank.values())
+            return max(times), max(times) / (sum(times) / len(times))
+
+        rows = [
+            [str(st.index), str(st.rank), _layer_span(st), f"{st.predicted_time * 1e3:,.3f}", f"{st.peak_memory / GiB:,.2f}"]
+            for st in self.stages
+        ]
+        ranks = len({st.rank for st in self.stages})
+        slowest, balance = stats(self.stages)
+        lines = [
+            f"Pipeline: {len(self.stages)} stages on {ranks} ranks, {self.schedule}, {self.microbatches} microbatches;"
+            f" stage solver: {self.solver_status}",
+            _table(["stage", "rank", "layers", "ms / microbatch", "peak GiB"], rows, left=(2,)),
+            f"bubble {self.bubble_fraction:.1%}; slowest rank {slowest * 1e3:,.3f} ms per microbatch; max/mean {balance:.3f}",
+        ]
+        if self.equal_split_stages:
+            lines.append(
+                f"equal-layer split for comparison: step {self.equal_split_step_time * 1e3:,.2f} ms,"
+                f" max/mean {stats(self.equal_split_stages)[1]:.3f}"
+            )
+        return lines
 
     def to_dot(self) -> str:
         """The annotated graph in Graphviz DOT, one coloured cluster per layer."""
@@ -156,6 +191,8 @@ class Plan:
             "microbatches": self.microbatches,
             "equal_split_stages": [asdict(st) for st in self.equal_split_stages],
             "solver_status": self.solver_status,
+            "bubble_fraction": self.bubble_fraction,
+            "equal_split_step_time": self.equal_split_step_time,
             "unsupported_ops": list(self.unsupported_ops),
             "pass_times": dict(self.pass_times),
         }
@@ -201,6 +238,8 @@ class Plan:
                 microbatches=data["microbatches"],
                 equal_split_stages=_stages(data["equal_split_stages"]),
                 solver_status=data["solver_status"],
+                bubble_fraction=data["bubble_fraction"],
+                equal_split_step_time=data["equal_split_step_time"],
                 unsupported_ops=tuple(data["unsupported_ops"]),
                 pass_times=dict(data["pass_times"]),
             )
@@ -252,6 +291,11 @@ def graph_to_dot(gm: fx.GraphModule) -> str:
     return "\n".join(lines)
 
 
+def _layer_span(stage: StagePlan) -> str:
+    first, last = stage.layers[0], stage.layers[-1]
+    return first if first == last else f"{first} .. {last} ({len(stage.layers)})"
+
+
 def _dot_escape(text: str) -> str:
     return text.replace('"', '\\"')
 
@@ -266,9 +310,9 @@ def _fold(layers: tuple[LayerEstimate, ...], expand: bool) -> list[list[LayerEst
     return groups
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (1,)) -> str:
+    """Columns aligned; those in ``left`` (names) left-aligned, numbers right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    left = {1}  # the module name reads best left-aligned
 
     def fmt(row: list[str]) -> str:
         return "  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))

@@ -4,29 +4,45 @@ The passes run in order, each timed; a failure that is not already a
 :class:`~partc.PartcError` is reported with the name of the pass that failed and the
 passes that ran before it::
 
-    capture -> propagate -> annotate -> estimate
+    capture -> propagate -> annotate -> estimate -> stages (pipeline plans)
+
+This version plans one kind of parallelism at a time over the whole cluster: data
+parallel (the default, ``{"dp": world}``) or a pipeline (``mesh={"pp": world}``). The
+search over DP x TP x PP combinations comes with the search pass.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from partc.cluster import Cluster
-from partc.cost_model import CostModel
+from partc.cost_model import ADAMW_BYTES_PER_PARAM, CostModel, MemoryBreakdown, training_memory
 from partc.errors import ErrorContext, PartcError
 from partc.passes.annotate import annotate
 from partc.passes.capture import capture
-from partc.passes.estimate import batch_size, estimate_data_parallel
+from partc.passes.estimate import Estimate, batch_size, estimate_data_parallel
 from partc.passes.ir import OpKind, graph_info, node_info
 from partc.passes.propagate import propagate
+from partc.passes.stages import SCHEDULES, StagePartition, equal_layer_split, solve_stages, stage_problem_from_graph
 from partc.plan import Plan, StagePlan, graph_fingerprint
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class _Pipeline:
+    """The pipeline options after defaults are filled in."""
+
+    stages: int  # pipeline ranks
+    microbatches: int
+    schedule: str
+    virtual_stages: int
 
 
 def plan(
@@ -36,6 +52,9 @@ def plan(
     *,
     loss_fn: Callable | None = None,
     mesh: dict[str, int] | None = None,
+    microbatches: int | None = None,
+    schedule: str | None = None,
+    virtual_stages: int | None = None,
     mixed_precision: str | torch.dtype | None = None,
     optimizer: str = "adamw",
     memory_limit: float | None = None,
@@ -46,8 +65,10 @@ def plan(
     """Plan ``model`` for ``cluster``; no GPU and no process group needed.
 
     example_inputs: the global batch (a tensor or a tuple of tensors).
-    mesh: parallel degrees to pin; this version plans data parallelism over every device
-        ({"dp": world size}) and refuses other degrees.
+    mesh: {"dp": world} (default) or {"pp": world}; other combinations are refused for now.
+    microbatches, schedule, virtual_stages: pipeline options ("gpipe", "1f1b",
+        "interleaved", "zero_bubble"; interleaved schedules default to 2 stages per rank,
+        microbatches to the largest divisor of the batch up to 4 per pipeline rank).
     mixed_precision: "bf16"/"fp16" to run matmuls in that dtype with fp32 master weights.
     memory_limit: bytes per device (default: the smallest device's memory).
     progress: called with one line per finished pass (the CLI prints them).
@@ -56,69 +77,168 @@ def plan(
         raise PartcError(f"cluster must be a partc.Cluster, got {type(cluster).__name__}", ErrorContext(fix='use partc.Cluster.preset("h100") or partc.Cluster.from_json(path)'))
     inputs = _as_tuple(example_inputs)
     compute_dtype = _dtype(mixed_precision)
-    dp = _data_parallel_degree(cluster, mesh)
+    dp, pp = _degrees(cluster, mesh)
     if loss_fn is not None:
         warnings.warn("partc.plan: loss_fn is not priced yet (the model's forward is planned on its own)", stacklevel=2)
+    limit = memory_limit if memory_limit is not None else min(cluster.device(r).memory for r in range(cluster.world_size))
+    cost_model = CostModel(cluster)
 
     times: dict[str, float] = {}
-    passes: list[tuple[str, Callable[[Any], Any]]] = [
-        ("capture", lambda _: capture(model, inputs, frontend=frontend)),
-        ("propagate", lambda gm: propagate(gm, inputs)),
-        ("annotate", annotate),
-        ("estimate", lambda gm: (gm, estimate_data_parallel(gm, CostModel(cluster), dp=dp, compute_dtype=compute_dtype, optimizer=optimizer, training=training))),
-    ]
-    value: Any = None
-    for index, (name, run) in enumerate(passes):
+
+    def run(name: str, step: Callable[[], Any], before: list[str]) -> Any:
         start = time.perf_counter()
         try:
-            value = run(value)
+            value = step()
         except PartcError:
             raise
         except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: name the pass
-            before = ", ".join(n for n, _ in passes[:index]) or "none"
             raise PartcError(
                 f"pass {name!r} failed: {type(e).__name__}: {e}",
-                ErrorContext(pass_name=name, fix=f"passes that ran before it: {before}; please report this with the model"),
+                ErrorContext(pass_name=name, fix=f"passes that ran before it: {', '.join(before) or 'none'}; please report this with the model"),
             ) from e
         times[name] = time.perf_counter() - start
         if progress is not None:
             progress(f"{name:<10} {times[name]:7.3f} s")
-    gm, estimate = value
+        return value
 
-    limit = memory_limit if memory_limit is not None else min(cluster.device(r).memory for r in range(cluster.world_size))
-    unsupported = tuple(n.name for n in gm.graph.nodes if node_info(n).op == OpKind.OTHER)
+    gm = run("capture", lambda: capture(model, inputs, frontend=frontend), [])
+    run("propagate", lambda: propagate(gm, inputs), ["capture"])
+    run("annotate", lambda: annotate(gm), ["capture", "propagate"])
+    options = dict(compute_dtype=compute_dtype, optimizer=optimizer, training=training)
+    estimate = run("estimate", lambda: estimate_data_parallel(gm, cost_model, dp=dp, **options), ["capture", "propagate", "annotate"])
+
     info = graph_info(gm)
-    return Plan(
+    common = dict(
         model=type(model).__name__,
         frontend=info.frontend,
         fallback_reason=info.fallback_reason,
-        mesh={"pp": 1, "dp": dp, "tp": 1},
+        mesh={"pp": pp, "dp": dp, "tp": 1},
         batch_size=batch_size(gm),
         compute_dtype=estimate.compute_dtype,
         cluster=cluster,
         layers=estimate.layers,
-        predicted_step_time=estimate.step_time,
-        compute_time=estimate.compute_time,
-        exposed_communication_time=estimate.exposed_sync_time,
-        optimizer_time=estimate.optimizer_time,
-        memory=estimate.memory,
         memory_limit=limit,
         fingerprint=graph_fingerprint(gm),
-        stages=(
-            StagePlan(
-                index=0,
-                rank=0,
-                first_layer=0,
-                last_layer=len(estimate.layers) - 1,
-                layers=tuple(l.name for l in estimate.layers),
-                predicted_time=estimate.compute_time,
-                peak_memory=estimate.memory.total,
-            ),
-        ),
-        unsupported_ops=unsupported,
+        unsupported_ops=tuple(n.name for n in gm.graph.nodes if node_info(n).op == OpKind.OTHER),
         pass_times=times,
         graph=gm,
     )
+    if pp == 1:
+        return Plan(
+            **common,
+            predicted_step_time=estimate.step_time,
+            compute_time=estimate.compute_time,
+            exposed_communication_time=estimate.exposed_sync_time,
+            optimizer_time=estimate.optimizer_time,
+            memory=estimate.memory,
+            stages=(_single_stage(estimate),),
+        )
+
+    pipeline = _pipeline_options(pp, microbatches, schedule, virtual_stages, batch_size(gm))
+
+    def solve() -> tuple[StagePartition, StagePartition]:
+        problem = stage_problem_from_graph(
+            gm,
+            cost_model,
+            stages=pipeline.stages * pipeline.virtual_stages,
+            microbatches=pipeline.microbatches,
+            schedule=pipeline.schedule,
+            virtual_stages=pipeline.virtual_stages,
+            memory_limit=limit,
+            compute_dtype=compute_dtype,
+            optimizer=optimizer,
+        )
+        return solve_stages(problem), equal_layer_split(problem)
+
+    partition, equal = run("stages", solve, ["capture", "propagate", "annotate", "estimate"])
+    memory, optimizer_time = _pipeline_memory(estimate, partition, pipeline, cluster, compute_dtype, optimizer)
+    return Plan(
+        **common,
+        predicted_step_time=partition.step_time + optimizer_time,
+        compute_time=partition.step_time,
+        exposed_communication_time=0.0,  # stage-to-stage transfers are inside the stage times
+        optimizer_time=optimizer_time,
+        memory=memory,
+        stages=_stage_plans(partition, estimate, pipeline.stages),
+        schedule=pipeline.schedule,
+        microbatches=pipeline.microbatches,
+        equal_split_stages=_stage_plans(equal, estimate, pipeline.stages),
+        solver_status=partition.status,
+        bubble_fraction=partition.bubble_fraction,
+        equal_split_step_time=equal.step_time + optimizer_time,
+    )
+
+
+def _single_stage(estimate: Estimate) -> StagePlan:
+    return StagePlan(
+        index=0,
+        rank=0,
+        first_layer=0,
+        last_layer=len(estimate.layers) - 1,
+        layers=tuple(l.name for l in estimate.layers),
+        predicted_time=estimate.compute_time,
+        peak_memory=estimate.memory.total,
+    )
+
+
+def _stage_plans(partition: StagePartition, estimate: Estimate, ranks: int) -> tuple[StagePlan, ...]:
+    ends = [*partition.starts[1:], len(estimate.layers)]
+    return tuple(
+        StagePlan(
+            index=i,
+            rank=i % ranks,
+            first_layer=start,
+            last_layer=end - 1,
+            layers=partition.stage_layers[i],
+            predicted_time=partition.stage_times[i],
+            peak_memory=partition.stage_memory[i],
+        )
+        for i, (start, end) in enumerate(zip(partition.starts, ends))
+    )
+
+
+def _pipeline_memory(estimate, partition, pipeline, cluster, compute_dtype, optimizer) -> tuple[MemoryBreakdown, float]:
+    """The fullest pipeline rank's memory, split into its parts, and the optimizer step time."""
+    per_rank_memory = [0.0] * pipeline.stages
+    per_rank_params = [0] * pipeline.stages
+    ends = [*partition.starts[1:], len(estimate.layers)]
+    for i, (start, end) in enumerate(zip(partition.starts, ends)):
+        per_rank_memory[i % pipeline.stages] += partition.stage_memory[i]
+        per_rank_params[i % pipeline.stages] += sum(l.param_numel for l in estimate.layers[start:end])
+    worst = max(range(pipeline.stages), key=lambda r: per_rank_memory[r])
+    dtype = compute_dtype or getattr(torch, estimate.compute_dtype)
+    static = training_memory(per_rank_params[worst], dtype, 0.0, optimizer=optimizer, mixed_precision=compute_dtype is not None)
+    memory = MemoryBreakdown(
+        parameters=static.parameters,
+        gradients=static.gradients,
+        optimizer_state=static.optimizer_state,
+        activations=max(per_rank_memory[worst] - static.total, 0.0),
+        transient=estimate.memory.transient / pipeline.microbatches,
+    )
+    device = cluster.slowest_device(range(pipeline.stages))
+    optimizer_time = max(per_rank_params) * ADAMW_BYTES_PER_PARAM / device.memory_bandwidth if optimizer != "sgd" else 0.0
+    return memory, optimizer_time
+
+
+def _pipeline_options(pp: int, microbatches: int | None, schedule: str | None, virtual_stages: int | None, batch: int) -> _Pipeline:
+    schedule = schedule or ("interleaved" if (virtual_stages or 1) > 1 else "1f1b")
+    if schedule not in SCHEDULES:
+        raise PartcError(f"unknown schedule {schedule!r}", ErrorContext(fix=f"use one of {', '.join(SCHEDULES)}"))
+    interleaved = schedule in ("interleaved", "zero_bubble")
+    virtual = virtual_stages or (2 if interleaved else 1)
+    if interleaved and virtual < 2 or not interleaved and virtual != 1:
+        raise PartcError(
+            f"schedule {schedule!r} with {virtual} stage(s) per rank",
+            ErrorContext(fix="gpipe and 1f1b run 1 stage per rank; interleaved and zero_bubble need 2 or more"),
+        )
+    if microbatches is None:
+        microbatches = max(m for m in range(1, 4 * pp + 1) if batch % m == 0)
+    if not isinstance(microbatches, int) or microbatches < 1 or batch % microbatches:
+        raise PartcError(
+            f"the global batch of {batch} does not split into {microbatches} microbatches",
+            ErrorContext(pass_name="stages", fix=f"use a microbatch count that divides {batch}"),
+        )
+    return _Pipeline(stages=pp, microbatches=microbatches, schedule=schedule, virtual_stages=virtual)
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -136,17 +256,22 @@ def _dtype(mixed_precision: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[mixed_precision]
 
 
-def _data_parallel_degree(cluster: Cluster, mesh: dict[str, int] | None) -> int:
+def _degrees(cluster: Cluster, mesh: dict[str, int] | None) -> tuple[int, int]:
+    """(dp, pp) from the pinned mesh; one kind of parallelism over the whole cluster."""
     pinned = dict(mesh or {})
     unknown = set(pinned) - {"dp", "tp", "pp"}
     if unknown:
         raise PartcError(f"unknown mesh dimension(s) {sorted(unknown)}", ErrorContext(fix='name mesh dimensions "dp", "tp" and "pp"'))
-    if pinned.get("tp", 1) != 1 or pinned.get("pp", 1) != 1:
+    world = cluster.world_size
+    if pinned.get("tp", 1) != 1:
+        raise PartcError(f"mesh {pinned} asks for tensor parallelism, which this partc version does not plan yet", ErrorContext(fix='pin "dp" or "pp"'))
+    pp = pinned.get("pp", 1)
+    dp = pinned.get("dp", world // pp if world % pp == 0 else 0)
+    if pp > 1 and dp != 1:
         raise PartcError(
-            f"mesh {pinned} asks for tensor or pipeline parallelism, which this partc version does not plan yet",
-            ErrorContext(fix='pin only "dp" for now'),
+            f"mesh {pinned} on {world} devices combines pipeline and data parallelism, which this partc version does not plan yet",
+            ErrorContext(fix=f'use {{"pp": {world}}} or {{"dp": {world}}}'),
         )
-    dp = pinned.get("dp", cluster.world_size)
-    if dp != cluster.world_size:
-        raise PartcError(f"dp={dp} does not use the cluster's {cluster.world_size} devices", ErrorContext(fix=f"use dp={cluster.world_size}"))
-    return dp
+    if dp * pp != world:
+        raise PartcError(f"mesh {pinned} does not use the cluster's {world} devices", ErrorContext(fix=f'use {{"dp": {world}}} or {{"pp": {world}}}'))
+    return dp, pp

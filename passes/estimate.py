@@ -30,12 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from partc.cost_model import CostModel, MemoryBreakdown, training_memory
+from partc.cost_model import ADAMW_BYTES_PER_PARAM, CostModel, MemoryBreakdown, training_memory
 from partc.errors import ErrorContext, InfeasiblePlanError
 from partc.passes.ir import NodeInfo, OpKind, graph_info, node_info
 
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
-ADAMW_BYTES_PER_PARAM = 28
 
 
 @dataclass(frozen=True)

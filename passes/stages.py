@@ -44,8 +44,9 @@ pipeline_step_time`). ``d = 1`` for GPipe and 1F1B, ``d = v`` for interleaved 1F
 ``d = 3v`` for zero-bubble: splitting backward into input- and weight-gradient halves lets
 the weight half fill the bubble, which cuts 1F1B's bubble to about a third (ZB-H1,
 arXiv 2401.10241); zero-bubble is otherwise priced like interleaved (same placement,
-same rank pace). The ``eps`` term (far below the solver's tolerance on the step) prefers
-the earliest cuts among equal step times, so the answer does not depend on the run.
+same rank pace). The tiny ``eps`` term prefers the earliest cuts among equal step times;
+the answer does not depend on the run or PYTHONHASHSEED (fixed build order, CBC on one
+thread).
 
 Constraint families, each added by the named method of :class:`_StageILP`::
 
@@ -56,6 +57,7 @@ Constraint families, each added by the named method of :class:`_StageILP`::
     non-empty   sum_j u[j,i] - sum_j u[j,i-1] >= 1                                    add_nonempty
     memory      sum_{i on r} sum_j (P_j + n_i A_j) x[j,i] <= M_r   per rank r          add_memory
     pace        T >= sum_{i on r} t_i                              per rank r          add_pace
+    pace floor  T >= min over cuts of max_i t_i   (valid inequality)                  add_pace_floor
 
 Microbatches in flight ``n_i`` (activations kept for backward), ``m`` microbatches:
 
@@ -70,13 +72,22 @@ microbatches per round); they are spread evenly over the rank's ``v`` chunks, wh
 exact when its chunks hold equal activations. Zero-bubble with ``v = 1`` gives 1F1B's
 ``min(p - i, m)``.
 
-Scale: before the ILP, a greedy split (bisection on the pace) gives an incumbent of step
-``Z``. Every optimum has ``T <= (Z - (1/d) S_lb) / (m - 1/d)`` with ``S_lb`` a lower
-bound on ``sum_i t_i``, so the first ``i+1`` stages can hold at most
-``sum_{k<=i} s_k (T - comm_k)`` seconds of layers, and the last ``p-1-i`` the rest:
-each cut gets a window ``lo_i <= e_i <= hi_i`` and ``u`` is fixed outside it
-(:func:`_cut_windows`). The incumbent also warm-starts CBC. Without one, all ``L (p-1)``
-variables stay free.
+Presolve, so that the model stays small and CBC proves optimality fast:
+
+* incumbent (:func:`_incumbent`): the best feasible cut among a greedy fill (bisection on a
+  cap of the stage compute time) and the cuts that are best for each half of the objective
+  alone (least ``sum_i t_i``, least slowest stage; DPs with memory but without the other
+  half), each polished by one-layer cut moves. It warm-starts CBC.
+* cut windows (:func:`_cut_windows`): with the incumbent's step ``Z``, the last layer
+  ``e_i`` of stage i may be ``j`` only if two lower bounds on every cut through it stay
+  ``<= Z``: the least sum ``F + G`` of stage times before and after the cut (so the step is
+  at least ``(m - 1/d) max(least slowest stage, (F + G) / R) + (F + G) / d``), and the
+  compute the stages on each side can hold at a pace ``T <= (Z - S_min/d) / (m - 1/d)``.
+  ``u`` is fixed outside each window; with no incumbent, only the non-empty windows
+  ``i <= e_i <= L-p+i`` apply and all ``L (p-1)`` variables stay free.
+* a valid inequality on the pace, ``T >= least slowest stage over all cuts`` (a DP), added
+  by :meth:`_StageILP.add_pace_floor` as constraint ``pace_floor``: it lifts the LP bound
+  to the integer one when the step is dominated by the slowest stage.
 
 Exactness: :func:`exact_chain_partition` solves the same objective by dynamic programming
 (one rank per stage): for each candidate pace ``T`` (every possible stage time), a DP
@@ -118,6 +129,7 @@ __all__ = [
     "equal_layer_split",
     "evaluate_partition",
     "stage_problem_from_graph",
+    "SCHEDULES",
 ]
 
 _PASS = "stages"
@@ -126,10 +138,12 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 _TRANSFERS_PER_BOUNDARY = 2
 # Zero-bubble's weight-gradient pass fills about two thirds of 1F1B's bubble (ZB-H1).
 _ZERO_BUBBLE_FACTOR = 3
-# Total weight of the tie-break term, in units of the mean stage time: far below any
-# real difference in step time, above nothing CBC would round away on its own.
+# Total weight of the tie-break term, in units of the mean stage time: it prefers earlier
+# cuts among equal step times and moves the step by at most ~1e-8 relative. The answer is
+# reproducible because the model is built in a fixed order (no set or hash-ordered
+# iteration) and single-threaded CBC is deterministic on the same input.
 _TIE_BREAK = 1e-7
-_RELATIVE_GAP = 1e-9
+_RELATIVE_GAP = 1e-9  # CBC stops when (incumbent - bound) <= this x |incumbent|
 
 
 # -- problem data -----------------------------------------------------------------------------
@@ -275,6 +289,24 @@ class _ChainCosts:
         params = self.prefix_param[last + 1] - self.prefix_param[first]
         return float(params + self.inflight[i] * (self.prefix_act[last + 1] - self.prefix_act[first]))
 
+    def stage_times(self, starts: Sequence[int]) -> list[float]:
+        ends = list(starts[1:]) + [self.L]
+        return [self.stage_time(i, a, b - 1) for i, (a, b) in enumerate(zip(starts, ends))]
+
+    def step_time(self, stage_times: Sequence[float]) -> tuple[float, list[float]]:
+        """(step seconds, rank times): m * slowest + (sum - slowest) / d over the ranks."""
+        rank_times = [sum(stage_times[i] for i in range(r, self.p, self.R)) for r in range(self.R)]
+        slowest = max(rank_times)
+        return self.problem.microbatches * slowest + (sum(rank_times) - slowest) / self.problem.fill_drain_divisor, rank_times
+
+    def fits(self, starts: Sequence[int]) -> bool:
+        """Every rank within its memory budget."""
+        if not self.has_budget:
+            return True
+        ends = list(starts[1:]) + [self.L]
+        per_stage = [self.stage_memory(i, a, b - 1) for i, (a, b) in enumerate(zip(starts, ends))]
+        return all(sum(per_stage[i] for i in range(r, self.p, self.R)) <= self.rank_budget[r] for r in range(self.R))
+
     def stage_matrices(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(time, memory) of stage ``i`` for every run ``first..last`` as [first, last] matrices;
         inf where the run is impossible (reversed, or leaving another stage empty)."""
@@ -306,11 +338,10 @@ def evaluate_partition(problem: StageProblem, starts: Sequence[int], *, status: 
     if not valid:
         raise PartcError(f"starts {starts} is not a cut of {L} layers into {p} non-empty stages (need 0 = s_0 < s_1 < ... < s_{p - 1} < {L})")
     ends = starts[1:] + (L,)
-    stage_times = tuple(costs.stage_time(i, a, b - 1) for i, (a, b) in enumerate(zip(starts, ends)))
+    stage_times = tuple(costs.stage_times(starts))
     stage_memory = tuple(costs.stage_memory(i, a, b - 1) for i, (a, b) in enumerate(zip(starts, ends)))
-    rank_times = [sum(stage_times[i] for i in range(r, p, R)) for r in range(R)]
+    step, rank_times = costs.step_time(stage_times)
     slowest, total = max(rank_times), sum(rank_times)
-    step = m * slowest + (total - slowest) / problem.fill_drain_divisor
     return StagePartition(
         starts=starts,
         stage_layers=tuple(tuple(l.name for l in problem.layers[a:b]) for a, b in zip(starts, ends)),
@@ -341,24 +372,27 @@ def solve_stages(problem: StageProblem) -> StagePartition:
     which stage binds and what would fit) or there are more stages than layers, and
     :class:`SolverError` when CBC is missing or fails.
     """
-    return _solve_ilp(problem, use_incumbent=True)
+    return _solve_ilp(problem)
 
 
-def _solve_ilp(problem: StageProblem, *, use_incumbent: bool) -> StagePartition:
+def _solve_ilp(problem: StageProblem, *, use_incumbent: bool = True, use_windows: bool = True) -> StagePartition:
+    """solve_stages, with the incumbent (warm start) and the cut windows switchable: the
+    tests and the benchmark solve the full model too."""
     start = time.perf_counter()
     _check_stage_count(problem)
     _check_solver()
     costs = _ChainCosts(problem)
     if costs.has_budget and problem.virtual_stages == 1:
         _check_memory_feasible(problem, costs)  # exact, and far quicker than CBC proving infeasibility
-    incumbent = _greedy_incumbent(problem, costs) if use_incumbent else None
-    windows = _cut_windows(problem, costs, incumbent.step_time if incumbent else None)
-    model = _StageILP(problem, costs, windows)
+    times = [costs.stage_matrices(i)[0] for i in range(problem.stages)]
+    incumbent = _incumbent(problem, costs, times) if use_incumbent else None
+    model = _StageILP(problem, costs, _cut_windows(problem, costs, incumbent if use_windows else None, times))
     model.add_assignment()
     model.add_contiguity()
     model.add_nonempty()
     model.add_memory()
     model.add_pace()
+    model.add_pace_floor(float(_partial_bests(times, np.maximum)[0][-1][-1]))
     model.set_step_time_objective()
     status, starts = model.solve(problem.time_limit, incumbent.starts if incumbent else None)
     if status == "infeasible":
@@ -386,14 +420,14 @@ class _StageILP:
         self.unit = total / problem.stages if total > 0 else 1.0
         self.u: dict[tuple[int, int], pulp.LpVariable] = {}
         self._add_prefix_variables()
-        self.pace = pulp.LpVariable("pace", lowBound=0)
+        self.pace = self.model.add_variable("pace", lowBound=0)
 
     # variables ---------------------------------------------------------------------------------
     def _add_prefix_variables(self) -> None:
         """u[j,i] for lo_i < j <= hi_i; outside its window u is the constant 1 (j <= lo_i) or 0."""
         for i, (lo, hi) in enumerate(self.windows[:-1]):
             for j in range(lo + 1, hi + 1):
-                self.u[j, i] = pulp.LpVariable(f"u_{j}_{i}", cat=pulp.LpBinary)
+                self.u[j, i] = self.model.add_variable(f"u_{j}_{i}", cat=pulp.LpBinary)
 
     def prefix(self, j: int, i: int) -> pulp.LpVariable | int:
         """u[j,i], with the constants of the module doc (u[j,-1] = 0, u[j,p-1] = 1, u[L,i] = 0)."""
@@ -493,6 +527,10 @@ class _StageILP:
                 total = total + self.stage_time(i)
             self.model += self.pace >= total, f"pace_{r}"
 
+    def add_pace_floor(self, least_slowest_stage: float) -> None:
+        """T >= the least slowest stage time of any cut (a DP): valid, and it lifts the LP bound."""
+        self.model += self.pace >= least_slowest_stage / self.unit, "pace_floor"
+
     # objectives -------------------------------------------------------------------------------
     def set_step_time_objective(self) -> None:
         """(m - 1/d) T + (1/d) sum_i t_i + eps sum u: the step time, earliest cuts on ties."""
@@ -558,9 +596,14 @@ def _solver_status(status: int, sol_status: int) -> str:
 
 
 # -- incumbent and windows --------------------------------------------------------------------------
-def _greedy_incumbent(problem: StageProblem, costs: _ChainCosts) -> StagePartition | None:
-    """Bisect on a cap of each stage's compute time; each stage takes the longest run that
-    fits the cap and its memory, leaving a layer for each later stage."""
+def _incumbent(problem: StageProblem, costs: _ChainCosts, times: list[np.ndarray]) -> StagePartition | None:
+    """A good feasible cut, to warm-start CBC and bound the windows; None if none is found.
+
+    Candidates: a greedy fill (bisect on a cap of each stage's compute time; each stage takes
+    the longest run within the cap and its memory, leaving a layer for each later stage), and
+    the cuts best for each half of the objective alone (the least sum of stage times, the
+    least slowest stage; DPs). Each is polished by single-cut moves; the best that fits wins.
+    """
     L, p = costs.L, costs.p
     budget = [costs.rank_budget[problem.rank_of(i)] for i in range(p)]
 
@@ -580,59 +623,118 @@ def _greedy_incumbent(problem: StageProblem, costs: _ChainCosts) -> StagePartiti
             first = last + 1
         return starts if first == L else None
 
+    candidates = []
     lo, hi = 0.0, float(costs.prefix_time[-1] / costs.speed.min())
-    if fill(hi) is None:
-        return None
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if fill(mid) is None:
-            lo = mid
-        else:
-            hi = mid
-    return evaluate_partition(problem, fill(hi))
+    if fill(hi) is not None:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
+        candidates.append(fill(hi))
+    if costs.has_budget and problem.virtual_stages == 1:
+        times = [np.where(costs.stage_matrices(i)[1] <= budget[i], times[i], np.inf) for i in range(p)]
+    candidates += [list(_best_cut(times, combine)[1]) for combine in (np.add, np.maximum)]
+    best = None
+    for starts in candidates:
+        if starts and costs.fits(starts):
+            starts = _improve(costs, starts)
+            value = costs.step_time(costs.stage_times(starts))[0]
+            if best is None or value < best[0]:
+                best = (value, starts)
+    return evaluate_partition(problem, best[1]) if best else None
 
 
-def _cut_windows(problem: StageProblem, costs: _ChainCosts, incumbent_step: float | None) -> list[tuple[int, int]]:
-    """[lo_i, hi_i] holding the last layer e_i of stage i in every optimum (module doc)."""
-    L, p = costs.L, costs.p
+def _improve(costs: _ChainCosts, starts: list[int]) -> list[int]:
+    """Move single cuts by one layer while the step time (transfers included) drops."""
+    best = costs.step_time(costs.stage_times(starts))[0]
+    improved = True
+    while improved:
+        improved = False
+        for k in range(1, costs.p):
+            for move in (-1, 1):
+                trial = list(starts)
+                trial[k] += move
+                if not (trial[k - 1] < trial[k] and (k + 1 == costs.p or trial[k] < trial[k + 1]) and trial[k] < costs.L):
+                    continue
+                value = costs.step_time(costs.stage_times(trial))[0]
+                if value < best and costs.fits(trial):
+                    best, starts, improved = value, trial, True
+    return starts
+
+
+def _cut_windows(problem: StageProblem, costs: _ChainCosts, incumbent: StagePartition | None, times: list[np.ndarray]) -> list[tuple[int, int]]:
+    """[lo_i, hi_i] holding the last layer e_i of stage i in every optimum (module doc).
+
+    Without an incumbent: every stage keeps a layer (i <= e_i <= L-p+i). With one, of step
+    Z, a cut e_i = j survives only if no bound proves every partition through it worse:
+
+    * sum: sum_i t_i >= F_i(j) + G_i(j), the least time of layers 0..j in stages 0..i plus
+      that of the rest in the later stages (DPs with the pace and memory relaxed), and the
+      pace is at least the mean rank time, so the step is at least
+      (m - 1/d) (F + G) / R + (F + G) / d;
+    * pace: T <= (Z - S_min / d) / (m - 1/d), so stage k holds at most s_k (T - its least
+      transfer time) seconds of layers: layers 0..j must fit stages 0..i, the rest the others.
+    """
+    L, p, R = costs.L, costs.p, costs.R
     lo = [i for i in range(p)]
     hi = [L - p + i for i in range(p)]
-    d, m = problem.fill_drain_divisor, problem.microbatches
-    slope = m - 1.0 / d
-    if incumbent_step is not None and slope > 0:
-        smallest_boundary = float(costs.boundary[:-1].min()) if L > 1 else 0.0
-        comm = np.zeros(p)  # the least each stage can spend on transfers
-        for k in range(p - 1):
-            side = _TRANSFERS_PER_BOUNDARY * (costs.alpha[k] + smallest_boundary * costs.inv_bw[k])
-            comm[k] += side
-            comm[k + 1] += side
-        least_sum = float(costs.prefix_time[-1] / costs.speed.max() + comm.sum())
-        pace = (incumbent_step - least_sum / d) / slope
-        pace = pace * (1 + 1e-9) + 1e-12 * max(1.0, abs(pace))
-        capacity = costs.speed * np.maximum(pace - comm, 0.0)  # compute seconds a stage can hold
-        before = np.cumsum(capacity)
-        after = capacity.sum() - before
-        total = costs.prefix_time[-1]
-        slack = 1e-9 * max(float(total), 1e-300)
+    if incumbent is not None and p > 1:
+        d, m = problem.fill_drain_divisor, problem.microbatches
+        slope = m - 1.0 / d
+        limit = incumbent.step_time * (1 + 1e-9) + 1e-300
+        sum_before, sum_after = _partial_bests(times, np.add)
+        max_before, max_after = _partial_bests(times, np.maximum)
+        least_total = float(sum_before[p - 1][L - 1])
+        allowed = [np.ones(L, dtype=bool) for _ in range(p - 1)]
         for i in range(p - 1):
-            # layers 0..e_i fit in stages 0..i; layers e_i+1.. fit in stages i+1..
-            hi[i] = min(hi[i], int(np.searchsorted(costs.prefix_time[1:], before[i] + slack, side="right")) - 1)
-            lo[i] = max(lo[i], _first_fitting(costs.prefix_time, float(total), after[i] + slack))
+            # j = L-1 would leave the later stages empty
+            total = sum_before[i] + np.append(sum_after[i + 1][1:], np.inf)
+            slowest = np.maximum(max_before[i], np.append(max_after[i + 1][1:], np.inf))
+            with np.errstate(invalid="ignore"):
+                allowed[i] &= slope * np.maximum(slowest, total / R) + total / d <= limit
+        if slope > 0:
+            smallest_boundary = float(costs.boundary[:-1].min())
+            comm = np.zeros(p)  # the least each stage spends on transfers
+            for k in range(p - 1):
+                side = _TRANSFERS_PER_BOUNDARY * (costs.alpha[k] + smallest_boundary * costs.inv_bw[k])
+                comm[k] += side
+                comm[k + 1] += side
+            pace = (incumbent.step_time - least_total / d) / slope
+            pace = pace * (1 + 1e-9) + 1e-12 * max(1.0, abs(pace))
+            capacity = costs.speed * np.maximum(pace - comm, 0.0)  # compute seconds a stage can hold
+            total = float(costs.prefix_time[-1])
+            slack = 1e-9 * max(total, 1e-300)
+            upto = costs.prefix_time[1:]  # seconds of layers 0..j
+            for i in range(p - 1):
+                allowed[i] &= upto <= capacity[: i + 1].sum() + slack
+                allowed[i] &= total - upto <= capacity[i + 1 :].sum() + slack
+        ends = [s - 1 for s in incumbent.starts[1:]]
+        for i in range(p - 1):
+            allowed[i][ends[i]] = True  # the incumbent always survives, whatever the rounding
+            where = np.flatnonzero(allowed[i])
+            lo[i], hi[i] = max(lo[i], int(where[0])), min(hi[i], int(where[-1]))
     for i in range(1, p):
         lo[i] = max(lo[i], lo[i - 1] + 1)
     for i in range(p - 2, -1, -1):
         hi[i] = min(hi[i], hi[i + 1] - 1)
     lo[p - 1] = hi[p - 1] = L - 1
-    if any(a > b for a, b in zip(lo, hi)):
-        # Cannot happen: the incumbent lies inside every window. Fall back to the full model.
-        return [(i, L - p + i) for i in range(p - 1)] + [(L - 1, L - 1)]
     return list(zip(lo, hi))
 
 
-def _first_fitting(prefix_time: np.ndarray, total: float, capacity: float) -> int:
-    """The smallest j with layers j+1..L-1 at most ``capacity`` seconds."""
-    remaining = total - prefix_time[1:]  # remaining[j] = seconds of layers after j; non-increasing
-    return int(np.argmax(remaining <= capacity))
+def _partial_bests(times: list[np.ndarray], combine) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Best prefixes and suffixes of a cut, where a cut's value combines its stage times
+    with ``combine`` (np.add: the least sum; np.maximum: the least slowest stage):
+    forward[i][j] over layers 0..j in stages 0..i; backward[i][a] over a..L-1 in i..p-1."""
+    p, L = len(times), times[0].shape[0]
+    forward, best = [], np.concatenate([[0.0], np.full(L, np.inf)])
+    for i in range(p):
+        best = np.concatenate([[np.inf], combine(best[:L, None], times[i]).min(axis=0)])
+        forward.append(best[1:])
+    backward = [np.empty(0)] * p
+    after = np.concatenate([np.full(L, np.inf), [0.0]])  # after[b]: layers b.. in the later stages
+    for i in range(p - 1, -1, -1):
+        after = np.concatenate([combine(times[i], after[None, 1:]).min(axis=1), [np.inf]])
+        backward[i] = after[:L]
+    return forward, backward
 
 
 # -- memory feasibility ------------------------------------------------------------------------------
@@ -648,15 +750,7 @@ def _min_max_memory(problem: StageProblem, costs: _ChainCosts) -> _MemoryBound:
     a DP for one stage per rank, a small ILP when ranks hold several stages."""
     L, p = costs.L, costs.p
     if problem.virtual_stages == 1:
-        best = np.full(L + 1, np.inf)
-        best[0] = 0.0
-        choice = np.zeros((p, L), dtype=np.int64)
-        for i in range(p):
-            _, mem = costs.stage_matrices(i)
-            ratio = np.maximum(best[:L, None], mem / costs.rank_budget[i])
-            choice[i] = ratio.argmin(axis=0)
-            best = np.concatenate([[np.inf], ratio.min(axis=0)])
-        starts = _backtrack(choice, L)
+        _, starts = _best_cut([costs.stage_matrices(i)[1] / costs.rank_budget[i] for i in range(p)], np.maximum)
     else:
         starts = _min_max_memory_ilp(problem, costs)
     ends = starts[1:] + (L,)
@@ -666,11 +760,11 @@ def _min_max_memory(problem: StageProblem, costs: _ChainCosts) -> _MemoryBound:
 
 
 def _min_max_memory_ilp(problem: StageProblem, costs: _ChainCosts) -> tuple[int, ...]:
-    model = _StageILP(problem, costs, _cut_windows(problem, costs, None))
+    model = _StageILP(problem, costs, _cut_windows(problem, costs, None, []))
     model.add_assignment()
     model.add_contiguity()
     model.add_nonempty()
-    worst = pulp.LpVariable("worst_memory_ratio", lowBound=0)
+    worst = model.model.add_variable("worst_memory_ratio", lowBound=0)
     for r in range(problem.ranks):
         total = model._expression([])
         for i in model.stages_of_rank(r):
@@ -697,8 +791,8 @@ def _raise_memory_infeasible(problem: StageProblem, costs: _ChainCosts, bound: _
     where = f"stage {binding}" if problem.virtual_stages == 1 else f"rank {binding} (stages {', '.join(map(str, range(binding, p, costs.R)))})"
     if uniform:
         message = (
-            f"no cut of {L} layers into {p} stages fits the memory budget: the best split still needs "
-            f"{needed / GiB:.2f} GiB on {where} (at least {needed / GiB:.2f} GiB per device); budget is {budget / GiB:.2f} GiB"
+            f"no cut of {L} layers into {p} stages fits the memory budget: the best split needs at least "
+            f"{needed / GiB:.2f} GiB per device ({where}); budget is {budget / GiB:.2f} GiB"
         )
     else:
         message = (
@@ -738,6 +832,24 @@ def _check_stage_count(problem: StageProblem) -> None:
         )
 
 
+def _best_cut(matrices: list[np.ndarray], combine, cap: float = math.inf) -> tuple[float, tuple[int, ...]]:
+    """(best value, its starts) over cuts into ``len(matrices)`` non-empty stages, where stage
+    i holding layers a..b is worth ``matrices[i][a, b]``, stages combine with ``combine``
+    (np.add: a sum; np.maximum: the worst stage), and no stage may exceed ``cap``.
+    A DP over (stage, last layer); (inf, ()) when no cut qualifies."""
+    p, L = len(matrices), matrices[0].shape[0]
+    best = np.concatenate([[0.0], np.full(L, np.inf)])  # best[n]: layers 0..n-1 in the stages so far
+    choice = np.zeros((p, L), dtype=np.int64)
+    for i in range(p):
+        allowed = matrices[i] if cap == math.inf else np.where(matrices[i] <= cap, matrices[i], np.inf)
+        value = combine(best[:L, None], allowed)
+        choice[i] = value.argmin(axis=0)
+        best = np.concatenate([[np.inf], value.min(axis=0)])
+    if not math.isfinite(best[L]):
+        return math.inf, ()
+    return float(best[L]), _backtrack(choice, L)
+
+
 def _backtrack(choice: np.ndarray, L: int) -> tuple[int, ...]:
     """Starts from a DP's choices: choice[i][b] = first layer of stage i when it ends at b."""
     p = choice.shape[0]
@@ -775,16 +887,7 @@ def exact_chain_partition(problem: StageProblem) -> StagePartition:
         times.append(t)
 
     def least_sum(pace: float) -> tuple[float, tuple[int, ...]]:
-        best = np.full(L + 1, np.inf)
-        best[0] = 0.0
-        choice = np.zeros((p, L), dtype=np.int64)
-        for i in range(p):
-            total = best[:L, None] + np.where(times[i] <= pace, times[i], np.inf)
-            choice[i] = total.argmin(axis=0)
-            best = np.concatenate([[np.inf], total.min(axis=0)])
-        if not math.isfinite(best[L]):
-            return math.inf, ()
-        return float(best[L]), _backtrack(choice, L)
+        return _best_cut(times, np.add, pace)
 
     unconstrained, starts = least_sum(math.inf)
     if not starts:

@@ -118,7 +118,10 @@ def test_mixed_precision_prices_bf16_and_master_weights():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"mesh": {"tp": 2}}, partc.PartcError, "tensor or pipeline parallelism"),
+        ({"mesh": {"tp": 2}}, partc.PartcError, "asks for tensor parallelism, which this partc version does not plan yet"),
+        ({"mesh": {"pp": 2, "dp": 1}, "microbatches": 3}, partc.PartcError, "does not split into 3 microbatches"),
+        ({"mesh": {"pp": 2}, "schedule": "gpipe", "virtual_stages": 2}, partc.PartcError, "gpipe and 1f1b run 1 stage per rank"),
+        ({"mesh": {"pp": 2}, "schedule": "chaotic"}, partc.PartcError, "unknown schedule 'chaotic'"),
         ({"mesh": {"xp": 2}}, partc.PartcError, "unknown mesh dimension"),
         ({"mesh": {"dp": 3}}, partc.PartcError, "does not use the cluster"),
         ({"mixed_precision": "fp8"}, partc.PartcError, "unknown mixed_precision"),

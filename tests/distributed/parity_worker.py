@@ -6,13 +6,15 @@ the loss of every step, every gradient this rank holds (by original parameter na
 every parameter after the steps (fp32, rtol 1e-5, atol 1e-6); and that the union of the
 ranks' state-dict keys is the model's. Any mismatch exits non-zero with the details.
 
-    torchrun --nproc-per-node 2 tests/distributed/parity_worker.py --model gpt --pp 2 --schedule 1f1b --microbatches 4
+    torchrun --nproc-per-node 2 tests/distributed/parity_worker.py \
+        --cases '[{"model": "gpt", "mesh": {"pp": 2}, "schedule": "1f1b", "microbatches": 4}]'
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 
@@ -26,6 +28,7 @@ from partc.models import GPT, GPTConfig, Llama
 from partc.models.llama import llama_tiny
 
 RTOL, ATOL = 1e-5, 1e-6
+LR = 1e-4
 BATCH, SEQ, VOCAB = 8, 16, 128
 
 
@@ -56,8 +59,8 @@ def build(name: str) -> nn.Module:
         return GPT(GPTConfig(**gpt, tie_weights=False))
     if name == "gpt-tied":
         return GPT(GPTConfig(**gpt, tie_weights=True))
-    if name == "llama":
-        return Llama(llama_tiny())
+    if name == "llama":  # grouped-query attention (4 heads, 2 KV heads), 4 blocks
+        return Llama(dataclasses.replace(llama_tiny(), n_layer=4))
     if name == "skip":
         return SkipNet()
     raise SystemExit(f"unknown model {name}")
@@ -73,37 +76,29 @@ def compare(what: str, got: torch.Tensor, want: torch.Tensor, failures: list[str
         failures.append(f"{what}: max abs diff {diff:.3e}")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--dp", type=int, default=1)
-    parser.add_argument("--schedule", default="1f1b")
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--virtual-stages", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-
+def run_case(case: dict) -> list[str]:
+    """Compile one case, train it beside the reference, return what differed."""
     torch.manual_seed(0)
-    model = build(args.model)
+    model = build(case["model"])
     reference = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
     targets = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
 
-    world = int(__import__("os").environ["WORLD_SIZE"])
-    mesh = {"pp": args.pp} if args.pp > 1 else {"dp": args.dp}
-    options = dict(mesh=mesh)
-    if args.pp > 1:
-        options.update(microbatches=args.microbatches, schedule=args.schedule, virtual_stages=args.virtual_stages)
+    world = dist.get_world_size()
+    options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages") if key in case}
     pm = partc.compile(model, partc.Cluster.preset("cpu", devices_per_node=world), (inputs,), loss_fn=loss_fn, **options)
-    rank = dist.get_rank()
 
     reference_params = dict(reference.state_dict(keep_vars=True))
-    optimizer = torch.optim.AdamW(pm.parameters(), lr=1e-3)
-    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    # Adam moves every element by about lr whatever its gradient's size, so an element whose
+    # gradient is ~1e-7 turns fp32 rounding (~1e-10) into a step difference of ~lr * 1e-3.
+    # At lr 1e-4 that stays below ATOL, while a wrong gradient still moves parameters by
+    # ~lr = 1e-4, a hundred times ATOL. Gradients themselves are compared every step.
+    optimizer = torch.optim.AdamW(pm.parameters(), lr=LR)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR)
     failures: list[str] = []
-    for step in range(args.steps):
+    steps = case.get("steps", 3)
+    for step in range(steps):
         optimizer.zero_grad()
         loss = pm.step(inputs, targets)
         reference_optimizer.zero_grad()
@@ -118,18 +113,32 @@ def main() -> int:
         optimizer.step()
         reference_optimizer.step()
     for name, p in pm.named_parameters():
-        compare(f"param {name} after {args.steps} steps", p.detach(), reference_params[name].detach(), failures)
+        compare(f"param {name} after {steps} steps", p.detach(), reference_params[name].detach(), failures)
 
-    keys: list = [None] * dist.get_world_size()
+    keys: list = [None] * world
     dist.all_gather_object(keys, sorted(pm.state_dict()))
     union = set().union(*map(set, keys))
     if union != set(reference.state_dict()):
         failures.append(f"state-dict keys: missing {sorted(set(reference.state_dict()) - union)}, extra {sorted(union - set(reference.state_dict()))}")
-    held = sorted(name for name, _ in pm.named_parameters())
-    print(json.dumps({"rank": rank, "case": vars(args), "parameters": len(held), "failures": failures[:20]}), flush=True)
-    dist.barrier()
+    return failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", required=True, help="a JSON list of cases: {model, mesh, microbatches?, schedule?, virtual_stages?}")
+    cases = json.loads(parser.parse_args().cases)
+    dist.init_process_group("gloo")
+    any_failed = False
+    for case in cases:
+        try:
+            failures = run_case(case)
+        except Exception as e:  # noqa: BLE001 - reported per case, the other cases still run
+            failures = [f"{type(e).__name__}: {e}"]
+        any_failed |= bool(failures)
+        print("PARITY " + json.dumps({"rank": dist.get_rank(), "case": case, "failures": failures[:20]}), flush=True)
+        dist.barrier()
     dist.destroy_process_group()
-    return 1 if failures else 0
+    return 1 if any_failed else 0
 
 
 if __name__ == "__main__":
