@@ -21,6 +21,10 @@ from partc.errors import TraceError
 from partc.passes.ir import error_context
 
 
+_ASSERT_METADATA = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
+_ASSERT_METADATA = getattr(_ASSERT_METADATA, "default", None)
+
+
 class _FakePropagator(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
         super().__init__(gm)
@@ -41,6 +45,11 @@ class _FakePropagator(fx.Interpreter):
         return self.fake(super().get_attr(target, args, kwargs))
 
     def run_node(self, node: fx.Node) -> Any:
+        if node.target is _ASSERT_METADATA:
+            # export's checks pin the device it traced on (meta for a meta model); every
+            # fake here lives on the CPU, and the dtype/shape facts are already in the graph.
+            self.values[node] = None
+            return None
         try:
             result = super().run_node(node)
         except Exception as e:  # noqa: BLE001 - re-raised with the node that failed

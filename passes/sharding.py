@@ -123,7 +123,7 @@ import pulp
 import torch
 import torch.fx as fx
 
-from partc.cost_model import CostModel, MemoryBreakdown, training_memory
+from partc.cost_model import ADAMW_BYTES_PER_PARAM, CostModel, MemoryBreakdown, training_memory
 from partc.errors import ErrorContext, InfeasiblePlanError, PartcError, SolverError
 from partc.passes.ir import META_KEY, OpKind, canonical_name, graph_info, node_info
 from partc.passes.layouts import (
@@ -163,7 +163,6 @@ __all__ = [
 # a tenth of a microsecond of optimizer time. The objective (not the reported times)
 # charges each call this much.
 COLLECTIVE_CALL_PENALTY = 1e-6  # seconds
-ADAMW_BYTES_PER_PARAM = 28  # the optimizer update reads/writes weight, grad and two moments (as estimate.py)
 _GiB = 2**30
 
 
