@@ -29,7 +29,14 @@ from partc.passes.capture import capture
 from partc.passes.estimate import Estimate, batch_size, estimate_data_parallel
 from partc.passes.ir import OpKind, graph_info, node_info
 from partc.passes.propagate import propagate
-from partc.passes.stages import SCHEDULES, StagePartition, equal_layer_split, solve_stages, stage_problem_from_graph
+from partc.passes.stages import (
+    SCHEDULES,
+    StagePartition,
+    equal_layer_split,
+    gradient_free_cuts,
+    solve_stages_without_cuts,
+    stage_problem_from_graph,
+)
 from partc.plan import Plan, StagePlan, graph_fingerprint
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -148,7 +155,8 @@ def plan(
             compute_dtype=compute_dtype,
             optimizer=optimizer,
         )
-        return solve_stages(problem), equal_layer_split(problem)
+        forbidden = gradient_free_cuts(gm) if pipeline.schedule == "zero_bubble" else frozenset()
+        return solve_stages_without_cuts(problem, forbidden), equal_layer_split(problem)
 
     partition, equal = run("stages", solve, ["capture", "propagate", "annotate", "estimate"])
     memory, optimizer_time = _pipeline_memory(estimate, partition, pipeline, cluster, compute_dtype, optimizer)

@@ -104,6 +104,7 @@ All three functions (:func:`solve_stages`, :func:`exact_chain_partition`,
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -1062,3 +1063,59 @@ def stage_problem_from_graph(
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise PartcError(message, ErrorContext(pass_name=_PASS))
+
+
+# -- cuts a schedule cannot use ----------------------------------------------------------------
+def gradient_free_cuts(gm: fx.GraphModule) -> frozenset[int]:
+    """Layers ``j`` such that nothing crossing a cut right after ``j`` carries a gradient.
+
+    torch's zero-bubble schedules compute a stage's weight gradients from the graph of its
+    input gradients; a stage (other than the first) whose inputs carry no gradient (token
+    ids, position ids) would never get its weight gradients. Those cuts are excluded for
+    zero-bubble (see :func:`solve_stages_without_cuts`).
+    """
+    layer_of = {n: node_info(n).layer for n in gm.graph.nodes}
+    num_layers = len(graph_info(gm).layers)
+    carries_gradient = [False] * num_layers
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" or not node_info(n).requires_grad:
+            continue
+        first = 0 if n.op == "placeholder" else layer_of[n]
+        last = max((layer_of[u] for u in n.users), default=first)
+        for j in range(first, last):
+            carries_gradient[j] = True
+    return frozenset(j for j in range(num_layers - 1) if not carries_gradient[j])
+
+
+def solve_stages_without_cuts(problem: StageProblem, forbidden: frozenset[int]) -> StagePartition:
+    """:func:`solve_stages` with no cut right after the layers in ``forbidden``.
+
+    Each forbidden layer is merged with the next one into a single layer of the problem
+    (times, parameters and activations add; the boundary is the later layer's), the merged
+    problem is solved, and its answer is mapped back and priced on the original layers."""
+    if not forbidden:
+        return solve_stages(problem)
+    groups: list[list[int]] = [[0]]
+    for j in range(1, len(problem.layers)):
+        if j - 1 in forbidden:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    merged = tuple(
+        LayerCost(
+            name=problem.layers[group[0]].name,
+            time=sum(problem.layers[j].time for j in group),
+            param_bytes=sum(problem.layers[j].param_bytes for j in group),
+            activation_bytes=sum(problem.layers[j].activation_bytes for j in group),
+            boundary_bytes=problem.layers[group[-1]].boundary_bytes,
+        )
+        for group in groups
+    )
+    if len(merged) < problem.stages:
+        raise InfeasiblePlanError(
+            f"{problem.stages} stages need {problem.stages - 1} cuts, but only {len(merged) - 1} cut positions carry a gradient",
+            ErrorContext(pass_name=_PASS, fix="use fewer stages, or a schedule other than zero_bubble"),
+        )
+    answer = solve_stages(dataclasses.replace(problem, layers=merged))
+    starts = [groups[s][0] for s in answer.starts]
+    return evaluate_partition(problem, starts, status=answer.status, solve_seconds=answer.solve_seconds)

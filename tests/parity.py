@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 WORKER = Path(__file__).parent / "distributed" / "parity_worker.py"
@@ -20,18 +21,19 @@ def free_port() -> int:
 
 def run_parity(cases: list[dict], nproc: int, timeout: float = 600) -> dict[str, list[dict]]:
     """Run every case in one torchrun launch; return {case key: [one verdict per rank]}."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        str(WORKER), "--cases", json.dumps(cases),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    with tempfile.TemporaryDirectory() as reports:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+            str(WORKER), "--cases", json.dumps(cases), "--report-dir", reports,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        lines = [line for path in sorted(Path(reports).glob("*.jsonl")) for line in path.read_text().splitlines()]
     verdicts: dict[str, list[dict]] = {}
-    for line in result.stdout.splitlines():
-        if line.startswith("PARITY "):
-            verdict = json.loads(line.removeprefix("PARITY "))
-            verdicts.setdefault(case_key(verdict["case"]), []).append(verdict)
+    for line in lines:
+        verdict = json.loads(line)
+        verdicts.setdefault(case_key(verdict["case"]), []).append(verdict)
     if not verdicts:
         raise RuntimeError(f"the parity worker reported nothing (exit {result.returncode}):\n{result.stderr[-4000:]}")
     return verdicts

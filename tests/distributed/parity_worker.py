@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import dataclasses
 import json
 import sys
@@ -59,8 +60,8 @@ def build(name: str) -> nn.Module:
         return GPT(GPTConfig(**gpt, tie_weights=False))
     if name == "gpt-tied":
         return GPT(GPTConfig(**gpt, tie_weights=True))
-    if name == "llama":  # grouped-query attention (4 heads, 2 KV heads), 4 blocks
-        return Llama(dataclasses.replace(llama_tiny(), n_layer=4))
+    if name == "llama":  # grouped-query attention (4 heads, 2 KV heads), 6 blocks
+        return Llama(dataclasses.replace(llama_tiny(), n_layer=6))
     if name == "skip":
         return SkipNet()
     raise SystemExit(f"unknown model {name}")
@@ -94,12 +95,14 @@ def run_case(case: dict) -> list[str]:
     # gradient is ~1e-7 turns fp32 rounding (~1e-10) into a step difference of ~lr * 1e-3.
     # At lr 1e-4 that stays below ATOL, while a wrong gradient still moves parameters by
     # ~lr = 1e-4, a hundred times ATOL. Gradients themselves are compared every step.
-    optimizer = torch.optim.AdamW(pm.parameters(), lr=LR)
+    held = list(pm.parameters())  # a stage may hold no parameters (the root's own code, say)
+    optimizer = torch.optim.AdamW(held, lr=LR) if held else None
     reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR)
     failures: list[str] = []
     steps = case.get("steps", 3)
     for step in range(steps):
-        optimizer.zero_grad()
+        if optimizer:
+            optimizer.zero_grad()
         loss = pm.step(inputs, targets)
         reference_optimizer.zero_grad()
         reference_loss = loss_fn(reference(inputs), targets)
@@ -110,7 +113,8 @@ def run_case(case: dict) -> list[str]:
                 failures.append(f"step {step} grad {name}: missing")
             else:
                 compare(f"step {step} grad {name}", p.grad, reference_params[name].grad, failures)
-        optimizer.step()
+        if optimizer:
+            optimizer.step()
         reference_optimizer.step()
     for name, p in pm.named_parameters():
         compare(f"param {name} after {steps} steps", p.detach(), reference_params[name].detach(), failures)
@@ -126,16 +130,27 @@ def run_case(case: dict) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", required=True, help="a JSON list of cases: {model, mesh, microbatches?, schedule?, virtual_stages?}")
-    cases = json.loads(parser.parse_args().cases)
-    dist.init_process_group("gloo")
+    parser.add_argument("--report-dir", required=True, help="each rank appends one JSON line per case to RANK.jsonl here")
+    args = parser.parse_args()
+    cases = json.loads(args.cases)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    report = open(f"{args.report_dir}/{dist.get_rank()}.jsonl", "a")
+
+    def verdict(case: dict, failures: list[str]) -> None:
+        report.write(json.dumps({"rank": dist.get_rank(), "case": case, "failures": failures[:20]}) + "\n")
+        report.flush()
+
     any_failed = False
     for case in cases:
         try:
             failures = run_case(case)
-        except Exception as e:  # noqa: BLE001 - reported per case, the other cases still run
-            failures = [f"{type(e).__name__}: {e}"]
+        except Exception as e:
+            # The other ranks may be waiting in a collective: report, then exit so that
+            # torchrun stops them all (the remaining cases report nothing).
+            verdict(case, [f"{type(e).__name__}: {e}"])
+            raise
         any_failed |= bool(failures)
-        print("PARITY " + json.dumps({"rank": dist.get_rank(), "case": case, "failures": failures[:20]}), flush=True)
+        verdict(case, failures)
         dist.barrier()
     dist.destroy_process_group()
     return 1 if any_failed else 0
