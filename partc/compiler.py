@@ -59,6 +59,11 @@ class ParallelModule:
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         forward = getattr(self._runner, "forward", None)
+        if getattr(self._runner, "loss_in_graph", False):
+            raise PartcError(
+                "this module was compiled with example_targets: its graph ends in the loss",
+                ErrorContext(fix="call step(inputs, targets), or compile without example_targets to get outputs"),
+            )
         if forward is None:
             raise PartcError(
                 "a pipeline-parallel module computes its output only inside step()",
@@ -100,12 +105,16 @@ def compile(
     *,
     loss_fn: Callable,
     loss_reduction: str = "mean",
+    example_targets: torch.Tensor | None = None,
     **plan_options: Any,
 ) -> ParallelModule:
     """Plan ``model`` and build this rank's part of the plan (see the module docstring).
 
     loss_fn(outputs, targets) -> scalar, as called on the single-device model's output.
     loss_reduction: "mean" if loss_fn averages over the batch, "sum" if it sums.
+    example_targets: targets shaped like the global batch's; with them the loss is traced
+        into the graph, planned with the model, and computed by the last pipeline stage
+        (the targets are routed to it); without them loss_fn runs on the last stage's output.
     plan_options: the keywords of :func:`partc.plan` (mesh, microbatches, schedule, ...).
     """
     if not callable(loss_fn):
@@ -113,7 +122,8 @@ def compile(
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    result = make_plan(model, cluster, example_inputs, **plan_options)
+    with_loss = example_targets is not None
+    result = make_plan(model, cluster, example_inputs, loss_fn=loss_fn if with_loss else None, example_targets=example_targets, **plan_options)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     pp, dp, tp = result.mesh.get("pp", 1), result.mesh.get("dp", 1), result.mesh.get("tp", 1)
     if tp != 1 or (pp > 1 and dp > 1):
@@ -131,7 +141,8 @@ def compile(
     device = _device()
 
     if pp > 1 or not distributed:
-        microbatch = _microbatch_inputs(inputs, dp * result.microbatches)
+        graph_inputs = (*inputs, example_targets) if with_loss else inputs
+        microbatch = _microbatch_inputs(graph_inputs, dp * result.microbatches)
         stages = split_stages(result.graph, result.stage_of_layer(), microbatch, persistent_names=persistent)
         if distributed:
             runner = PipelineRunner(
@@ -141,13 +152,13 @@ def compile(
                 group=dist.group.WORLD,
                 schedule=result.schedule,
                 microbatches=result.microbatches,
-                loss_fn=loss_fn,
+                loss_fn=None if with_loss else loss_fn,
                 loss_reduction=loss_reduction,
                 device=device,
             )
             local_stages = runner.local
         else:
-            runner = LocalPipelineRunner(stages, microbatches=result.microbatches * dp, loss_fn=loss_fn, loss_reduction=loss_reduction)
+            runner = LocalPipelineRunner(stages, microbatches=result.microbatches * dp, loss_fn=None if with_loss else loss_fn, loss_reduction=loss_reduction)
             local_stages = stages
         modules = [st.module for st in local_stages]
     else:

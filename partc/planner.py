@@ -25,7 +25,7 @@ from partc.cluster import Cluster
 from partc.cost_model import ADAMW_BYTES_PER_PARAM, CostModel, MemoryBreakdown, training_memory
 from partc.errors import ErrorContext, PartcError
 from partc.passes.annotate import annotate
-from partc.passes.capture import capture
+from partc.passes.capture import attach_loss, capture
 from partc.passes.estimate import Estimate, batch_size, estimate_data_parallel
 from partc.passes.ir import OpKind, graph_info, node_info
 from partc.passes.propagate import propagate
@@ -58,6 +58,7 @@ def plan(
     example_inputs: Any,
     *,
     loss_fn: Callable | None = None,
+    example_targets: torch.Tensor | None = None,
     mesh: dict[str, int] | None = None,
     microbatches: int | None = None,
     schedule: str | None = None,
@@ -72,6 +73,9 @@ def plan(
     """Plan ``model`` for ``cluster``; no GPU and no process group needed.
 
     example_inputs: the global batch (a tensor or a tuple of tensors).
+    loss_fn, example_targets: with both, loss_fn(output, targets) is traced into the graph
+        and planned like the model's own operators (the logits' softmax often weighs as
+        much as a block).
     mesh: {"dp": world} (default) or {"pp": world}; other combinations are refused for now.
     microbatches, schedule, virtual_stages: pipeline options ("gpipe", "1f1b",
         "interleaved", "zero_bubble"; interleaved schedules default to 2 stages per rank,
@@ -85,8 +89,10 @@ def plan(
     inputs = _as_tuple(example_inputs)
     compute_dtype = _dtype(mixed_precision)
     dp, pp = _degrees(cluster, mesh)
-    if loss_fn is not None:
-        warnings.warn("partc.plan: loss_fn is not priced yet (the model's forward is planned on its own)", stacklevel=2)
+    if loss_fn is not None and example_targets is None:
+        warnings.warn("partc.plan: loss_fn is not priced without example_targets; the model's forward is planned on its own", stacklevel=2)
+    with_loss = loss_fn is not None and example_targets is not None
+    graph_inputs = (*inputs, example_targets) if with_loss else inputs
     limit = memory_limit if memory_limit is not None else min(cluster.device(r).memory for r in range(cluster.world_size))
     cost_model = CostModel(cluster)
 
@@ -108,8 +114,8 @@ def plan(
             progress(f"{name:<10} {times[name]:7.3f} s")
         return value
 
-    gm = run("capture", lambda: capture(model, inputs, frontend=frontend), [])
-    run("propagate", lambda: propagate(gm, inputs), ["capture"])
+    gm = run("capture", lambda: _capture(model, inputs, loss_fn if with_loss else None, frontend), [])
+    run("propagate", lambda: propagate(gm, graph_inputs), ["capture"])
     run("annotate", lambda: annotate(gm), ["capture", "propagate"])
     options = dict(compute_dtype=compute_dtype, optimizer=optimizer, training=training)
     estimate = run("estimate", lambda: estimate_data_parallel(gm, cost_model, dp=dp, **options), ["capture", "propagate", "annotate"])
@@ -175,6 +181,11 @@ def plan(
         bubble_fraction=partition.bubble_fraction,
         equal_split_step_time=equal.step_time + optimizer_time,
     )
+
+
+def _capture(model: nn.Module, inputs: tuple, loss_fn: Callable | None, frontend: str):
+    gm = capture(model, inputs, frontend=frontend)
+    return attach_loss(gm, loss_fn) if loss_fn is not None else gm
 
 
 def _single_stage(estimate: Estimate) -> StagePlan:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import inspect
 import traceback
 import warnings
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -240,3 +241,41 @@ def _blame(model: nn.Module, error: BaseException) -> tuple[str | None, str | No
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.GraphModule:
+    """Append ``loss_fn(output, targets)`` to the captured graph, with ``targets`` a new last input.
+
+    ``loss_fn`` is traced on its own with ``torch.fx`` (loss functions are plain tensor code)
+    and spliced after the model's output, so the loss is priced, planned and placed like any
+    other operator, and the targets are an input that the pipeline routes to the stage that
+    computes the loss. Parameter names are untouched (no wrapper module).
+    """
+    try:
+        loss_graph = fx.symbolic_trace(lambda output, targets: loss_fn(output, targets)).graph
+    except Exception as e:  # noqa: BLE001
+        raise TraceError(
+            f"torch.fx could not trace loss_fn: {type(e).__name__}: {_first_line(e)}",
+            ErrorContext(pass_name="capture", fix="write loss_fn(outputs, targets) as plain tensor code (F.cross_entropy, ...) without control flow on values"),
+        ) from e
+    graph = gm.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_input):
+        targets = graph.placeholder("targets")
+    env: dict[fx.Node, Any] = {}
+    loss_value = None
+    with graph.inserting_before(output):
+        for node in loss_graph.nodes:
+            if node.op == "placeholder":
+                env[node] = output.args[0] if node.target == "output" else targets
+            elif node.op == "output":
+                loss_value = fx.node.map_arg(node.args[0], lambda n: env[n])
+            elif node.op == "get_attr":
+                raise TraceError("loss_fn reads module state; partc takes a stateless loss_fn(outputs, targets)", ErrorContext(pass_name="capture"))
+            else:
+                env[node] = graph.node_copy(node, lambda n: env[n])
+    output.args = (loss_value,)
+    gm.recompile()
+    gm.meta[META_KEY] = replace(gm.meta[META_KEY], loss_in_graph=True)
+    return gm

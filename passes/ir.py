@@ -212,6 +212,7 @@ class GraphInfo:
     input_specs: tuple[TensorSpec, ...] = ()
     layers: tuple[LayerInfo, ...] = ()
     mutated_buffers: tuple[str, ...] = ()  # buffers the forward writes (BatchNorm stats)
+    loss_in_graph: bool = False  # the graph ends in loss_fn(output, targets); targets is its last input
 
 
 def node_info(node: fx.Node) -> NodeInfo:

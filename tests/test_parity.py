@@ -22,6 +22,11 @@ def _cases(world: int) -> list[dict]:
         for model in MODELS
         for (schedule, virtual), microbatches in zip(PIPELINE_SCHEDULES, (4, 8, 4, 8) if world == 2 else (8, 4, 4, 8))
     ]
+    # The loss traced into the graph: the targets enter at stage 0 and are routed to the last.
+    cases += [
+        {"model": "gpt-tied", "mesh": {"pp": world}, "schedule": "1f1b", "microbatches": 4, "loss_in_graph": True},
+        {"model": "llama", "mesh": {"pp": world}, "schedule": "interleaved", "virtual_stages": 2, "microbatches": 4, "loss_in_graph": True},
+    ]
     cases += [{"model": model, "mesh": {"dp": world}} for model in ("gpt-tied", "llama")]
     return cases
 

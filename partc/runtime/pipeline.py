@@ -36,7 +36,13 @@ from partc.passes.split_stages import StageModule
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 
 
-def scaled_loss(loss_fn: Callable, microbatches: int, reduction: str) -> Callable:
+def _loss_is_output(output, target):
+    return output
+
+
+def scaled_loss(loss_fn: Callable | None, microbatches: int, reduction: str) -> Callable:
+    """The per-microbatch loss (``loss_fn=None``: the stages already output the loss)."""
+    loss_fn = loss_fn or _loss_is_output
     if reduction not in ("mean", "sum"):
         raise PartcError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}", ErrorContext(fix="say how loss_fn reduces over the batch"))
     if reduction == "sum":
@@ -63,9 +69,12 @@ def split_microbatches(value: Any, microbatches: int, *, what: str) -> list[Any]
 class LocalPipelineRunner:
     """All stages in this process, microbatch by microbatch (GPipe order)."""
 
-    def __init__(self, stages: Sequence[StageModule], *, microbatches: int, loss_fn: Callable, loss_reduction: str = "mean"):
+    def __init__(self, stages: Sequence[StageModule], *, microbatches: int, loss_fn: Callable | None, loss_reduction: str = "mean"):
+        """loss_fn: applied to the last stage's output; None when the graph computes the
+        loss itself (then the targets are the stages' last input)."""
         self.stages = list(stages)
         self.microbatches = microbatches
+        self.loss_in_graph = loss_fn is None
         self.loss_fn = scaled_loss(loss_fn, microbatches, loss_reduction)
 
     def forward(self, *inputs: torch.Tensor) -> Any:
@@ -76,6 +85,7 @@ class LocalPipelineRunner:
         return values[0]
 
     def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
+        inputs = (*inputs, targets) if self.loss_in_graph else tuple(inputs)
         chunks = [split_microbatches(x, self.microbatches, what="inputs") for x in inputs]
         target_chunks = split_microbatches(targets, self.microbatches, what="targets")
         total = torch.zeros(())
@@ -98,10 +108,12 @@ class PipelineRunner:
         group: dist.ProcessGroup,
         schedule: str,
         microbatches: int,
-        loss_fn: Callable,
+        loss_fn: Callable | None,
         loss_reduction: str,
         device: torch.device,
     ):
+        """loss_fn: applied to the last stage's output; None when the graph computes the
+        loss itself (the targets then enter at stage 0 and are routed to the loss)."""
         from torch.distributed import pipelining
 
         if schedule not in SCHEDULES:
@@ -117,6 +129,7 @@ class PipelineRunner:
 
         self.group, self.pp_rank, self.pp_size, self.device = group, pp_rank, pp_size, device
         self.microbatches = microbatches
+        self.loss_in_graph = loss_fn is None
         self.stage_rank = [s % pp_size for s in range(num_stages)]
         self.local = [st for st in stages if self.stage_rank[st.index] == pp_rank]
         for st in self.local:
@@ -146,6 +159,7 @@ class PipelineRunner:
             kwargs["scale_grads"] = False  # partc scales the loss itself (see the module docstring)
         target = self._pipeline_stages[0] if virtual == 1 else self._pipeline_stages
         self._schedule = schedule_class(target, microbatches, **kwargs)
+        self._can_skip_outputs = "return_outputs" in inspect.signature(self._schedule.step).parameters
         self.holds_first = any(st.index == 0 for st in self.local)
         self.holds_last = any(st.index == num_stages - 1 for st in self.local)
         self._last_rank_global = dist.get_global_rank(group, self.stage_rank[-1])
@@ -161,11 +175,16 @@ class PipelineRunner:
     def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
         for x in (*inputs, targets):
             split_microbatches(x, self.microbatches, what="inputs and targets")  # clear error before any send
-        args = [x.to(self.device) for x in inputs] if self.holds_first else []
+        graph_inputs = (*inputs, targets) if self.loss_in_graph else tuple(inputs)
+        args = [x.to(self.device) for x in graph_inputs] if self.holds_first else []
         losses: list[torch.Tensor] = []
         kwargs: dict[str, Any] = {}
         if self.holds_last:
-            kwargs = {"target": targets.to(self.device), "losses": losses}
+            # With the loss in the graph the schedule's target is a placeholder it only chunks.
+            target = torch.zeros(len(targets), device=self.device) if self.loss_in_graph else targets.to(self.device)
+            kwargs = {"target": target, "losses": losses}
+        if self._can_skip_outputs:
+            kwargs["return_outputs"] = False  # the step only needs the losses
         self._schedule.step(*args, **kwargs)
         self._sync_tied_gradients()
         loss = torch.stack([l.detach() for l in losses]).sum() if self.holds_last else torch.zeros((), device=self.device)

@@ -88,6 +88,8 @@ def run_case(case: dict) -> list[str]:
 
     world = dist.get_world_size()
     options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages") if key in case}
+    if case.get("loss_in_graph"):
+        options["example_targets"] = targets
     pm = partc.compile(model, partc.Cluster.preset("cpu", devices_per_node=world), (inputs,), loss_fn=loss_fn, **options)
 
     reference_params = dict(reference.state_dict(keep_vars=True))
