@@ -120,6 +120,7 @@ def compile(
     if not callable(loss_fn):
         raise PartcError("compile() needs loss_fn(outputs, targets) -> scalar loss", ErrorContext(fix="pass loss_fn=..."))
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = _device()  # before any collective: NCCL binds a communicator to the current device
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     with_loss = example_targets is not None
@@ -138,7 +139,6 @@ def compile(
                 ErrorContext(fix=f"launch with --nproc-per-node/--nnodes giving {pp * dp * tp} processes, or plan for {world}"),
             )
         _check_same_plan_everywhere(result)
-    device = _device()
 
     if pp > 1 or not distributed:
         graph_inputs = (*inputs, example_targets) if with_loss else inputs

@@ -42,6 +42,11 @@ from partc.plan import Plan, StagePlan, graph_fingerprint
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
+# torch.distributed.pipelining before 2.13 expects a gradient for every tensor a stage
+# receives (2.11 fails with "has gradients None"; 2.13 handles integer inputs).
+_PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
 @dataclass(frozen=True)
 class _Pipeline:
     """The pipeline options after defaults are filled in."""
@@ -162,6 +167,8 @@ def plan(
             optimizer=optimizer,
         )
         forbidden = gradient_free_cuts(gm) if pipeline.schedule == "zero_bubble" else frozenset()
+        if _PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS:
+            forbidden |= gradient_free_cuts(gm, every_value=True)
         return solve_stages_without_cuts(problem, forbidden), equal_layer_split(problem)
 
     partition, equal = run("stages", solve, ["capture", "propagate", "annotate", "estimate"])

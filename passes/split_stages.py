@@ -82,10 +82,11 @@ def split_stages(
     stage_of = _stage_of_nodes(nodes, stage_of_layer, num_stages)
     values = fake_values(gm, microbatch_inputs)
 
+    local = recomputable_nodes(gm)
     last_use: dict[fx.Node, int] = {}
     for n in nodes:
         for arg in n.all_input_nodes:
-            if arg.op != "get_attr":
+            if arg not in local:
                 last_use[arg] = max(last_use.get(arg, -1), stage_of[n])
     carried = [
         [n for n in nodes if n.op != "get_attr" and stage_of[n] < s <= last_use.get(n, -1) and isinstance(values[n], torch.Tensor)]
@@ -103,7 +104,7 @@ def split_stages(
     stages = []
     for s in range(num_stages):
         produced = carried[s + 1] if s < num_stages - 1 else _output_node(nodes).all_input_nodes
-        module = _build_stage(gm, nodes, stage_of, s, carried[s], carried[s + 1], values, num_stages, persistent_names)
+        module = _build_stage(gm, nodes, stage_of, s, carried[s], carried[s + 1], values, num_stages, persistent_names, local)
         stages.append(
             StageModule(
                 index=s,
@@ -130,6 +131,27 @@ def _specs(values: list[Any]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(tuple(v.shape), v.dtype) for v in flat if isinstance(v, torch.Tensor))
 
 
+def recomputable_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes computed from parameters, buffers and constants alone (rotary tables sliced to
+    the sequence length, masks): a stage that needs one recomputes it instead of receiving
+    it, so such values never cross a cut. Sizes read from inputs are constants per
+    microbatch shape, so they do not make a node input-dependent."""
+    local: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            local.add(n)
+        elif n.op in ("call_function", "call_method") and n.all_input_nodes:
+            if all(a in local or _is_python_value(a) for a in n.all_input_nodes) and any(a in local for a in n.all_input_nodes):
+                local.add(n)
+    return local
+
+
+def _is_python_value(node: fx.Node) -> bool:
+    """A node whose value is a Python number or size (not a tensor), e.g. ``x.size(1)``."""
+    value = node.meta.get("val")
+    return value is not None and not isinstance(value, (torch.Tensor, tuple, list))
+
+
 def _stage_of_nodes(nodes: list[fx.Node], stage_of_layer: Sequence[int], num_stages: int) -> dict[fx.Node, int]:
     stage_of: dict[fx.Node, int] = {}
     for n in nodes:
@@ -149,7 +171,7 @@ def _stage_of_nodes(nodes: list[fx.Node], stage_of_layer: Sequence[int], num_sta
     return stage_of
 
 
-def _build_stage(gm, nodes, stage_of, s, inputs, outputs, values, num_stages, persistent_names) -> fx.GraphModule:
+def _build_stage(gm, nodes, stage_of, s, inputs, outputs, values, num_stages, persistent_names, local) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in inputs:
@@ -162,6 +184,9 @@ def _build_stage(gm, nodes, stage_of, s, inputs, outputs, values, num_stages, pe
         if arg.op == "get_attr":
             env[arg] = graph.get_attr(arg.target)
             env[arg].meta = dict(arg.meta)
+            return env[arg]
+        if arg in local and stage_of[arg] != s:
+            env[arg] = graph.node_copy(arg, lookup)  # recomputed here rather than received
             return env[arg]
         if stage_of[arg] < s and not isinstance(values[arg], torch.Tensor):
             return values[arg]  # a Python value from an earlier stage: a constant here

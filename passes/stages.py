@@ -120,6 +120,7 @@ from partc.cost_model import CostModel, training_memory
 from partc.errors import ErrorContext, InfeasiblePlanError, PartcError, SolverError
 from partc.passes.estimate import _parameter_dtype, batch_size
 from partc.passes.ir import OpKind, graph_info, node_info
+from partc.passes.split_stages import recomputable_nodes
 
 __all__ = [
     "LayerCost",
@@ -995,6 +996,7 @@ def stage_problem_from_graph(
     L = len(info.layers)
     shared = [0.0] * L  # parameters a layer reads but another layer owns
     boundary_diff = [0.0] * (L + 1)
+    recomputed = recomputable_nodes(gm)  # rebuilt by each stage that reads them, never sent
     for n in nodes:
         i = infos[n]
         if i.op == OpKind.PARAMETER:
@@ -1002,7 +1004,7 @@ def stage_problem_from_graph(
             for layer in readers:
                 shared[layer] += held_bytes(i.param_numel, i.param_bytes)
             continue
-        if i.op == OpKind.OUTPUT or not i.outputs or not n.users:
+        if i.op == OpKind.OUTPUT or not i.outputs or not n.users or n in recomputed:
             continue
         made = 0 if i.op == OpKind.INPUT else i.layer
         last_read = max(infos[u].layer for u in n.users)
@@ -1066,25 +1068,37 @@ def _require(condition: bool, message: str) -> None:
 
 
 # -- cuts a schedule cannot use ----------------------------------------------------------------
-def gradient_free_cuts(gm: fx.GraphModule) -> frozenset[int]:
-    """Layers ``j`` such that nothing crossing a cut right after ``j`` carries a gradient.
+def gradient_free_cuts(gm: fx.GraphModule, *, every_value: bool = False) -> frozenset[int]:
+    """Layers ``j`` after which a cut would send tensors that carry no gradient back.
 
-    torch's zero-bubble schedules compute a stage's weight gradients from the graph of its
-    input gradients; a stage (other than the first) whose inputs carry no gradient (token
-    ids, position ids) would never get its weight gradients. Those cuts are excluded for
-    zero-bubble (see :func:`solve_stages_without_cuts`).
+    ``every_value=False``: cuts across which *nothing* carries a gradient. torch's
+    zero-bubble schedules compute a stage's weight gradients from the graph of its input
+    gradients, so a stage (other than the first) whose inputs carry no gradient (token
+    ids only) would never get its weight gradients.
+
+    ``every_value=True``: cuts across which *anything* carries no gradient (token ids,
+    position ids, targets routed to the loss). torch's pipelining before 2.13 expects a
+    gradient for every tensor a stage receives (seen on 2.11: "has gradients None and is
+    expecting to send gradients").
+
+    The planner solves with these cuts merged away (:func:`solve_stages_without_cuts`).
     """
     layer_of = {n: node_info(n).layer for n in gm.graph.nodes}
     num_layers = len(graph_info(gm).layers)
-    carries_gradient = [False] * num_layers
+    with_gradient = [False] * num_layers
+    without_gradient = [False] * num_layers
+    local = recomputable_nodes(gm)
     for n in gm.graph.nodes:
-        if n.op == "get_attr" or not node_info(n).requires_grad:
+        if n in local or not node_info(n).outputs:
             continue
         first = 0 if n.op == "placeholder" else layer_of[n]
         last = max((layer_of[u] for u in n.users), default=first)
+        crossed = with_gradient if node_info(n).requires_grad else without_gradient
         for j in range(first, last):
-            carries_gradient[j] = True
-    return frozenset(j for j in range(num_layers - 1) if not carries_gradient[j])
+            crossed[j] = True
+    if every_value:
+        return frozenset(j for j in range(num_layers - 1) if without_gradient[j])
+    return frozenset(j for j in range(num_layers - 1) if not with_gradient[j])
 
 
 def solve_stages_without_cuts(problem: StageProblem, forbidden: frozenset[int]) -> StagePartition:
@@ -1113,8 +1127,8 @@ def solve_stages_without_cuts(problem: StageProblem, forbidden: frozenset[int]) 
     )
     if len(merged) < problem.stages:
         raise InfeasiblePlanError(
-            f"{problem.stages} stages need {problem.stages - 1} cuts, but only {len(merged) - 1} cut positions carry a gradient",
-            ErrorContext(pass_name=_PASS, fix="use fewer stages, or a schedule other than zero_bubble"),
+            f"{problem.stages} stages need {problem.stages - 1} cuts, but only {len(merged) - 1} cut positions carry gradients as the schedule and torch version need",
+            ErrorContext(pass_name=_PASS, fix="use fewer stages; or a schedule other than zero_bubble; on torch < 2.13, compile without example_targets (targets cross every cut)"),
         )
     answer = solve_stages(dataclasses.replace(problem, layers=merged))
     starts = [groups[s][0] for s in answer.starts]

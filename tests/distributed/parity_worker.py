@@ -72,6 +72,7 @@ def loss_fn(logits, targets):
 
 
 def compare(what: str, got: torch.Tensor, want: torch.Tensor, failures: list[str]) -> None:
+    got = got.cpu()  # on GPUs partc runs on CUDA, the reference on the CPU
     if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
         diff = (got - want).abs().max().item()
         failures.append(f"{what}: max abs diff {diff:.3e}")
@@ -135,7 +136,7 @@ def main() -> int:
     parser.add_argument("--report-dir", required=True, help="each rank appends one JSON line per case to RANK.jsonl here")
     args = parser.parse_args()
     cases = json.loads(args.cases)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(seconds=120))
     report = open(f"{args.report_dir}/{dist.get_rank()}.jsonl", "a")
 
     def verdict(case: dict, failures: list[str]) -> None:

@@ -1,0 +1,596 @@
+"""Tensor-parallel codegen: one GraphModule per tensor-parallel rank, from a sharding plan.
+
+Input: the annotated graph the sharding pass planned (``gm``, with ``node.meta["val"]``)
+and its :class:`~partc.passes.sharding.ShardingPlan`. Output, for tensor-parallel rank
+``rank`` of ``tp``: a :class:`TensorParallelModule` holding a NEW ``fx.GraphModule`` (the
+input graph is not changed) that computes on this rank's shards and says every
+communication out loud, as Megatron's code does.
+
+What changes, node by node
+    * Parameters and buffers: this rank's slice (``ParameterSharding.local``), registered
+      under the original qualified name, so ``state_dict()`` keys are the model's (a tied
+      weight appears once, under the name the graph reads it by). The slice rules are
+      :attr:`TensorParallelModule.parameters`.
+    * One conversion per ``plan.reshards`` record, right after the producer; every
+      consumer the record lists reads the converted value. The record's (forward,
+      backward) pair picks the function of :mod:`partc.runtime.collectives`::
+
+          (None, all_reduce)           copy_to_tp            Megatron's f
+          (all_reduce, None)           reduce_from_tp        Megatron's g
+          (all_reduce, all_reduce)     reduce_from_tp, then copy_to_tp
+          (all_gather, slice | None)   gather_from_tp
+          (all_gather, reduce_scatter) gather_from_sp        sequence parallel
+          (slice, all_gather | None)   scatter_to_tp
+          (reduce_scatter, all_gather) reduce_scatter_to_tp
+          (all_to_all, all_to_all)     all_to_all_tp
+          (partial, None)              to_partial            R -> P (a row-parallel bias)
+          (pad, slice | None)          pad_to_partial        S -> P
+
+      A record with ``regather`` also puts ``keep_shard_for_backward`` after each
+      consumer: the consumer's saved copy of the gathered input is dropped and gathered
+      again in backward. A value laid out in blocks (GPT's fused qkv) passes ``blocks=``.
+    * ``vocab_parallel`` embedding becomes ``vocab_parallel_embedding`` (masked lookup,
+      giving P); ``vocab_parallel`` cross entropy becomes ``vocab_parallel_cross_entropy``
+      (Megatron's two all-reduces, local backward). A strategy's ``local_scale`` multiplies
+      the node's result (a mean over a sharded dim).
+    * ``plan.view_rewrites`` change hard-coded sizes (12 heads -> 12/tp) or divide a traced
+      size; ``plan.size_rewrites`` turn a shard's ``size()`` into the whole tensor's
+      (times tp) so traced sizes mean what the single-device program meant. A traced size
+      that only feeds rewritten views is left local and the division dropped (the two cancel).
+
+The process group is not baked into the graph: the module holds a
+:class:`~partc.runtime.collectives.TensorParallelGroup` as ``self.tp_group`` (rank, size,
+the DeviceMesh dimension name, a counter of collectives), bound at construction or later
+with ``module.tp_group.bind(group)``. The generated code of a GPT block at tp=2 reads::
+
+    tp_group = self.tp_group
+    ...
+    layer_norm_copy = copy_to_tp(layer_norm, tp_group)
+    linear = torch._C._nn.linear(layer_norm_copy, blocks_0_attn_qkv_weight, None)
+    chunk = linear.chunk(3, dim = -1)
+    ...
+    view = getitem.view(size_1, size_2, 2, 16)          # 4 heads -> 2 per rank
+    ...
+    linear_1 = torch._C._nn.linear(reshape, blocks_0_attn_proj_weight, None)
+    linear_1_reduced = reduce_from_tp(linear_1, tp_group)
+
+Every tensor-parallel rank receives the whole input batch; the graph's outputs are
+replicated (the sharding pass requires it), so the module returns the whole output.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from partc.errors import ErrorContext, PartcError, PlanMismatchError, UnsupportedOpError
+from partc.passes.ir import OpKind, canonical_name, error_context, op_kind
+from partc.passes.layouts import Shard, tensor_inputs
+from partc.passes.sharding import ParameterSharding, Reshard, ShardingPlan
+from partc.runtime import collectives as C
+from partc.runtime.collectives import TensorParallelGroup
+
+__all__ = ["TensorParallelModule", "TensorParallelInfo", "emit_tensor_parallel", "generated_source"]
+
+PASS_NAME = "tp_codegen"
+META_KEY = "partc_tp"
+
+
+def _register_readable_names() -> None:
+    """Let fx print the collectives by their short names (``copy_to_tp(x, tp_group)``, not
+    ``partc_runtime_collectives_copy_to_tp``), with the import that ``to_folder`` writes.
+    Private fx API; without it the code still runs, with longer names."""
+    register = getattr(torch.fx.graph, "_register_custom_builtin", None)
+    custom = getattr(torch.fx.graph, "_custom_builtins", {})
+    for name, fn in C.GENERATED_CODE_FUNCTIONS.items():
+        if register is not None and name not in custom:
+            register(name, f"from partc.runtime.collectives import {name}", fn)
+    side_effect = getattr(torch.fx.node, "has_side_effect", None)
+    if side_effect is not None:
+        side_effect(C.keep_shard_for_backward)  # returns nothing; dead-code elimination must keep it
+
+
+_register_readable_names()
+
+
+# -- results --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorParallelInfo:
+    """What a generated module is (``module.meta["partc_tp"]``), for its readable source."""
+
+    rank: int
+    tp: int
+    group_name: str
+    parameters: Mapping[str, ParameterSharding]  # by original name: layout and slice rule
+    layouts: tuple[tuple[str, str, str], ...]  # (node, owning module, strategy) of the sharded compute nodes
+    collectives: Mapping[str, Mapping[str, int]]  # the plan's collectives per step
+
+
+@dataclass(frozen=True)
+class TensorParallelModule:
+    """One tensor-parallel rank's module and how its tensors relate to the model's."""
+
+    module: fx.GraphModule  # run it; state_dict() keys are the original names
+    rank: int
+    tp: int
+    parameters: Mapping[str, ParameterSharding]  # slice rule of every parameter/buffer the module holds
+    plan: ShardingPlan
+
+    @property
+    def group(self) -> TensorParallelGroup:
+        return self.module.tp_group
+
+    @property
+    def counter(self) -> C.CollectiveCounter:
+        return self.module.tp_group.counter
+
+    def local(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of the whole tensor ``full`` of parameter ``name`` (a gradient,
+        a checkpoint entry)."""
+        return self.parameters[name].local(full, self.rank)
+
+    def source(self) -> str:
+        return generated_source(self.module)
+
+
+# -- the pass -------------------------------------------------------------------------------
+def emit_tensor_parallel(
+    gm: fx.GraphModule,
+    plan: ShardingPlan,
+    *,
+    rank: int,
+    tp: int,
+    group_name: str = "tp",
+    group: Any = None,
+    persistent_names: set[str] | None = None,
+) -> TensorParallelModule:
+    """The module tensor-parallel rank ``rank`` of ``tp`` runs (see the module docstring).
+
+    group: the process group to bind now (a ``ProcessGroup``, a ``DeviceMesh`` with a
+        dimension ``group_name``, or a ``ThreadedGroup``); None binds later
+        (``module.tp_group.bind(...)``) or, when the world is the group, on first use.
+    persistent_names: the model's state-dict keys; other buffers are registered as
+        non-persistent, as they were in the model.
+    """
+    _check(gm, plan, rank, tp)
+    emitter = _Emitter(gm, plan, rank, tp)
+    graph = emitter.build()
+    root, parameters = _tensors(gm, plan, rank, persistent_names)
+    holder = TensorParallelGroup(rank, tp, name=group_name, group=group)
+    root[emitter.holder_attr] = holder
+    module = fx.GraphModule(root, graph, class_name=f"TensorParallelRank{rank}")
+    _mark_non_persistent(module, root, persistent_names)
+    if emitter.holder_attr != "tp_group":
+        module.tp_group = holder  # the documented handle, whatever the graph calls it
+    module.meta[META_KEY] = TensorParallelInfo(
+        rank=rank,
+        tp=tp,
+        group_name=group_name,
+        parameters=MappingProxyType(parameters),
+        layouts=_layout_choices(gm, plan),
+        collectives=MappingProxyType(plan.collectives_per_step()),
+    )
+    return TensorParallelModule(module=module, rank=rank, tp=tp, parameters=MappingProxyType(parameters), plan=plan)
+
+
+def _check(gm: fx.GraphModule, plan: ShardingPlan, rank: int, tp: int) -> None:
+    if plan.tp != tp:
+        raise PlanMismatchError(f"the sharding plan is for tp={plan.tp}, not tp={tp}", ErrorContext(pass_name=PASS_NAME))
+    if not isinstance(rank, int) or not 0 <= rank < tp:
+        raise PartcError(f"rank must be in 0..{tp - 1}, got {rank!r}", ErrorContext(pass_name=PASS_NAME))
+    names = {n.name for n in gm.graph.nodes}
+    missing = [name for name in plan.strategies if name not in names]
+    if missing:
+        raise PlanMismatchError(
+            f"the sharding plan names nodes this graph does not have ({', '.join(missing[:5])})",
+            ErrorContext(pass_name=PASS_NAME, fix="emit from the graph the plan was made for"),
+        )
+
+
+class _Emitter:
+    """Copies ``gm``'s nodes into a new graph, inserting and rewriting as the plan says."""
+
+    def __init__(self, gm: fx.GraphModule, plan: ShardingPlan, rank: int, tp: int):
+        self.gm, self.plan, self.rank, self.tp = gm, plan, rank, tp
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, Any] = {}
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.holder_attr = _free_attribute(gm, "tp_group")
+        self.tp_node: fx.Node | None = None
+
+        self.reshards_of: dict[str, list[Reshard]] = {}
+        self.reshard_for: dict[tuple[str, int], Reshard] = {}  # (consumer, input index) -> record
+        for r in plan.reshards:
+            self.reshards_of.setdefault(r.producer, []).append(r)
+            for use in r.consumers:
+                self.reshard_for[(use.node, use.input_index)] = r
+        self.converted: dict[int, fx.Node] = {}  # id(record) -> the converted value
+        self.view_rewrites: dict[str, list] = {}
+        for v in plan.view_rewrites:
+            self.view_rewrites.setdefault(v.node, []).append(v)
+        self.size_rewrites = {s.node: s for s in plan.size_rewrites}
+        self.blocked_dims = self._blocked_dims()
+        self.local_sizes, self.undivided = self._cancelled_size_rewrites()
+
+    # -- analysis ----------------------------------------------------------------------------
+    def _blocked_dims(self) -> dict[tuple[str, int], int]:
+        """(value, output index) -> the dim laid out in blocks, for fused projections."""
+        dims: dict[tuple[str, int], int] = {}
+        for name, s in self.plan.strategies.items():
+            if s.blocks > 1 and isinstance(s.inputs[0], Shard):
+                ref = tensor_inputs(self.nodes[name])[0]
+                dims[(ref.node.name, ref.output_index)] = s.inputs[0].dim
+        for p in self.plan.parameters.values():
+            if p.blocks > 1 and isinstance(p.layout, Shard):
+                dims[(p.node, 0)] = p.layout.dim
+        return dims
+
+    def _cancelled_size_rewrites(self) -> tuple[set[str], set[tuple[str, tuple]]]:
+        """Size reads (times tp) whose every use is a view argument divided by tp: keep both local."""
+        divided = {(v.node, v.path): v.divisor for vs in self.view_rewrites.values() for v in vs if v.old is None}
+        local_sizes: set[str] = set()
+        undivided: set[tuple[str, tuple]] = set()
+        for name, s in self.size_rewrites.items():
+            node = self.nodes[name]
+            if canonical_name(node) not in ("size", "sym_size") or _size_dim(node) is None:
+                continue  # a whole torch.Size or a numel: scale it
+            uses = [(user.name, path) for user in node.users for path in _paths_of((user.args, user.kwargs), node)]
+            if uses and all(divided.get(use) == s.multiplier for use in uses):
+                local_sizes.add(name)
+                undivided.update(uses)
+        return local_sizes, undivided
+
+    # -- building -------------------------------------------------------------------------
+    def build(self) -> fx.Graph:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        for node in placeholders:
+            self.env[node] = self._copy(node, node.args, node.kwargs)
+        self.tp_node = self.graph.get_attr(self.holder_attr)
+        for node in placeholders:
+            self._emit_conversions(node)
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                args, kwargs = self._inputs(node)
+                self.graph.output(args[0])
+                continue
+            if node.op == "get_attr":
+                self.env[node] = self._copy(node, (), {})
+            else:
+                self._emit_compute(node)
+            self._emit_conversions(node)
+        self.graph.lint()
+        return self.graph
+
+    def _copy(self, node: fx.Node, args, kwargs, target=None) -> fx.Node:
+        new = self.graph.create_node(node.op, node.target if target is None else target, tuple(args), dict(kwargs), name=node.name)
+        new.meta = {k: v for k, v in node.meta.items() if k != "val"}  # "val" holds whole-tensor shapes
+        return new
+
+    def _inputs(self, node: fx.Node) -> tuple[tuple, dict]:
+        """The node's (args, kwargs) in the new graph, converted inputs in place."""
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.env[n])
+        refs = tensor_inputs(node)
+        by_path: dict[tuple, list] = {}
+        for i, ref in enumerate(refs):
+            r = self.reshard_for.get((node.name, i))
+            if r is not None:
+                by_path.setdefault(ref.path, []).append((ref, self.converted[id(r)]))
+        for path, found in by_path.items():
+            ref = found[0][0]
+            if len(found) == 1 and not isinstance(ref.node.meta.get("val"), (tuple, list)):
+                args, kwargs = _set_path(args, kwargs, path, found[0][1])
+                continue
+            # a tuple-valued node read whole: rebuild the tuple with its converted elements
+            tuple_node = self.env[ref.node]
+            elements = [self.graph.call_function(operator.getitem, (tuple_node, k)) for k in range(len(ref.node.meta["val"]))]
+            for r_ref, value in found:
+                elements[r_ref.output_index] = value
+            args, kwargs = _set_path(args, kwargs, path, tuple(elements))
+        return args, kwargs
+
+    def _emit_compute(self, node: fx.Node) -> None:
+        strategy = self.plan.strategies.get(node.name)
+        refs = tensor_inputs(node)
+        # getitem of one element of a tuple whose element was converted: the conversion is the value
+        if node.target is operator.getitem and len(refs) == 1 and refs[0].path == (0,) and isinstance(refs[0].node.meta.get("val"), (tuple, list)):
+            r = self.reshard_for.get((node.name, 0))
+            if r is not None:
+                self.env[node] = self.converted[id(r)]
+                return
+        args, kwargs = self._inputs(node)
+        args, kwargs = self._rewrite_views(node, args, kwargs)
+        new = self._lower(node, strategy, args, kwargs) if strategy is not None else None
+        if new is None:
+            new = self._copy(node, args, kwargs)
+        if strategy is not None and strategy.local_scale != 1.0:
+            new = self._named(operator.mul, (new, strategy.local_scale), f"{node.name}_scaled")
+        if node.name in self.size_rewrites and node.name not in self.local_sizes:
+            new = self._global_size(node, new)
+        self.env[node] = new
+        self._keep_shards(node, new, args, kwargs)
+
+    def _named(self, target, args, name: str, kwargs: dict | None = None) -> fx.Node:
+        return self.graph.create_node("call_function", target, tuple(args), kwargs or {}, name=name)
+
+    def _rewrite_views(self, node: fx.Node, args, kwargs):
+        for v in self.view_rewrites.get(node.name, ()):
+            current = _get_path(args, kwargs, v.path)
+            if v.old is not None:
+                if current != v.old:
+                    raise PlanMismatchError(
+                        f"the plan rewrites {v.old} -> {v.new} at args{list(v.path)}, but the node has {current!r} there",
+                        error_context(node, PASS_NAME, fix="emit from the graph the plan was made for"),
+                    )
+                args, kwargs = _set_path(args, kwargs, v.path, v.new)
+            elif (node.name, v.path) not in self.undivided:
+                if not isinstance(current, fx.Node):
+                    raise PlanMismatchError(f"the plan divides a traced size at args{list(v.path)}, but the node has {current!r} there", error_context(node, PASS_NAME))
+                local = self._named(operator.floordiv, (current, v.divisor), f"{current.name}_local")
+                args, kwargs = _set_path(args, kwargs, v.path, local)
+        return args, kwargs
+
+    def _global_size(self, node: fx.Node, new: fx.Node) -> fx.Node:
+        s = self.size_rewrites[node.name]
+        name = canonical_name(node)
+        if name in ("size", "sym_size") and _size_dim(node) is not None:
+            return self._named(operator.mul, (new, s.multiplier), f"{node.name}_global")
+        if name == "numel":
+            return self._named(operator.mul, (new, s.multiplier), f"{node.name}_global")
+        return self._named(C.global_size, (new, s.dim, s.multiplier), f"{node.name}_global")
+
+    def _lower(self, node: fx.Node, strategy, args, kwargs) -> fx.Node | None:
+        """Strategies whose local code is not the same operator on the shards."""
+        kind = op_kind(node)
+        if kind == OpKind.EMBEDDING and strategy.name == "vocab_parallel":
+            return self._vocab_parallel_embedding(node, args, kwargs)
+        if kind == OpKind.LOSS and strategy.name == "vocab_parallel":
+            return self._vocab_parallel_cross_entropy(node, args, kwargs)
+        if strategy.comm:
+            raise UnsupportedOpError(
+                f"no code generation for strategy {strategy} (it communicates inside the operator)",
+                error_context(node, PASS_NAME, fix="report this: the sharding rule and the codegen disagree"),
+            )
+        return None
+
+    def _vocab_parallel_embedding(self, node, args, kwargs) -> fx.Node:
+        aten = isinstance(node.target, torch._ops.OpOverload)
+        names = ("weight", "input", "padding_idx", "scale_grad_by_freq", "sparse") if aten else (
+            "input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        defaults = {"padding_idx": -1 if aten else None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False}
+        extra = {k: v for k, v in bound.items() if k not in ("input", "weight") and defaults.get(k, object()) != v}
+        if "padding_idx" in extra or "max_norm" in extra:
+            raise UnsupportedOpError("a vocabulary-parallel embedding takes no padding_idx or max_norm", error_context(node, PASS_NAME))
+        new = self._copy(node, (bound["input"], bound["weight"], self.tp_node), extra, target=C.vocab_parallel_embedding)
+        return new
+
+    def _vocab_parallel_cross_entropy(self, node, args, kwargs) -> fx.Node:
+        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        target = bound["target"]
+        target_val = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+        if target_val is not None and target_val.is_floating_point():
+            raise UnsupportedOpError(
+                "vocabulary-parallel cross entropy takes class indices, not class probabilities",
+                error_context(node, PASS_NAME, fix="pass integer targets, or plan the loss replicated"),
+            )
+        if bound.get("weight") is not None or bound.get("label_smoothing", 0.0):
+            raise UnsupportedOpError("vocabulary-parallel cross entropy takes no class weights or label smoothing", error_context(node, PASS_NAME))
+        reduction = bound.get("reduction", "mean")
+        if bound.get("size_average") is not None or bound.get("reduce") is not None:
+            reduction = torch.nn._reduction.legacy_get_string(bound.get("size_average"), bound.get("reduce"))
+        extra = {}
+        if bound.get("ignore_index", -100) != -100:
+            extra["ignore_index"] = bound["ignore_index"]
+        if reduction != "mean":
+            extra["reduction"] = reduction
+        return self._copy(node, (bound["input"], target, self.tp_node), extra, target=C.vocab_parallel_cross_entropy)
+
+    def _keep_shards(self, node: fx.Node, new: fx.Node, args, kwargs) -> None:
+        """After a consumer of a gathered value marked ``regather``: keep only the shard."""
+        for i, ref in enumerate(tensor_inputs(node)):
+            r = self.reshard_for.get((node.name, i))
+            if r is None or not r.regather:
+                continue
+            gathered = self.converted[id(r)]
+            shard = self._value(self.nodes[r.producer], r.output_index)
+            kw: dict[str, Any] = {"inputs": tuple(_flat_nodes((args, kwargs)))}
+            blocks = self._blocks(r, r.src.dim)
+            if blocks > 1:
+                kw["blocks"] = blocks
+            self._named(C.keep_shard_for_backward, (new, gathered, shard, r.src.dim, self.tp_node), f"{node.name}_keeps_shard", kw)
+
+    # -- conversions ----------------------------------------------------------------------------
+    def _value(self, producer: fx.Node, k: int) -> fx.Node:
+        value = self.env[producer]
+        if isinstance(producer.meta.get("val"), (tuple, list)):
+            return self.graph.call_function(operator.getitem, (value, k))
+        return value
+
+    def _blocks(self, r: Reshard, dim: int) -> int:
+        return r.blocks if r.blocks > 1 and self.blocked_dims.get((r.producer, r.output_index)) == dim else 1
+
+    def _emit_conversions(self, node: fx.Node) -> None:
+        for r in self.reshards_of.get(node.name, ()):
+            self.converted[id(r)] = self._conversion(r, self._value(node, r.output_index))
+
+    def _conversion(self, r: Reshard, value: fx.Node) -> fx.Node:
+        tp = self.tp_node
+        base = value.name
+        fwd, bwd = r.forward, r.backward
+
+        def call(fn, args, suffix, **kw):
+            return self._named(fn, args, f"{base}_{suffix}", {k: v for k, v in kw.items() if v != 1})
+
+        if fwd is None and bwd == "all_reduce":
+            return call(C.copy_to_tp, (value, tp), "copy")
+        if fwd == "all_reduce" and bwd in (None, "all_reduce"):
+            reduced = call(C.reduce_from_tp, (value, tp), "reduced")
+            return reduced if bwd is None else self._named(C.copy_to_tp, (reduced, tp), f"{base}_copy")
+        if fwd == "all_gather" and bwd in (None, "slice", "reduce_scatter"):
+            fn = C.gather_from_sp if bwd == "reduce_scatter" else C.gather_from_tp
+            return call(fn, (value, r.src.dim, tp), "gathered", blocks=self._blocks(r, r.src.dim))
+        if fwd == "slice" and bwd in (None, "all_gather"):
+            return call(C.scatter_to_tp, (value, r.dst.dim, tp), "scattered", blocks=self._blocks(r, r.dst.dim))
+        if fwd == "reduce_scatter" and bwd in (None, "all_gather"):
+            return call(C.reduce_scatter_to_tp, (value, r.dst.dim, tp), "reduce_scattered", blocks=self._blocks(r, r.dst.dim))
+        if fwd == "all_to_all" and bwd in (None, "all_to_all"):
+            return call(
+                C.all_to_all_tp, (value, r.src.dim, r.dst.dim, tp), "resharded",
+                src_blocks=self._blocks(r, r.src.dim), dst_blocks=self._blocks(r, r.dst.dim),
+            )
+        if fwd == "partial" and bwd is None:
+            return call(C.to_partial, (value, tp), "partial")
+        if fwd == "pad" and bwd in (None, "slice"):
+            return call(C.pad_to_partial, (value, r.src.dim, tp), "padded", blocks=self._blocks(r, r.src.dim))
+        raise UnsupportedOpError(
+            f"no collective converts {r.src} -> {r.dst} with forward {fwd} and backward {bwd} ({r})",
+            error_context(self.nodes[r.producer], PASS_NAME, fix="report this: the sharding plan and the codegen disagree"),
+        )
+
+
+# -- tensors ---------------------------------------------------------------------------------
+def _tensors(gm: fx.GraphModule, plan: ShardingPlan, rank: int, persistent_names) -> tuple[dict[str, Any], dict[str, ParameterSharding]]:
+    """This rank's slice of every tensor the graph reads, under its original name."""
+    root: dict[str, Any] = {}
+    parameters: dict[str, ParameterSharding] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or n.target in root:
+            continue
+        full = operator.attrgetter(n.target)(gm)
+        sharding = plan.parameters.get(n.target)
+        if not isinstance(full, torch.Tensor) or sharding is None:
+            root[n.target] = full
+            continue
+        with torch.no_grad():
+            local = sharding.local(full.detach(), rank).clone(memory_format=torch.contiguous_format)
+        root[n.target] = nn.Parameter(local, requires_grad=full.requires_grad) if isinstance(full, nn.Parameter) else local
+        parameters[n.target] = sharding
+    return root, parameters
+
+
+def _mark_non_persistent(module: fx.GraphModule, root: dict[str, Any], persistent_names) -> None:
+    if persistent_names is None:
+        return
+    for name, value in root.items():
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and name not in persistent_names:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            owner._non_persistent_buffers_set.add(leaf)
+
+
+def _free_attribute(gm: fx.GraphModule, wanted: str) -> str:
+    taken = {str(n.target).split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    name, k = wanted, 0
+    while name in taken or hasattr(gm, name):
+        k += 1
+        name = f"{wanted}_{k}"
+    return name
+
+
+# -- argument paths ------------------------------------------------------------------------------
+def _get_path(args: tuple, kwargs: dict, path: tuple) -> Any:
+    value: Any = args if isinstance(path[0], int) else kwargs
+    for p in path:
+        value = value[p]
+    return value
+
+
+def _set_path(args: tuple, kwargs: dict, path: tuple, new: Any) -> tuple[tuple, dict]:
+    def put(container: Any, rest: tuple) -> Any:
+        if not rest:
+            return new
+        head, tail = rest[0], rest[1:]
+        if isinstance(container, dict):
+            return {**container, head: put(container[head], tail)}
+        items = list(container)
+        items[head] = put(items[head], tail)
+        return type(container)(items) if isinstance(container, (tuple, list)) and not hasattr(container, "_fields") else tuple(items)
+
+    if isinstance(path[0], int):
+        return tuple(put(tuple(args), path)), kwargs
+    return args, put(dict(kwargs), path)
+
+
+def _paths_of(args_kwargs: tuple, target: fx.Node) -> list[tuple]:
+    """Every path in (args, kwargs) at which ``target`` appears."""
+    found: list[tuple] = []
+
+    def visit(value: Any, path: tuple) -> None:
+        if value is target:
+            found.append(path)
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                visit(v, path + (i,))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                visit(v, path + (k,))
+
+    args, kwargs = args_kwargs
+    for i, a in enumerate(args):
+        visit(a, (i,))
+    for k, a in kwargs.items():
+        visit(a, (k,))
+    return found
+
+
+def _flat_nodes(value: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, lambda n: found.append(n) or n)
+    return found
+
+
+def _size_dim(node: fx.Node) -> int | None:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+
+
+# -- readable source ---------------------------------------------------------------------------
+_REPORTED_KINDS = (OpKind.LINEAR, OpKind.MATMUL, OpKind.EMBEDDING, OpKind.ATTENTION, OpKind.LAYER_NORM, OpKind.RMS_NORM, OpKind.LOSS, OpKind.CONV)
+
+
+def _layout_choices(gm: fx.GraphModule, plan: ShardingPlan) -> tuple[tuple[str, str, str], ...]:
+    choices = []
+    for n in gm.graph.nodes:
+        s = plan.strategies.get(n.name)
+        if s is None or op_kind(n) not in _REPORTED_KINDS:
+            continue
+        info = n.meta.get("partc")
+        choices.append((n.name, getattr(info, "module", "") or "", str(s)))
+    return tuple(choices)
+
+
+def generated_source(module: fx.GraphModule | TensorParallelModule) -> str:
+    """The module's Python source, headed by a comment naming the rank and the layouts."""
+    if isinstance(module, TensorParallelModule):
+        module = module.module
+    info: TensorParallelInfo | None = module.meta.get(META_KEY)
+    if info is None:
+        return module.code
+    lines = [
+        f"# partc tensor-parallel code: rank {info.rank} of {info.tp} (mesh dimension {info.group_name!r})",
+        "# every rank reads the whole input batch; outputs are whole (replicated)",
+        f"# collectives per training step: forward {dict(info.collectives['forward'])}, backward {dict(info.collectives['backward'])}",
+        "#",
+        "# parameters (original names; this rank's slice):",
+    ]
+    width = max((len(name) for name in info.parameters), default=0)
+    for name, p in info.parameters.items():
+        layout = str(p.layout) + (f" in {p.blocks} blocks" if p.blocks > 1 else "")
+        shape = f"{list(p.global_shape)} -> {list(p.local_shape)}" if p.local_shape != p.global_shape else f"{list(p.global_shape)}"
+        lines.append(f"#   {name:<{width}}  {layout:<17} {shape}")
+    lines.append("#")
+    lines.append("# layouts of the compute nodes (strategy(inputs -> outputs)):")
+    width = max((len(f"{n} ({m})") for n, m, _ in info.layouts), default=0)
+    for node, owner, strategy in info.layouts:
+        lines.append(f"#   {f'{node} ({owner})':<{width}}  {strategy}")
+    return "\n".join(lines) + "\n" + module.code
