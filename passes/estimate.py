@@ -95,11 +95,7 @@ def estimate_data_parallel(
     per_param = training_memory(1, param_dtype, 0.0, optimizer=optimizer, mixed_precision=mixed, training=training)
 
     def node_time(info: NodeInfo, flops: float, bytes_moved: float) -> float:
-        if flops == 0 and bytes_moved == 0:
-            return 0.0
-        floating = info.dtype is not None and info.dtype.is_floating_point
-        dtype = compute_dtype if (mixed and floating) else (info.dtype or torch.float32)
-        return cost_model.compute_time(flops / dp, bytes_moved / dp, dtype, device)
+        return roofline_time(cost_model, info, flops / dp, bytes_moved / dp, compute_dtype, device)
 
     layers = []
     for layer in graph_info(gm).layers:
@@ -154,6 +150,16 @@ def estimate_data_parallel(
         memory=memory,
         compute_dtype=str(param_dtype).removeprefix("torch."),
     )
+
+
+def roofline_time(cost_model: CostModel, info: NodeInfo, flops: float, bytes_moved: float, compute_dtype: torch.dtype | None, device) -> float:
+    """One node's kernel time on ``device``; floating-point work runs in ``compute_dtype``
+    when mixed precision is on, everything else in the node's own dtype."""
+    if flops == 0 and bytes_moved == 0:
+        return 0.0
+    floating = info.dtype is not None and info.dtype.is_floating_point
+    dtype = compute_dtype if (compute_dtype is not None and floating) else (info.dtype or torch.float32)
+    return cost_model.compute_time(flops, bytes_moved, dtype, device)
 
 
 def batch_size(gm: fx.GraphModule) -> int:

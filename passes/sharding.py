@@ -125,6 +125,7 @@ import torch.fx as fx
 
 from partc.cost_model import ADAMW_BYTES_PER_PARAM, CostModel, MemoryBreakdown, training_memory
 from partc.errors import ErrorContext, InfeasiblePlanError, PartcError, SolverError
+from partc.passes.ilp import solver_status
 from partc.passes.ir import META_KEY, OpKind, canonical_name, graph_info, node_info
 from partc.passes.layouts import (
     COLLECTIVES,
@@ -326,24 +327,6 @@ class ShardingPlan:
         if self.unsupported:
             lines.append(f"  {len(self.unsupported)} operator(s) without a sharding rule, replicated: {', '.join(self.unsupported[:10])}")
         return "\n".join(lines)
-
-
-# -- solver status --------------------------------------------------------------------------
-def solver_status(status: int, sol_status: int) -> str:
-    """PuLP's (status, sol_status) as one honest word: "optimal", "feasible" (stopped at the
-    time limit with a solution; PuLP's ``status`` then says Optimal), "infeasible",
-    "unbounded", "no_solution" (stopped before finding one) or "error"."""
-    if sol_status == pulp.LpSolutionOptimal and status == pulp.LpStatusOptimal:
-        return "optimal"
-    if sol_status == pulp.LpSolutionIntegerFeasible:
-        return "feasible"
-    if status == pulp.LpStatusInfeasible or sol_status == pulp.LpSolutionInfeasible:
-        return "infeasible"
-    if status == pulp.LpStatusUnbounded or sol_status == pulp.LpSolutionUnbounded:
-        return "unbounded"
-    if status == pulp.LpStatusNotSolved or sol_status == pulp.LpSolutionNoSolutionFound:
-        return "no_solution"
-    return "error"
 
 
 # -- the pass -------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ import torch.fx as fx
 from partc.cluster import GiB
 from partc.cost_model import CostModel, training_memory
 from partc.errors import ErrorContext, InfeasiblePlanError, PartcError, SolverError
-from partc.passes.estimate import _parameter_dtype, batch_size
+from partc.passes.estimate import _parameter_dtype, batch_size, roofline_time
+from partc.passes.ilp import INSTALL_CBC, require_cbc, solver_status
 from partc.passes.ir import OpKind, graph_info, node_info
 from partc.passes.split_stages import recomputable_nodes
 
@@ -382,7 +383,7 @@ def _solve_ilp(problem: StageProblem, *, use_incumbent: bool = True, use_windows
     tests and the benchmark solve the full model too."""
     start = time.perf_counter()
     _check_stage_count(problem)
-    _check_solver()
+    require_cbc(_PASS)
     costs = _ChainCosts(problem)
     if costs.has_budget and problem.virtual_stages == 1:
         _check_memory_feasible(problem, costs)  # exact, and far quicker than CBC proving infeasibility
@@ -401,7 +402,9 @@ def _solve_ilp(problem: StageProblem, *, use_incumbent: bool = True, use_windows
         if not costs.has_budget:
             raise SolverError("CBC reports the stage partition infeasible without a memory budget", ErrorContext(pass_name=_PASS, fix="please report this with the model"))
         _raise_memory_infeasible(problem, costs, _min_max_memory(problem, costs))
-    if status == "not_solved":
+    if status == "unbounded":
+        raise SolverError("CBC reports the stage partition unbounded", ErrorContext(pass_name=_PASS, fix="please report this with the model"))
+    if status in ("no_solution", "error"):
         if incumbent is None:
             raise SolverError(
                 f"CBC found no stage partition within the time limit of {problem.time_limit:g} s",
@@ -555,8 +558,8 @@ class _StageILP:
         try:
             self.model.solve(solver)
         except pulp.PulpSolverError as e:
-            raise SolverError(f"CBC failed on the stage partition: {e}", ErrorContext(pass_name=_PASS, fix=_INSTALL_CBC)) from e
-        status = _solver_status(self.model.status, self.model.sol_status)
+            raise SolverError(f"CBC failed on the stage partition: {e}", ErrorContext(pass_name=_PASS, fix=INSTALL_CBC)) from e
+        status = solver_status(self.model.status, self.model.sol_status)
         if status not in ("optimal", "feasible"):
             return status, ()
         return status, self.starts()
@@ -570,31 +573,6 @@ class _StageILP:
         if any(a >= b for a, b in zip(starts, starts[1:])) or starts[-1] >= L:
             raise SolverError(f"CBC returned an invalid stage partition {starts}", ErrorContext(pass_name=_PASS, fix="please report this with the model"))
         return tuple(starts)
-
-
-_INSTALL_CBC = "`pip install pulp` ships the CBC binary; check that pulp.PULP_CBC_CMD().available() is true"
-
-
-def _check_solver() -> None:
-    if not pulp.PULP_CBC_CMD().available():
-        raise SolverError(
-            f"the CBC solver is not available (PuLP looked for it at {pulp.PULP_CBC_CMD().path!r})",
-            ErrorContext(pass_name=_PASS, fix=_INSTALL_CBC),
-        )
-
-
-def _solver_status(status: int, sol_status: int) -> str:
-    """The true outcome of a CBC run: PuLP sets ``status`` Optimal for a time-limited
-    incumbent too, so the solution status decides."""
-    if sol_status == pulp.LpSolutionOptimal:
-        return "optimal"
-    if sol_status == pulp.LpSolutionIntegerFeasible:
-        return "feasible"
-    if status == pulp.LpStatusInfeasible or sol_status == pulp.LpSolutionInfeasible:
-        return "infeasible"
-    if status == pulp.LpStatusUnbounded or sol_status == pulp.LpSolutionUnbounded:
-        raise SolverError("CBC reports the stage partition unbounded", ErrorContext(pass_name=_PASS, fix="please report this with the model"))
-    return "not_solved"
 
 
 # -- incumbent and windows --------------------------------------------------------------------------
@@ -984,11 +962,7 @@ def stage_problem_from_graph(
     reference = cluster.device(stage_rank[0])
 
     def node_time(i, flops: float, moved: float) -> float:
-        if flops == 0 and moved == 0:
-            return 0.0
-        floating = i.dtype is not None and i.dtype.is_floating_point
-        dtype = compute_dtype if (mixed and floating) else (i.dtype or torch.float32)
-        return cost_model.compute_time(flops / split, moved / split, dtype, reference)
+        return roofline_time(cost_model, i, flops / split, moved / split, compute_dtype, reference)
 
     def held_bytes(numel: int, nbytes: int) -> float:
         return numel * per_param + max(nbytes - numel * weight_dtype.itemsize, 0)

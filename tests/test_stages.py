@@ -32,7 +32,6 @@ from partc.passes.stages import (
     _ChainCosts,
     _min_max_memory,
     _solve_ilp,
-    _solver_status,
     equal_layer_split,
     evaluate_partition,
     exact_chain_partition,
@@ -311,16 +310,6 @@ def test_inflight_microbatches_follow_torch_schedules():
 
 
 # -- solver status and availability -------------------------------------------------------------------------
-def test_status_is_read_from_the_solution_status():
-    # PuLP reports status Optimal for a time-limited incumbent; sol_status tells them apart.
-    assert _solver_status(pulp.LpStatusOptimal, pulp.LpSolutionOptimal) == "optimal"
-    assert _solver_status(pulp.LpStatusOptimal, pulp.LpSolutionIntegerFeasible) == "feasible"
-    assert _solver_status(pulp.LpStatusInfeasible, pulp.LpSolutionInfeasible) == "infeasible"
-    assert _solver_status(pulp.LpStatusNotSolved, pulp.LpSolutionNoSolutionFound) == "not_solved"
-    with pytest.raises(SolverError):
-        _solver_status(pulp.LpStatusUnbounded, pulp.LpSolutionUnbounded)
-
-
 def test_tiny_time_limit_reports_an_honest_status():
     problem = with_variant(random_layers(5, 60), 16, "gpipe", "all", microbatches=2, seed=5)
     problem = StageProblem(**{**problem.__dict__, "time_limit": 0.01})
