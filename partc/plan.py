@@ -67,9 +67,11 @@ class Plan:
     solver_status: str | None = None  # the stage solver's honest status (optimal / feasible / heuristic)
     bubble_fraction: float = 0.0  # pipeline idle time over busy time, imbalance included
     equal_split_step_time: float | None = None  # predicted step of the equal-layer split, for comparison
+    tensor_parallel: dict[str, Any] | None = None  # layouts, parameter slices, collectives per step (tp plans)
     unsupported_ops: tuple[str, ...] = ()  # nodes no pass has a rule for
     pass_times: dict[str, float] = field(default_factory=dict)  # seconds per pass
     graph: fx.GraphModule | None = field(default=None, compare=False, repr=False)  # not saved in JSON
+    sharding: Any = field(default=None, compare=False, repr=False)  # the ShardingPlan (tp plans); not saved in JSON
 
     @property
     def fits(self) -> bool:
@@ -104,6 +106,8 @@ class Plan:
             )
         header = ["layer", "module", "GFLOP fwd", "params", "act MiB", "fwd+bwd ms", "mem MiB"]
         per_layer = "per layer, per device" if not expand else "per device"
+        if self.tensor_parallel:
+            per_layer = "per layer, before tensor-parallel sharding"
         fit = "fits" if self.fits else f"DOES NOT FIT (over by {(self.memory.total - self.memory_limit) / GiB:.2f} GiB)"
         m = self.memory
         lines = [
@@ -115,21 +119,36 @@ class Plan:
             _table(header, rows),
             "",
             f"Predicted step time  {self.predicted_step_time * 1e3:,.2f} ms  ("
-            + (
-                f"pipeline {self.compute_time * 1e3:,.2f} with transfers and fill/drain"
-                if len(self.stages) > 1
-                else f"compute {self.compute_time * 1e3:,.2f} + exposed communication {self.exposed_communication_time * 1e3:,.2f}"
-            )
-            + f" + optimizer {self.optimizer_time * 1e3:,.2f})",
+            + self._step_parts()
+            + ")",
             f"Peak memory / device {m.total / GiB:,.2f} GiB of {self.memory_limit / GiB:,.2f} GiB: {fit}",
             f"  parameters {m.parameters / GiB:,.2f}, gradients {m.gradients / GiB:,.2f}, optimizer {m.optimizer_state / GiB:,.2f},"
             f" activations {m.activations / GiB:,.2f}, transient {m.transient / GiB:,.2f} GiB",
         ]
         if len(self.stages) > 1:
             lines += ["", *self._stage_lines()]
+        if self.tensor_parallel:
+            tp = self.tensor_parallel
+            sharded = sum(1 for layout in tp["parameters"].values() if layout != "R")
+            lines += [
+                "",
+                f"Tensor parallel over {tp['tp']} devices (sharding solver: {tp['status']}, {tp['solve_seconds']:.2f} s):"
+                f" {sharded} of {len(tp['parameters'])} parameters sharded",
+                f"  collectives per step: forward {tp['collectives_per_step']['forward']}, backward {tp['collectives_per_step']['backward']}",
+            ]
         if self.unsupported_ops:
             lines.append(f"Operators with no rule ({len(self.unsupported_ops)}, replicated): {', '.join(self.unsupported_ops[:10])}")
         return "\n".join(lines)
+
+    def _step_parts(self) -> str:
+        if len(self.stages) > 1:
+            return f"pipeline {self.compute_time * 1e3:,.2f} with transfers and fill/drain + optimizer {self.optimizer_time * 1e3:,.2f}"
+        if self.tensor_parallel:
+            return f"compute with the optimizer update {self.compute_time * 1e3:,.2f} + communication {self.exposed_communication_time * 1e3:,.2f}"
+        return (
+            f"compute {self.compute_time * 1e3:,.2f} + exposed communication {self.exposed_communication_time * 1e3:,.2f}"
+            f" + optimizer {self.optimizer_time * 1e3:,.2f}"
+        )
 
     def _stage_lines(self) -> list[str]:
         def stats(stages: tuple[StagePlan, ...]) -> tuple[float, float]:
@@ -193,6 +212,7 @@ class Plan:
             "solver_status": self.solver_status,
             "bubble_fraction": self.bubble_fraction,
             "equal_split_step_time": self.equal_split_step_time,
+            "tensor_parallel": self.tensor_parallel,
             "unsupported_ops": list(self.unsupported_ops),
             "pass_times": dict(self.pass_times),
         }
@@ -240,6 +260,7 @@ class Plan:
                 solver_status=data["solver_status"],
                 bubble_fraction=data["bubble_fraction"],
                 equal_split_step_time=data["equal_split_step_time"],
+                tensor_parallel=data["tensor_parallel"],
                 unsupported_ops=tuple(data["unsupported_ops"]),
                 pass_times=dict(data["pass_times"]),
             )

@@ -7,8 +7,9 @@ passes that ran before it::
     capture -> propagate -> annotate -> estimate -> stages (pipeline plans)
 
 This version plans one kind of parallelism at a time over the whole cluster: data
-parallel (the default, ``{"dp": world}``) or a pipeline (``mesh={"pp": world}``). The
-search over DP x TP x PP combinations comes with the search pass.
+parallel (the default, ``{"dp": world}``), a pipeline (``mesh={"pp": world}``) or tensor
+parallel inside a node (``mesh={"tp": world}``). The search over DP x TP x PP
+combinations comes with the search pass.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from partc.passes.capture import attach_loss, capture
 from partc.passes.estimate import Estimate, batch_size, estimate_data_parallel
 from partc.passes.ir import OpKind, graph_info, node_info
 from partc.passes.propagate import propagate
+from partc.passes.sharding import ShardingPlan, plan_sharding
 from partc.passes.stages import (
     SCHEDULES,
     StagePartition,
@@ -81,7 +83,7 @@ def plan(
     loss_fn, example_targets: with both, loss_fn(output, targets) is traced into the graph
         and planned like the model's own operators (the logits' softmax often weighs as
         much as a block).
-    mesh: {"dp": world} (default) or {"pp": world}; other combinations are refused for now.
+    mesh: {"dp": world} (default), {"pp": world} or {"tp": world}; combinations are refused for now.
     microbatches, schedule, virtual_stages: pipeline options ("gpipe", "1f1b",
         "interleaved", "zero_bubble"; interleaved schedules default to 2 stages per rank,
         microbatches to the largest divisor of the batch up to 4 per pipeline rank).
@@ -93,7 +95,7 @@ def plan(
         raise PartcError(f"cluster must be a partc.Cluster, got {type(cluster).__name__}", ErrorContext(fix='use partc.Cluster.preset("h100") or partc.Cluster.from_json(path)'))
     inputs = _as_tuple(example_inputs)
     compute_dtype = _dtype(mixed_precision)
-    dp, pp = _degrees(cluster, mesh)
+    dp, tp, pp = _degrees(cluster, mesh)
     if loss_fn is not None and example_targets is None:
         warnings.warn("partc.plan: loss_fn is not priced without example_targets; the model's forward is planned on its own", stacklevel=2)
     with_loss = loss_fn is not None and example_targets is not None
@@ -130,7 +132,7 @@ def plan(
         model=type(model).__name__,
         frontend=info.frontend,
         fallback_reason=info.fallback_reason,
-        mesh={"pp": pp, "dp": dp, "tp": 1},
+        mesh={"pp": pp, "dp": dp, "tp": tp},
         batch_size=batch_size(gm),
         compute_dtype=estimate.compute_dtype,
         cluster=cluster,
@@ -141,6 +143,24 @@ def plan(
         pass_times=times,
         graph=gm,
     )
+    if tp > 1:
+        sharding = run(
+            "sharding",
+            lambda: plan_sharding(gm, cost_model, tp=tp, memory_limit=limit, compute_dtype=compute_dtype, optimizer=optimizer, training=training),
+            ["capture", "propagate", "annotate", "estimate"],
+        )
+        return Plan(
+            **{**common, "unsupported_ops": sharding.unsupported},
+            predicted_step_time=sharding.step_time,
+            compute_time=sharding.compute_time,  # forward, backward and the optimizer update
+            exposed_communication_time=sharding.communication_time,
+            optimizer_time=0.0,
+            memory=sharding.memory,
+            stages=(_single_stage(estimate),),
+            tensor_parallel=_tensor_parallel_summary(sharding),
+            solver_status=sharding.status,
+            sharding=sharding,
+        )
     if pp == 1:
         return Plan(
             **common,
@@ -193,6 +213,18 @@ def plan(
 def _capture(model: nn.Module, inputs: tuple, loss_fn: Callable | None, frontend: str):
     gm = capture(model, inputs, frontend=frontend)
     return attach_loss(gm, loss_fn) if loss_fn is not None else gm
+
+
+def _tensor_parallel_summary(sharding: ShardingPlan) -> dict[str, Any]:
+    """The JSON-safe part of a sharding plan: layouts, parameter slices, collectives."""
+    return {
+        "tp": sharding.tp,
+        "status": sharding.status,
+        "parameters": {name: str(p.layout) for name, p in sorted(sharding.parameters.items())},
+        "layouts": {name: f"{s.name}: {' '.join(map(str, s.inputs))} -> {' '.join(map(str, s.outputs))}" for name, s in sharding.strategies.items()},
+        "collectives_per_step": sharding.collectives_per_step(),
+        "solve_seconds": sharding.solve_seconds,
+    }
 
 
 def _single_stage(estimate: Estimate) -> StagePlan:
@@ -282,22 +314,23 @@ def _dtype(mixed_precision: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[mixed_precision]
 
 
-def _degrees(cluster: Cluster, mesh: dict[str, int] | None) -> tuple[int, int]:
-    """(dp, pp) from the pinned mesh; one kind of parallelism over the whole cluster."""
+def _degrees(cluster: Cluster, mesh: dict[str, int] | None) -> tuple[int, int, int]:
+    """(dp, tp, pp) from the pinned mesh: one kind of parallelism over the whole cluster."""
     pinned = dict(mesh or {})
     unknown = set(pinned) - {"dp", "tp", "pp"}
     if unknown:
         raise PartcError(f"unknown mesh dimension(s) {sorted(unknown)}", ErrorContext(fix='name mesh dimensions "dp", "tp" and "pp"'))
     world = cluster.world_size
-    if pinned.get("tp", 1) != 1:
-        raise PartcError(f"mesh {pinned} asks for tensor parallelism, which this partc version does not plan yet", ErrorContext(fix='pin "dp" or "pp"'))
-    pp = pinned.get("pp", 1)
-    dp = pinned.get("dp", world // pp if world % pp == 0 else 0)
-    if pp > 1 and dp != 1:
+    tp, pp = pinned.get("tp", 1), pinned.get("pp", 1)
+    dp = pinned.get("dp", world // (tp * pp) if world % (tp * pp) == 0 else 0)
+    kinds = [name for name, degree in (("dp", dp), ("tp", tp), ("pp", pp)) if degree > 1]
+    if len(kinds) > 1:
         raise PartcError(
-            f"mesh {pinned} on {world} devices combines pipeline and data parallelism, which this partc version does not plan yet",
-            ErrorContext(fix=f'use {{"pp": {world}}} or {{"dp": {world}}}'),
+            f"mesh {pinned} on {world} devices combines {' and '.join(kinds)}, which this partc version does not plan yet",
+            ErrorContext(fix=f'use one of {{"dp": {world}}}, {{"tp": {world}}}, {{"pp": {world}}}'),
         )
-    if dp * pp != world:
-        raise PartcError(f"mesh {pinned} does not use the cluster's {world} devices", ErrorContext(fix=f'use {{"dp": {world}}} or {{"pp": {world}}}'))
-    return dp, pp
+    if dp * tp * pp != world:
+        raise PartcError(f"mesh {pinned} does not use the cluster's {world} devices", ErrorContext(fix=f'use {{"dp": {world}}}, {{"tp": {world}}} or {{"pp": {world}}}'))
+    if tp > 1 and cluster.spans_nodes(range(tp)):
+        raise PartcError(f"tensor parallelism over {tp} devices would cross nodes", ErrorContext(fix="keep tp within one node's devices"))
+    return dp, tp, pp

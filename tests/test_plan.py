@@ -118,7 +118,7 @@ def test_mixed_precision_prices_bf16_and_master_weights():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"mesh": {"tp": 2}}, partc.PartcError, "asks for tensor parallelism, which this partc version does not plan yet"),
+        ({"mesh": {"tp": 2, "pp": 2}}, partc.PartcError, "combines tp and pp, which this partc version does not plan yet"),
         ({"mesh": {"pp": 2, "dp": 1}, "microbatches": 3}, partc.PartcError, "does not split into 3 microbatches"),
         ({"mesh": {"pp": 2}, "schedule": "gpipe", "virtual_stages": 2}, partc.PartcError, "gpipe and 1f1b run 1 stage per rank"),
         ({"mesh": {"pp": 2}, "schedule": "chaotic"}, partc.PartcError, "unknown schedule 'chaotic'"),
@@ -135,6 +135,23 @@ def test_bad_options(kwargs, error, message):
 def test_batch_not_divisible_by_replicas():
     with pytest.raises(partc.InfeasiblePlanError, match="global batch of 3 does not split over 2"):
         partc.plan(nn.Linear(4, 4), Cluster.preset("cpu", devices_per_node=2), torch.randn(3, 4))
+
+
+def test_tensor_parallel_plan_reports_layouts_and_stays_inside_a_node(tmp_path):
+    from partc.models import GPT, GPTConfig
+
+    with torch.device("meta"):  # wide enough that sharding beats replication on H100 links
+        model = GPT(GPTConfig(vocab_size=50304, block_size=1024, n_layer=2, n_head=32, d_model=4096, bias=False))
+    tokens = torch.zeros(1, 1024, dtype=torch.long)
+    plan = partc.plan(model, Cluster.preset("h100", devices_per_node=4), tokens, mesh={"tp": 4}, mixed_precision="bf16")
+    assert plan.mesh == {"pp": 1, "dp": 1, "tp": 4} and plan.sharding is not None
+    layouts = plan.tensor_parallel["parameters"]
+    assert layouts["blocks.0.attn.qkv.weight"] == "S(0)" and layouts["blocks.0.attn.proj.weight"] == "S(1)"  # Megatron
+    assert plan.predicted_step_time == pytest.approx(plan.sharding.compute_time + plan.sharding.communication_time)
+    assert "Tensor parallel over 4 devices" in plan.summary()
+    assert partc.Plan.from_json(plan.to_json()) == plan
+    with pytest.raises(partc.PartcError, match="would cross nodes"):
+        partc.plan(model, Cluster.preset("h100", nodes=2, devices_per_node=2), tokens, mesh={"tp": 4})
 
 
 def test_cluster_must_be_a_cluster():
