@@ -1,0 +1,27 @@
+"""The example scripts run as documented (in one process; the torchrun paths are the parity tests')."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_gpt_runs_a_pipeline_plan_in_one_process():
+    out = _run(str(EXAMPLES / "train_gpt.py"), "--mesh", "pp=2", "--steps", "3", "--layers", "2")
+    steps = re.findall(r"^step +(\d+)  loss (\d+\.\d+)", out, flags=re.M)
+    assert [s for s, _ in steps] == ["0", "1", "2"]
+    assert "Pipeline: 2 stages on 2 ranks" in out
+
+
+def test_plan_gpt_plans_a_meta_model_and_says_it_does_not_fit():
+    out = _run(str(EXAMPLES / "plan_gpt.py"), "--layers", "4", "--nodes", "1")
+    assert "blocks.0 .. blocks.3 (x4)" in out and "Predicted step time" in out
+    assert "DOES NOT FIT" in out  # 7.9B parameters with AdamW state on one 80 GB GPU each
