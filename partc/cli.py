@@ -3,6 +3,7 @@
     partc plan                                   plan the built-in GPT-2 (124M) on 8 H100s
     partc plan llama-7b --cluster h100:2x8       a built-in model on a preset cluster
     partc plan mypkg.models:make --cluster cluster.json --json plan.json --dot graph.dot
+    partc plan gpt2 --cluster h100x2 --mesh pp=2 --report plan.html
     partc graph gpt-tiny                         print the annotated graph
     partc models                                 list the built-in models
     torchrun --nproc-per-node 8 -m partc.calibrate --out cluster.json   (or: partc calibrate)
@@ -50,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--cluster", default=DEFAULT_CLUSTER, help="preset (h100, h100x8, h200:2x8, a100, cpu) or a JSON file from `partc calibrate` (default: %(default)s)")
     plan.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="matmul dtype; bf16/fp16 keep fp32 master weights (default: %(default)s)")
     plan.add_argument("--memory-limit-gib", type=float, help="bytes per device the plan must fit in (default: the device memory)")
+    plan.add_argument("--mesh", metavar="DIM=N", help='pin the parallelism, e.g. "pp=2", "tp=4" or "dp=8" (default: data parallel)')
     plan.add_argument("--json", metavar="PATH", help="write the plan as JSON")
+    plan.add_argument("--report", metavar="PATH", help="write a self-contained HTML report of the plan")
     plan.add_argument("--dot", metavar="PATH", help="write the annotated graph as Graphviz DOT")
     plan.add_argument("--expand", action="store_true", help="list every layer instead of folding identical blocks")
     plan.set_defaults(run=_run_plan)
@@ -92,6 +95,16 @@ def _load_model(args: argparse.Namespace):
     return result
 
 
+def _parse_mesh(text: str) -> dict[str, int]:
+    mesh = {}
+    for part in text.split(","):
+        name, _, degree = part.partition("=")
+        if not degree.strip().isdigit():
+            raise PartcError(f"cannot read mesh {text!r}; write DIM=N[,DIM=N], e.g. pp=2 or tp=4")
+        mesh[name.strip()] = int(degree)
+    return mesh
+
+
 def _progress(line: str) -> None:
     print(f"  [partc] {line}", file=sys.stderr, flush=True)
 
@@ -103,11 +116,17 @@ def _run_plan(args: argparse.Namespace) -> int:
     model, inputs = _load_model(args)
     limit = args.memory_limit_gib * 2**30 if args.memory_limit_gib else None
     mixed = None if args.dtype == "fp32" else args.dtype
-    result = partc.plan(model, cluster, inputs, mixed_precision=mixed, memory_limit=limit, frontend=args.frontend, progress=_progress)
+    mesh = _parse_mesh(args.mesh) if args.mesh else None
+    result = partc.plan(model, cluster, inputs, mesh=mesh, mixed_precision=mixed, memory_limit=limit, frontend=args.frontend, progress=_progress)
     print(result.summary(expand=args.expand))
     if args.json:
         result.to_json(args.json)
         print(f"plan written to {args.json}")
+    if args.report:
+        from partc.report import write_report
+
+        write_report(result, args.report)
+        print(f"report written to {args.report}")
     if args.dot:
         with open(args.dot, "w") as f:
             f.write(result.to_dot())
