@@ -7,7 +7,9 @@ this rank's part of the plan:
 * a pipeline plan (``pp > 1``): the stages this rank owns, on
   ``torch.distributed.pipelining`` (:mod:`partc.runtime.pipeline`);
 * a data-parallel plan: the user's model under ``DistributedDataParallel``, each rank on
-  its slice of the global batch (:mod:`partc.runtime.data_parallel`).
+  its slice of the global batch (:mod:`partc.runtime.data_parallel`);
+* a tensor-parallel plan: this rank's generated module, sliced parameters and explicit
+  collectives (:mod:`partc.passes.tp_codegen`, :mod:`partc.runtime.tensor_parallel`).
 
 Outside torchrun it returns a module that runs the plan's stages one after another in
 this process. Every rank plans on its own; the plan is deterministic (same graph, same
@@ -28,8 +30,10 @@ from partc.errors import ErrorContext, PartcError, PlanMismatchError
 from partc.plan import Plan
 from partc.planner import plan as make_plan
 from partc.passes.split_stages import split_stages
+from partc.passes.tp_codegen import emit_tensor_parallel
 from partc.runtime.data_parallel import DataParallelRunner
 from partc.runtime.pipeline import LocalPipelineRunner, PipelineRunner
+from partc.runtime.tensor_parallel import TensorParallelRunner
 
 
 class ParallelModule:
@@ -44,14 +48,23 @@ class ParallelModule:
         self.plan = plan
         self._runner = runner
         self._modules = list(modules)  # what this rank runs; their tensors keep the original names
-        self._owned: dict[str, torch.Tensor] = {}  # this rank's parameters and buffers by original name
-        for module in self._modules:
-            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-                self._owned.setdefault(name, tensor)
-        self._aliases: dict[int, list[str]] = {}  # id(tensor) -> every state-dict name the model gives it
+        aliases: dict[int, list[str]] = {}  # id(tensor) -> every state-dict name the model gives it
         for name, tensor in model.state_dict(keep_vars=True).items():
-            self._aliases.setdefault(id(tensor), []).append(name)
-        self._persistent = {name for names in self._aliases.values() for name in names}
+            aliases.setdefault(id(tensor), []).append(name)
+        # This rank's persistent tensors by original name; a tensor the model knows under two
+        # names (a tied embedding and LM head) that a stage holds under one gets both.
+        self._state: dict[str, torch.Tensor] = {}
+        for module in self._modules:
+            for name, tensor in module.state_dict(keep_vars=True).items():
+                for alias in aliases.get(id(tensor), [name]):
+                    self._state.setdefault(alias, tensor)
+        self._parameters: dict[str, nn.Parameter] = {}
+        seen: set[int] = set()
+        for module in self._modules:
+            for name, p in module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    self._parameters[name] = p
 
     def step(self, inputs: Any, targets: Any) -> torch.Tensor:
         inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
@@ -72,22 +85,18 @@ class ParallelModule:
         return forward(*inputs)
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, tensor in self._owned.items():
-            if isinstance(tensor, nn.Parameter):
-                yield name, tensor
+        """This rank's parameters (each once) under their original names."""
+        yield from self._parameters.items()
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for _, p in self.named_parameters():
             yield p
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's tensors under the original names (tied tensors under each of their names)."""
-        state: dict[str, torch.Tensor] = {}
-        for name, tensor in self._owned.items():
-            if name in self._persistent:
-                for alias in self._aliases.get(id(tensor), [name]):
-                    state[alias] = tensor.detach()
-        return state
+        """This rank's tensors under the original names (tied tensors under each of their names).
+        With tensor parallelism these are this rank's slices (``plan.tensor_parallel`` names
+        each parameter's layout)."""
+        return {name: tensor.detach() for name, tensor in self._state.items()}
 
     def train(self, mode: bool = True) -> "ParallelModule":
         for module in self._modules:
@@ -127,8 +136,6 @@ def compile(
     result = make_plan(model, cluster, example_inputs, loss_fn=loss_fn if with_loss else None, example_targets=example_targets, **plan_options)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     pp, dp, tp = result.mesh.get("pp", 1), result.mesh.get("dp", 1), result.mesh.get("tp", 1)
-    if tp != 1 or (pp > 1 and dp > 1):
-        raise PartcError(f"compile() runs pipeline-only or data-parallel-only plans in this version; the plan is {result.mesh}")
 
     persistent = set(model.state_dict().keys())
     if distributed:
@@ -140,7 +147,13 @@ def compile(
             )
         _check_same_plan_everywhere(result)
 
-    if pp > 1 or not distributed:
+    if tp > 1 and distributed:
+        parallel = emit_tensor_parallel(
+            result.graph, result.sharding, rank=dist.get_rank(), tp=tp, group=dist.group.WORLD, state_dict=model.state_dict(keep_vars=True)
+        )
+        runner = TensorParallelRunner(parallel.module, loss_fn=None if with_loss else loss_fn, device=device)
+        modules = [parallel.module]
+    elif pp > 1 or not distributed:
         graph_inputs = (*inputs, example_targets) if with_loss else inputs
         microbatch = _microbatch_inputs(graph_inputs, dp * result.microbatches)
         stages = split_stages(result.graph, result.stage_of_layer(), microbatch, persistent_names=persistent)

@@ -28,7 +28,7 @@ What changes, node by node
 
       A record with ``regather`` also puts ``keep_shard_for_backward`` after each
       consumer: the consumer's saved copy of the gathered input is dropped and gathered
-      again in backward. A value laid out in blocks (GPT's fused qkv) passes ``blocks=``.
+      again in backward (Megatron's sequence parallelism). A value laid out in blocks (GPT's fused qkv) passes ``blocks=``.
     * ``vocab_parallel`` embedding becomes ``vocab_parallel_embedding`` (masked lookup,
       giving P); ``vocab_parallel`` cross entropy becomes ``vocab_parallel_cross_entropy``
       (Megatron's two all-reduces, local backward). A strategy's ``local_scale`` multiplies
@@ -80,6 +80,9 @@ __all__ = ["TensorParallelModule", "TensorParallelInfo", "emit_tensor_parallel",
 
 PASS_NAME = "tp_codegen"
 META_KEY = "partc_tp"
+# What an inserted node inherits from the node it serves: the NodeInfo (module, layer; its
+# shapes are whole-tensor ones, like every copied node's) and where it came from.
+_LOCATION_META = ("partc", "nn_module_stack", "stack_trace", "source_fn_stack")
 
 
 def _register_readable_names() -> None:
@@ -148,33 +151,41 @@ def emit_tensor_parallel(
     tp: int,
     group_name: str = "tp",
     group: Any = None,
-    persistent_names: set[str] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> TensorParallelModule:
     """The module tensor-parallel rank ``rank`` of ``tp`` runs (see the module docstring).
 
     group: the process group to bind now (a ``ProcessGroup``, a ``DeviceMesh`` with a
         dimension ``group_name``, or a ``ThreadedGroup``); None binds later
         (``module.tp_group.bind(...)``) or, when the world is the group, on first use.
-    persistent_names: the model's state-dict keys; other buffers are registered as
-        non-persistent, as they were in the model.
+    state_dict: the model's ``state_dict(keep_vars=True)``. With it the module's
+        state-dict keys are exactly the model's: buffers the model keeps out of its state
+        dict (rope tables) stay out, and a tied tensor (an embedding shared with the LM
+        head) appears under each of its names, one local tensor behind them. Without it,
+        every tensor the graph reads is a state-dict entry under the name the graph uses.
     """
     _check(gm, plan, rank, tp)
     emitter = _Emitter(gm, plan, rank, tp)
     graph = emitter.build()
-    root, parameters = _tensors(gm, plan, rank, persistent_names)
+    root, parameters = _tensors(gm, plan, rank)
     holder = TensorParallelGroup(rank, tp, name=group_name, group=group)
     root[emitter.holder_attr] = holder
     module = fx.GraphModule(root, graph, class_name=f"TensorParallelRank{rank}")
-    _mark_non_persistent(module, root, persistent_names)
+    if "partc" in gm.meta:
+        # the layers name the original nodes; inserted nodes carry their producer's NodeInfo,
+        # so split_stages can cut this module into pipeline stages
+        module.meta["partc"] = gm.meta["partc"]
+    if state_dict is not None:
+        _match_state_dict(module, gm, root, parameters, state_dict)
     if emitter.holder_attr != "tp_group":
         module.tp_group = holder  # the documented handle, whatever the graph calls it
     module.meta[META_KEY] = TensorParallelInfo(
         rank=rank,
         tp=tp,
         group_name=group_name,
-        parameters=MappingProxyType(parameters),
+        parameters=dict(parameters),  # plain dicts: module.meta is deep-copied with the module
         layouts=_layout_choices(gm, plan),
-        collectives=MappingProxyType(plan.collectives_per_step()),
+        collectives=plan.collectives_per_step(),
     )
     return TensorParallelModule(module=module, rank=rank, tp=tp, parameters=MappingProxyType(parameters), plan=plan)
 
@@ -252,6 +263,9 @@ class _Emitter:
         for node in placeholders:
             self.env[node] = self._copy(node, node.args, node.kwargs)
         self.tp_node = self.graph.get_attr(self.holder_attr)
+        first = next((n for n in self.gm.graph.nodes if n.op != "placeholder"), None)
+        if first is not None:  # read by every layer; it sits in the first (split_stages reads every node's layer)
+            self.tp_node.meta = {k: v for k, v in first.meta.items() if k in _LOCATION_META}
         for node in placeholders:
             self._emit_conversions(node)
         for node in self.gm.graph.nodes:
@@ -290,7 +304,7 @@ class _Emitter:
                 continue
             # a tuple-valued node read whole: rebuild the tuple with its converted elements
             tuple_node = self.env[ref.node]
-            elements = [self.graph.call_function(operator.getitem, (tuple_node, k)) for k in range(len(ref.node.meta["val"]))]
+            elements = [self._named(operator.getitem, (tuple_node, k), f"{ref.node.name}_{k}", like=ref.node) for k in range(len(ref.node.meta["val"]))]
             for r_ref, value in found:
                 elements[r_ref.output_index] = value
             args, kwargs = _set_path(args, kwargs, path, tuple(elements))
@@ -311,14 +325,18 @@ class _Emitter:
         if new is None:
             new = self._copy(node, args, kwargs)
         if strategy is not None and strategy.local_scale != 1.0:
-            new = self._named(operator.mul, (new, strategy.local_scale), f"{node.name}_scaled")
+            new = self._named(operator.mul, (new, strategy.local_scale), f"{node.name}_scaled", like=node)
         if node.name in self.size_rewrites and node.name not in self.local_sizes:
             new = self._global_size(node, new)
         self.env[node] = new
         self._keep_shards(node, new, args, kwargs)
 
-    def _named(self, target, args, name: str, kwargs: dict | None = None) -> fx.Node:
-        return self.graph.create_node("call_function", target, tuple(args), kwargs or {}, name=name)
+    def _named(self, target, args, name: str, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
+        """A new call_function node; it belongs where ``like`` does (module, layer, source line)."""
+        new = self.graph.create_node("call_function", target, tuple(args), kwargs or {}, name=name)
+        if like is not None:
+            new.meta = {k: v for k, v in like.meta.items() if k in _LOCATION_META}
+        return new
 
     def _rewrite_views(self, node: fx.Node, args, kwargs):
         for v in self.view_rewrites.get(node.name, ()):
@@ -333,18 +351,16 @@ class _Emitter:
             elif (node.name, v.path) not in self.undivided:
                 if not isinstance(current, fx.Node):
                     raise PlanMismatchError(f"the plan divides a traced size at args{list(v.path)}, but the node has {current!r} there", error_context(node, PASS_NAME))
-                local = self._named(operator.floordiv, (current, v.divisor), f"{current.name}_local")
+                local = self._named(operator.floordiv, (current, v.divisor), f"{current.name}_local", like=node)
                 args, kwargs = _set_path(args, kwargs, v.path, local)
         return args, kwargs
 
     def _global_size(self, node: fx.Node, new: fx.Node) -> fx.Node:
         s = self.size_rewrites[node.name]
         name = canonical_name(node)
-        if name in ("size", "sym_size") and _size_dim(node) is not None:
-            return self._named(operator.mul, (new, s.multiplier), f"{node.name}_global")
-        if name == "numel":
-            return self._named(operator.mul, (new, s.multiplier), f"{node.name}_global")
-        return self._named(C.global_size, (new, s.dim, s.multiplier), f"{node.name}_global")
+        if (name in ("size", "sym_size") and _size_dim(node) is not None) or name == "numel":
+            return self._named(operator.mul, (new, s.multiplier), f"{node.name}_global", like=node)
+        return self._named(C.global_size, (new, s.dim, s.multiplier), f"{node.name}_global", like=node)
 
     def _lower(self, node: fx.Node, strategy, args, kwargs) -> fx.Node | None:
         """Strategies whose local code is not the same operator on the shards."""
@@ -397,24 +413,24 @@ class _Emitter:
         return self._copy(node, (bound["input"], target, self.tp_node), extra, target=C.vocab_parallel_cross_entropy)
 
     def _keep_shards(self, node: fx.Node, new: fx.Node, args, kwargs) -> None:
-        """After a consumer of a gathered value marked ``regather``: keep only the shard."""
+        """After a consumer of gathered values marked ``regather``: keep only their shards."""
+        gathered = []
         for i, ref in enumerate(tensor_inputs(node)):
             r = self.reshard_for.get((node.name, i))
             if r is None or not r.regather:
                 continue
-            gathered = self.converted[id(r)]
-            shard = self._value(self.nodes[r.producer], r.output_index)
-            kw: dict[str, Any] = {"inputs": tuple(_flat_nodes((args, kwargs)))}
+            spec = (self.converted[id(r)], self._value(self.nodes[r.producer], r.output_index), r.src.dim)
             blocks = self._blocks(r, r.src.dim)
-            if blocks > 1:
-                kw["blocks"] = blocks
-            self._named(C.keep_shard_for_backward, (new, gathered, shard, r.src.dim, self.tp_node), f"{node.name}_keeps_shard", kw)
+            gathered.append(spec + ((blocks,) if blocks > 1 else ()))
+        if gathered:
+            inputs = {"inputs": tuple(_flat_nodes((args, kwargs)))}
+            self._named(C.keep_shard_for_backward, (new, self.tp_node, *gathered), f"{node.name}_keeps_shard", inputs, like=node)
 
     # -- conversions ----------------------------------------------------------------------------
     def _value(self, producer: fx.Node, k: int) -> fx.Node:
         value = self.env[producer]
         if isinstance(producer.meta.get("val"), (tuple, list)):
-            return self.graph.call_function(operator.getitem, (value, k))
+            return self._named(operator.getitem, (value, k), f"{producer.name}_{k}", like=producer)
         return value
 
     def _blocks(self, r: Reshard, dim: int) -> int:
@@ -422,21 +438,21 @@ class _Emitter:
 
     def _emit_conversions(self, node: fx.Node) -> None:
         for r in self.reshards_of.get(node.name, ()):
-            self.converted[id(r)] = self._conversion(r, self._value(node, r.output_index))
+            self.converted[id(r)] = self._conversion(r, self._value(node, r.output_index), node)
 
-    def _conversion(self, r: Reshard, value: fx.Node) -> fx.Node:
+    def _conversion(self, r: Reshard, value: fx.Node, producer: fx.Node) -> fx.Node:
         tp = self.tp_node
         base = value.name
         fwd, bwd = r.forward, r.backward
 
         def call(fn, args, suffix, **kw):
-            return self._named(fn, args, f"{base}_{suffix}", {k: v for k, v in kw.items() if v != 1})
+            return self._named(fn, args, f"{base}_{suffix}", {k: v for k, v in kw.items() if v != 1}, like=producer)
 
         if fwd is None and bwd == "all_reduce":
             return call(C.copy_to_tp, (value, tp), "copy")
         if fwd == "all_reduce" and bwd in (None, "all_reduce"):
             reduced = call(C.reduce_from_tp, (value, tp), "reduced")
-            return reduced if bwd is None else self._named(C.copy_to_tp, (reduced, tp), f"{base}_copy")
+            return reduced if bwd is None else self._named(C.copy_to_tp, (reduced, tp), f"{base}_copy", like=producer)
         if fwd == "all_gather" and bwd in (None, "slice", "reduce_scatter"):
             fn = C.gather_from_sp if bwd == "reduce_scatter" else C.gather_from_tp
             return call(fn, (value, r.src.dim, tp), "gathered", blocks=self._blocks(r, r.src.dim))
@@ -460,7 +476,7 @@ class _Emitter:
 
 
 # -- tensors ---------------------------------------------------------------------------------
-def _tensors(gm: fx.GraphModule, plan: ShardingPlan, rank: int, persistent_names) -> tuple[dict[str, Any], dict[str, ParameterSharding]]:
+def _tensors(gm: fx.GraphModule, plan: ShardingPlan, rank: int) -> tuple[dict[str, Any], dict[str, ParameterSharding]]:
     """This rank's slice of every tensor the graph reads, under its original name."""
     root: dict[str, Any] = {}
     parameters: dict[str, ParameterSharding] = {}
@@ -479,14 +495,33 @@ def _tensors(gm: fx.GraphModule, plan: ShardingPlan, rank: int, persistent_names
     return root, parameters
 
 
-def _mark_non_persistent(module: fx.GraphModule, root: dict[str, Any], persistent_names) -> None:
-    if persistent_names is None:
-        return
-    for name, value in root.items():
-        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and name not in persistent_names:
+def _match_state_dict(module: fx.GraphModule, gm: fx.GraphModule, root: dict[str, Any], parameters: dict, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Make ``module.state_dict()`` keys the model's: non-persistent buffers, tied aliases."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in state_dict.items():
+        names_of.setdefault(id(tensor), []).append(name)
+    for name, value in list(root.items()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        original = operator.attrgetter(name)(gm)
+        aliases = [a for a in names_of.get(id(original), []) if a != name]
+        if name not in state_dict and not isinstance(value, nn.Parameter):
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             owner._non_persistent_buffers_set.add(leaf)
+        for alias in aliases:
+            owner_name, _, leaf = alias.rpartition(".")
+            owner = module
+            for part in owner_name.split(".") if owner_name else ():
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            if isinstance(value, nn.Parameter):
+                owner.register_parameter(leaf, value)
+            else:
+                owner.register_buffer(leaf, value)
+            if name in parameters:
+                parameters[alias] = parameters[name]
 
 
 def _free_attribute(gm: fx.GraphModule, wanted: str) -> str:

@@ -28,6 +28,11 @@ def _cases(world: int) -> list[dict]:
         {"model": "llama", "mesh": {"pp": world}, "schedule": "interleaved", "virtual_stages": 2, "microbatches": 4, "loss_in_graph": True},
     ]
     cases += [{"model": model, "mesh": {"dp": world}} for model in ("gpt-tied", "llama")]
+    # Tensor parallel through partc.compile (the codegen's own matrix is tests/test_tp_parity.py).
+    cases += [
+        {"model": "gpt", "mesh": {"tp": world}, "cluster": "tp-test"},
+        {"model": "gpt-tied", "mesh": {"tp": world}, "cluster": "tp-test", "loss_in_graph": True},
+    ]
     return cases
 
 

@@ -17,7 +17,7 @@ backward, so that gradients stay consistent without any hook outside the graph::
                                              the gradient passes through unchanged
     pad_to_partial(x, dim, tp)               S -> P: x placed in zeros of the whole shape;
                                              backward slices
-    keep_shard_for_backward(out, full, x, dim, tp)
+    keep_shard_for_backward(out, tp, (full, x, dim))
                                              after an operator that saved the gathered
                                              ``full``: keep only the shard ``x`` and
                                              all-gather it again in backward (Megatron-SP)
@@ -46,7 +46,6 @@ generated code can be shape-checked without a process group.
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections import Counter
 from typing import Any, Sequence
@@ -161,9 +160,10 @@ class _TorchBackend:
             try:
                 dist.reduce_scatter(out, pieces, group=self.group)
                 return out
-            except (RuntimeError, NotImplementedError, AttributeError):
-                # gloo before torch 2.x has no reduce_scatter; every rank fails the same way
-                self.native_reduce_scatter = False
+            except (RuntimeError, NotImplementedError) as e:
+                if not _unsupported(e):
+                    raise
+                self.native_reduce_scatter = False  # older gloo: every rank fails the same way, before any send
         total = torch.cat([p.flatten() for p in pieces])
         dist.all_reduce(total, group=self.group)
         offset = sum(p.numel() for p in pieces[:rank])
@@ -176,7 +176,9 @@ class _TorchBackend:
             try:
                 dist.all_to_all(received, pieces, group=self.group)
                 return received
-            except (RuntimeError, NotImplementedError, AttributeError):
+            except (RuntimeError, NotImplementedError) as e:
+                if not _unsupported(e):
+                    raise
                 self.native_all_to_all = False
         # every rank's pieces, then keep the ones addressed to this rank
         flat = torch.cat([p.flatten() for p in pieces])
@@ -184,6 +186,12 @@ class _TorchBackend:
         dist.all_gather(everyone, flat, group=self.group)
         offset = sum(p.numel() for p in pieces[:rank])
         return [e[offset : offset + pieces[rank].numel()].view_as(pieces[rank]) for e in everyone]
+
+
+def _unsupported(error: Exception) -> bool:
+    """A backend that lacks the collective (not a failure of one that has it)."""
+    text = str(error).lower()
+    return isinstance(error, NotImplementedError) or "not support" in text or "unsupported" in text or "not implemented" in text
 
 
 class _ShapeOnlyBackend:
@@ -563,30 +571,27 @@ class _Regathered:
         return view
 
 
-def keep_shard_for_backward(
-    output: Any, gathered: torch.Tensor, shard: torch.Tensor, dim: int, tp, *, inputs: Sequence[Any] = (), blocks: int = 1
-) -> None:
-    """After an operator that saved ``gathered`` (the all-gather of ``shard`` along ``dim``)
-    for its backward: replace those saved copies by ``shard`` and all-gather it again when
-    the backward needs them (one all-gather in backward per gathered value, however many
-    operators and copies saved it).
+def keep_shard_for_backward(output: Any, tp, *gathered: tuple, inputs: Sequence[Any] = ()) -> None:
+    """After an operator that saved all-gathered inputs for its backward: replace those
+    saved copies by the shards they were gathered from, and all-gather each again when the
+    backward needs it (one all-gather in backward per gathered value, however many
+    operators and copies saved it). Megatron's sequence parallelism does this.
 
-    ``output`` is what the operator returned and ``inputs`` its tensor inputs: the autograd
-    nodes between them are the operator's, and every tensor they saved that shares
-    ``gathered``'s storage is re-packed (``SavedTensor.register_hooks``), so the gathered
-    activation is freed after the forward, as in Megatron's sequence parallelism."""
+    ``gathered``: one ``(gathered, shard, dim)`` or ``(gathered, shard, dim, blocks)`` per
+    gathered input. ``output`` is what the operator returned and ``inputs`` its tensor
+    inputs: the autograd nodes between them are the operator's, and every tensor they saved
+    that shares a gathered input's storage is re-packed (``SavedTensor.register_hooks``),
+    so the gathered activation is freed once the forward no longer reads it."""
     tp = _as_group(tp)
-    if not torch.is_grad_enabled() or _is_fake(gathered):
+    if not torch.is_grad_enabled() or not gathered or _is_fake(gathered[0][0]):
         return
-    source = getattr(gathered, "_partc_regathered", None)
-    if source is None:
-        # one source per gathered value, shared by every operator that saved it
-        source = gathered._partc_regathered = _Regathered(shard, dim, tp, blocks)
-    storage = gathered.untyped_storage().data_ptr()
-
-    def pack(t: torch.Tensor) -> tuple:
-        source.pending += 1
-        return (t.size(), t.stride(), t.storage_offset())
+    sources: dict[int, _Regathered] = {}
+    for spec in gathered:
+        full, shard, dim = spec[:3]
+        source = getattr(full, "_partc_regathered", None)
+        if source is None:  # one source per gathered value, shared by every operator that saved it
+            source = full._partc_regathered = _Regathered(shard, dim, tp, spec[3] if len(spec) > 3 else 1)
+        sources[full.untyped_storage().data_ptr()] = source
 
     stop = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None}
     outputs = output if isinstance(output, (tuple, list)) else (output,)
@@ -605,9 +610,18 @@ def keep_shard_for_backward(
             raws = raw if isinstance(raw, (tuple, list)) else (raw,)
             values = saved if isinstance(saved, (tuple, list)) else (saved,)
             for r, value in zip(raws, values):
-                if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == storage:
-                    r.register_hooks(pack, source.unpack)
+                source = sources.get(value.untyped_storage().data_ptr()) if isinstance(value, torch.Tensor) else None
+                if source is not None:
+                    r.register_hooks(_packer(source), source.unpack)
         frontier.extend(next_node for next_node, _ in node.next_functions)
+
+
+def _packer(source: _Regathered):
+    def pack(t: torch.Tensor) -> tuple:
+        source.pending += 1
+        return (t.size(), t.stride(), t.storage_offset())
+
+    return pack
 
 
 # -- vocabulary-parallel embedding and cross entropy -----------------------------------------------

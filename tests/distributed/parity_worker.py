@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import partc
 from partc.models import GPT, GPTConfig, Llama
+from tp_worker import favourable_cluster
 from partc.models.llama import llama_tiny
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -91,7 +92,23 @@ def run_case(case: dict) -> list[str]:
     options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages") if key in case}
     if case.get("loss_in_graph"):
         options["example_targets"] = targets
-    pm = partc.compile(model, partc.Cluster.preset("cpu", devices_per_node=world), (inputs,), loss_fn=loss_fn, **options)
+    # "tp-test": devices slow against their links, so that tensor parallelism pays at these
+    # tiny sizes (on H100s these models would stay replicated).
+    if case.get("cluster") == "tp-test":
+        slow = favourable_cluster()
+        cluster = dataclasses.replace(slow, nodes=(dataclasses.replace(slow.nodes[0], devices=world),))
+    else:
+        cluster = partc.Cluster.preset("cpu", devices_per_node=world)
+    pm = partc.compile(model, cluster, (inputs,), loss_fn=loss_fn, **options)
+    sharding = pm.plan.sharding
+    if case["mesh"].get("tp", 1) > 1 and not any(str(p.layout) != "R" for p in sharding.parameters.values()):
+        return ["the tensor-parallel plan shards nothing: the case would test nothing"]
+
+    def local(name: str, full: torch.Tensor) -> torch.Tensor:
+        """The reference tensor as this rank holds it (its slice under tensor parallelism)."""
+        if sharding is None or name not in sharding.parameters:
+            return full
+        return sharding.parameters[name].local(full, dist.get_rank())
 
     reference_params = dict(reference.state_dict(keep_vars=True))
     # Adam moves every element by about lr whatever its gradient's size, so an element whose
@@ -99,8 +116,11 @@ def run_case(case: dict) -> list[str]:
     # At lr 1e-4 that stays below ATOL, while a wrong gradient still moves parameters by
     # ~lr = 1e-4, a hundred times ATOL. Gradients themselves are compared every step.
     held = list(pm.parameters())  # a stage may hold no parameters (the root's own code, say)
-    optimizer = torch.optim.AdamW(held, lr=LR) if held else None
-    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR)
+    # Tensor parallelism also reorders sums inside a layer; eps 1e-6 keeps AdamW from turning
+    # the rounding of near-zero gradients (~1e-9) into parameter differences above ATOL.
+    eps = 1e-6 if sharding is not None else 1e-8
+    optimizer = torch.optim.AdamW(held, lr=LR, eps=eps) if held else None
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR, eps=eps)
     failures: list[str] = []
     steps = case.get("steps", 3)
     for step in range(steps):
@@ -115,12 +135,12 @@ def run_case(case: dict) -> list[str]:
             if p.grad is None:
                 failures.append(f"step {step} grad {name}: missing")
             else:
-                compare(f"step {step} grad {name}", p.grad, reference_params[name].grad, failures)
+                compare(f"step {step} grad {name}", p.grad, local(name, reference_params[name].grad), failures)
         if optimizer:
             optimizer.step()
         reference_optimizer.step()
     for name, p in pm.named_parameters():
-        compare(f"param {name} after {steps} steps", p.detach(), reference_params[name].detach(), failures)
+        compare(f"param {name} after {steps} steps", p.detach(), local(name, reference_params[name].detach()), failures)
 
     keys: list = [None] * world
     dist.all_gather_object(keys, sorted(pm.state_dict()))

@@ -1,0 +1,1236 @@
+"""Search pass: the fastest DP x TP x PP layout that fits, chosen by the cost model.
+
+A candidate is ``(pp, dp, tp, m, schedule, v, recompute, zero)``: pipeline, data- and
+tensor-parallel degrees with ``pp * dp * tp`` = the world size, ``m`` microbatches per
+replica and step, the pipeline schedule and its ``v`` stages per pipeline rank, full
+activation recomputation on or off, and the ZeRO stage over the data-parallel group.
+:func:`search` prices every candidate, drops those that cannot run or cannot fit, and
+returns the fastest by predicted step time with the best alternatives and, for every
+other candidate, why it lost (:class:`Rejection`).
+
+Ranks (Megatron's order: tensor-parallel fastest, then data, then pipeline)::
+
+    rank = pp_i * (dp * tp) + dp_i * tp + tp_i                  (:func:`mesh_rank`)
+
+so a tensor-parallel group is ``tp`` consecutive ranks and stays inside a node (``tp``
+must divide every node's device count), a data-parallel group strides by ``tp`` (and
+spans nodes once ``dp * tp`` exceeds a node), and pipeline neighbours sit ``dp * tp``
+ranks apart. The global batch of ``B`` samples splits over ``dp`` replicas and ``m``
+microbatches: ``B % (dp * m) == 0``.
+
+Layer costs under tensor parallelism
+------------------------------------
+:func:`~partc.passes.sharding.plan_sharding` runs once per ``tp`` with no memory budget
+(memory is checked here, per pipeline rank, with ZeRO and the schedule's in-flight
+microbatches that the sharding ILP does not see); every candidate with that ``tp`` reuses
+its layouts. ``tp = 1`` needs no plan. The sharding plan reports step totals, so the
+per-layer figures are recomputed from its layouts with the formulas the sharding pass
+prices with (no new cost rules). With ``f`` = samples per microbatch / traced batch,
+``c`` / ``k`` the compute / memory factor of the node's chosen strategy, ``F`` its FLOPs,
+``M`` its bytes moved and ``W`` the weight bytes among them (both in the compute dtype)::
+
+    forward  = max(c F_fwd f / rate, c (W + (M - W) f) / bandwidth)
+    backward = max(c F_bwd f / rate, 2 c (W + (M - W) f) / bandwidth)     (nodes with a backward)
+
+A microbatch reads the whole weight again, so ``W`` does not shrink with it (unlike the
+data-parallel and pipeline-only estimates, which scale every byte by ``f``); at ``f = 1``
+the sum is the plan's ``compute_time`` less its optimizer update. Nodes that do not depend
+on the batch (position tables) keep ``f = 1``. A layer's tensor-parallel communication is
+the plan's conversions whose producer it owns, re-priced at microbatch size with
+:func:`~partc.passes.layouts.reshard_cost` (forward; backward to the adjoint layout; the
+re-gather of a saved sharded input), plus the collectives strategies run themselves
+(vocab-parallel cross entropy). As in the sharding ILP it is not overlapped with compute.
+Activations kept for backward: the annotated bytes x compute-dtype scale x ``k`` x ``f``;
+parameters: numel x ``k`` of the parameter's layout.
+
+Recomputation (``recompute=True``, full per layer): a layer keeps only its inputs (the
+values it reads from earlier layers, at their layouts) and runs its forward again in
+backward: time += forward compute + forward communication; the largest layer's activations
+of one microbatch are live while it is recomputed (transient).
+
+Pipelines (``pp > 1``)
+----------------------
+Each layer becomes a :class:`~partc.passes.stages.LayerCost` at microbatch size: ``time`` =
+forward + backward (+ recompute) compute + TP communication; ``param_bytes`` = local numel
+x :func:`~partc.cost_model.training_memory` per parameter (ZeRO ``z`` over ``dp``) +
+buffers, a weight read by several layers (tied embedding and LM head) charged to each
+reader as the stage pass does; ``activation_bytes`` per microbatch in flight;
+``boundary_bytes`` = the values live across a cut after the layer / ``tp``: each
+tensor-parallel rank sends its slice over its own link (Megatron's scatter-gather). The
+ILP of :mod:`partc.passes.stages` cuts them (``solve_stages_without_cuts`` with
+:func:`~partc.passes.stages.gradient_free_cuts` for zero-bubble, and on torch < 2.13 for
+every schedule), pipeline neighbours on ``cluster.link`` of their ranks, the stage speed of
+the slowest device a stage's ranks hold, the memory budget minus the transient buffers.
+
+Reuse: without a memory budget the time-optimal cut depends neither on ZeRO (bytes only)
+nor on GPipe vs 1F1B (same objective), so it is solved once per ``(tp, pp, dp, m,
+recompute, schedule family, v)`` and re-priced with ``evaluate_partition`` for each; only
+when it does not fit is the problem solved again with the budget.
+
+Data-parallel synchronisation (per pipeline rank ``r``, over its dp group)
+--------------------------------------------------------------------------
+``G_r`` gradient bytes, ``P_r`` weight bytes (compute dtype), ``f_r`` / ``b_r`` the rank's
+forward / backward of one microbatch, ``w_r`` the backward that can hide the gradient sync:
+the rank's last backward plus the backward of the pipeline ranks before it, which drain
+after it (``b`` of the chunk-0 stages ``0..r``; the whole backward when ``pp = 1``).
+AR / RS / AG are :class:`~partc.cost_model.CostModel`'s all-reduce / reduce-scatter /
+all-gather on the group's ranks (hierarchical across nodes); ``bucket`` = DDP's 25 MiB::
+
+    ZeRO-0  max(AR(G) - w, AR(bucket))                                    DDP, overlapped
+    ZeRO-1  max(RS(G) - w, RS(bucket)) + max(AG(P) - f, AG(bucket))       updated weights
+                                        gathered during the next step's first forward
+    ZeRO-2  ZeRO-1 + (m - 1) max(0, RS(G) - (f + b))                       no full gradient
+                                        is kept, so every microbatch reduce-scatters its own
+    ZeRO-3  ZeRO-2 without the post-step gather + m (max(0, AG(P) - f) + max(0, AG(P) - b))
+                                        (FSDP: weights gathered before each forward and
+                                        backward, prefetched behind the previous layer)
+    exposed = max over pipeline ranks
+
+Optimizer: ``max_r`` local parameters (``/ dp`` with ZeRO >= 1) x ``ADAMW_BYTES_PER_PARAM`` /
+memory bandwidth (0 for SGD).
+
+Step and memory
+---------------
+``step = pipeline step (pp > 1; m x one microbatch when pp = 1) + dp exposed + optimizer``,
+reported as :class:`StepBreakdown` (compute, recompute, TP communication, pipeline
+transfers and bubble of the slowest pipeline rank, exposed dp sync, optimizer).
+Memory per device (the fullest rank): ``training_memory(numel, zero, dp)`` + buffers +
+activations in flight (``StageProblem.inflight``: 1F1B stage i holds ``min(p - i, m)``
+microbatches, GPipe ``m``, one when ``pp = 1``) + transient: the largest single output of a
+microbatch at its layout (the logits), two layers of gathered weights under ZeRO-3, the
+largest layer's activations under recomputation. A candidate fits when that is
+``<= memory_limit``.
+
+Search
+------
+Every candidate gets a cheap lower bound on its step time (``(m - 1/d) S / R + S / d`` for
+a pipeline of total per-microbatch time ``S`` on ``R`` ranks, the mean rank's dp sync
+and optimizer step) and on its memory; candidates are priced in increasing bound order,
+and once ``top_k`` feasible ones are known, any whose bound exceeds the ``top_k``-th best is
+rejected as slower without solving (branch and bound: the best and the top ``k`` are exact).
+Ties break on memory, then a fixed order of the options (never on hashes): the result is
+the same in every run and under every ``PYTHONHASHSEED``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from partc.cluster import Cluster, GiB
+from partc.cost_model import ADAMW_BYTES_PER_PARAM, CostModel, MemoryBreakdown, training_memory
+from partc.errors import ErrorContext, InfeasiblePlanError, PartcError
+from partc.passes.estimate import DDP_BUCKET_BYTES, _parameter_dtype
+from partc.passes.ir import OpKind, graph_info, node_info
+from partc.passes.layouts import Shard, adjoint, reshard_cost
+from partc.passes.sharding import ShardingPlan, plan_sharding
+from partc.passes.split_stages import recomputable_nodes
+from partc.passes.stages import (
+    LayerCost,
+    StagePartition,
+    StageProblem,
+    evaluate_partition,
+    gradient_free_cuts,
+    solve_stages_without_cuts,
+)
+
+__all__ = [
+    "search",
+    "SearchResult",
+    "Candidate",
+    "Rejection",
+    "StepBreakdown",
+    "explain",
+    "model_flops_utilization",
+    "mesh_rank",
+]
+
+_PASS = "search"
+SCHEDULES = ("1f1b", "interleaved", "zero_bubble", "gpipe")  # default order; ties go to the earlier
+_MESH_DIMS = ("pp", "dp", "tp")
+# Zero-bubble's weight-gradient pass fills about two thirds of the bubble (as passes/stages.py).
+_ZERO_BUBBLE_FACTOR = 3
+# torch.distributed.pipelining before 2.13 expects a gradient for every tensor a stage
+# receives, so no cut may carry a value without one (as partc.planner).
+_NEEDS_GRADIENTS_ACROSS_CUTS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+_STAGE_TIME_LIMIT = 20.0  # CBC seconds per stage ILP
+_REL = 1e-9  # relative slack when comparing times against a bound
+
+
+# -- results ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepBreakdown:
+    """Where one predicted step goes, in seconds; the parts add up to the step."""
+
+    compute: float  # forward + backward matmuls and pointwise work (slowest pipeline rank, all microbatches)
+    recompute: float  # forward passes run again in backward (recompute=True)
+    tp_communication: float  # tensor-parallel collectives, on the critical path
+    pipeline_transfer: float  # activations and their gradients between pipeline stages
+    pipeline_bubble: float  # fill and drain, and waiting on slower stages
+    dp_sync_exposed: float  # data-parallel gradient / ZeRO traffic not hidden behind compute
+    optimizer: float  # the optimizer step (memory-bound)
+
+    @property
+    def total(self) -> float:
+        return (
+            self.compute + self.recompute + self.tp_communication + self.pipeline_transfer
+            + self.pipeline_bubble + self.dp_sync_exposed + self.optimizer
+        )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One feasible layout and what it is predicted to cost."""
+
+    mesh: dict[str, int]  # {"pp": .., "dp": .., "tp": ..}; ranks as mesh_rank() numbers them
+    microbatches: int  # per data-parallel replica and step (gradient accumulation when pp = 1)
+    schedule: str  # "none" without a pipeline; else "gpipe", "1f1b", "interleaved", "zero_bubble"
+    virtual_stages: int  # pipeline stages per pipeline rank (1 unless interleaved / zero_bubble)
+    recompute: bool  # full activation recomputation of every layer
+    zero_stage: int  # ZeRO over the data-parallel group: 0 (DDP), 1, 2, 3 (FSDP)
+    predicted_step_time: float  # seconds
+    breakdown: StepBreakdown
+    memory: MemoryBreakdown  # bytes on the fullest device
+    memory_limit: float  # bytes per device the candidate was checked against
+    partition: StagePartition | None  # the stage cut (None when pp = 1)
+    sharding: ShardingPlan | None = field(repr=False, compare=False)  # the tensor-parallel layouts (None when tp = 1)
+    solver_status: str = "exact"  # the stage ILP's status; "exact" when there is no pipeline
+
+    @property
+    def label(self) -> str:
+        return _label(self.mesh, self.microbatches, self.schedule, self.virtual_stages, self.recompute, self.zero_stage)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A candidate (or a whole mesh, when the options are None) that lost, and why."""
+
+    mesh: dict[str, int]
+    microbatches: int | None
+    schedule: str | None
+    virtual_stages: int | None
+    recompute: bool | None
+    zero_stage: int | None
+    kind: str  # "topology" | "indivisible" | "schedule" | "sharding" | "memory" | "slower"
+    reason: str  # e.g. "over memory by 3.20 GiB", "slower: +12.0%"
+    predicted_step_time: float | None = None  # seconds; a lower bound when the reason says "at least"
+    memory: float | None = None  # bytes per device; a lower bound when the reason says "at least"
+
+    @property
+    def label(self) -> str:
+        return _label(self.mesh, self.microbatches, self.schedule, self.virtual_stages, self.recompute, self.zero_stage)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The fastest feasible candidate, the runners-up, and why everything else lost."""
+
+    best: Candidate
+    candidates: tuple[Candidate, ...]  # the top_k feasible candidates, fastest first (best included)
+    rejected: tuple[Rejection, ...]  # every other configuration considered
+    searched: int  # configurations considered: len(candidates) + len(rejected)
+    seconds: float  # wall time of the search (sharding plans included)
+    sharding_seconds: float  # of which plan_sharding, all degrees
+    stage_solves: int  # stage ILPs solved
+    memory_limit: float  # bytes per device
+    batch_size: int
+
+
+def _label(mesh, m, schedule, v, recompute, zero) -> str:
+    parts = [f"pp={mesh['pp']} dp={mesh['dp']} tp={mesh['tp']}"]
+    if m is not None:
+        parts.append(f"m={m}")
+    if schedule is not None:
+        parts.append(schedule if not v or v == 1 else f"{schedule} v={v}")
+    if recompute is not None:
+        parts.append("recompute" if recompute else "no-recompute")
+    if zero is not None:
+        parts.append(f"zero-{zero}")
+    return ", ".join(parts)
+
+
+def mesh_rank(mesh: Mapping[str, int], pp_index: int, dp_index: int, tp_index: int) -> int:
+    """The global rank of mesh coordinate (pp_i, dp_i, tp_i): tp fastest, then dp, then pp."""
+    return pp_index * (mesh["dp"] * mesh["tp"]) + dp_index * mesh["tp"] + tp_index
+
+
+# -- one configuration ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Spec:
+    pp: int
+    dp: int
+    tp: int
+    microbatches: int
+    schedule: str  # "none" when pp == 1
+    virtual_stages: int
+    recompute: bool
+    zero_stage: int
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        return {"pp": self.pp, "dp": self.dp, "tp": self.tp}
+
+    @property
+    def stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    @property
+    def fill_drain_divisor(self) -> float:
+        if self.schedule in ("none", "gpipe", "1f1b"):
+            return 1.0
+        return float(self.virtual_stages * (_ZERO_BUBBLE_FACTOR if self.schedule == "zero_bubble" else 1))
+
+    def order(self, schedules: Sequence[str]) -> tuple:
+        """A total order used to break ties: simpler layouts first."""
+        rank = schedules.index(self.schedule) if self.schedule in schedules else -1
+        return (self.pp, self.tp, self.zero_stage, self.recompute, rank, self.virtual_stages, self.microbatches)
+
+
+# -- per tensor-parallel degree: per-node prices, summed per layer for any microbatch -------------------
+class _LayerPrices:
+    """The costs of every layer under one tensor-parallel plan, as functions of the
+    microbatch fraction ``f`` (module doc: "Layer costs under tensor parallelism")."""
+
+    def __init__(self, ctx: "_Context", tp: int, plan: ShardingPlan | None):
+        self.ctx, self.tp, self.plan = ctx, tp, plan
+        L = ctx.num_layers
+        strategies = plan.strategies if plan is not None else {}
+        compute_dtype = ctx.compute_dtype
+        infos = ctx.infos
+
+        self.owned_numel = np.zeros(L)  # local trainable elements, each parameter once (its first user's layer)
+        self.shared_numel = np.zeros(L)  # parameters a layer reads that another layer owns (the stage pass's convention)
+        self.shared_params: list[tuple[float, float, int, tuple[int, ...]]] = []  # (numel, buffer bytes, owner, readers)
+        self.buffers = np.zeros(L)  # local non-trainable bytes
+        self.shared_buffers = np.zeros(L)
+        self.act_dep, self.act_fixed = np.zeros(L), np.zeros(L)
+        self.kept_dep, self.kept_fixed = np.zeros(L), np.zeros(L)  # a layer's inputs, for recomputation
+        self.largest_layer_param = 0.0
+        diff_dep, diff_fixed = np.zeros(L + 1), np.zeros(L + 1)  # live-range differences of cut bytes
+        out_dep = out_fixed = 0.0  # largest single output
+        layer_of, rate, f_fwd, f_bwd, m_batch, m_fixed, dep, backward = [], [], [], [], [], [], [], []
+        recomputed = ctx.recomputed
+
+        for n in ctx.nodes:
+            info = infos[n]
+            s = strategies.get(n.name)
+            cf = s.compute_factor if s is not None else 1.0
+            mf = s.memory_factor if s is not None else 1.0
+            if info.op == OpKind.PARAMETER:
+                numel = info.param_numel * mf
+                itemsize = info.dtype.itemsize if info.dtype is not None else 4
+                buffers = max(info.param_bytes - info.param_numel * itemsize, 0) * mf
+                self.owned_numel[info.layer] += numel
+                self.buffers[info.layer] += buffers
+                readers = tuple(sorted({infos[u].layer for u in n.users} - {info.layer}))
+                for reader in readers:
+                    self.shared_numel[reader] += numel
+                    self.shared_buffers[reader] += buffers
+                if readers:
+                    self.shared_params.append((numel, buffers, info.layer, readers))
+                continue
+            if info.op == OpKind.OUTPUT:
+                continue
+            scale = ctx.dtype_scale(info)
+            is_dep = n in ctx.batch_dependent
+            if info.op != OpKind.INPUT and (info.fwd_flops or info.bytes_moved):
+                moved = info.bytes_moved * scale * cf
+                weights = sum(infos[a].outputs[0].nbytes for a in n.all_input_nodes if a.op == "get_attr" and infos[a].outputs) * scale * cf
+                weights = min(weights, moved)
+                layer_of.append(info.layer)
+                dtype = compute_dtype if (compute_dtype is not None and info.dtype is not None and info.dtype.is_floating_point) else (info.dtype or torch.float32)
+                rate.append(ctx.device.flops(dtype))
+                f_fwd.append(info.fwd_flops * cf)
+                f_bwd.append(info.bwd_flops * cf)
+                m_batch.append(moved - weights)
+                m_fixed.append(weights)
+                dep.append(is_dep)
+                backward.append(bool(info.bwd_flops))
+            activations = info.activation_bytes * scale * mf
+            (self.act_dep if is_dep else self.act_fixed)[info.layer] += activations
+            if not info.outputs or not n.users:
+                continue
+            layouts = s.outputs if s is not None else ()
+            local = sum(
+                spec.nbytes * scale / (tp if k < len(layouts) and isinstance(layouts[k], Shard) else 1)
+                for k, spec in enumerate(info.outputs)
+            )
+            if info.op != OpKind.INPUT:
+                if is_dep:
+                    out_dep = max(out_dep, local)
+                else:
+                    out_fixed = max(out_fixed, local)
+            if n in recomputed:
+                continue  # rebuilt by each stage that reads it: never sent, never kept
+            made = 0 if info.op == OpKind.INPUT else info.layer
+            readers = sorted({infos[u].layer for u in n.users})
+            whole = sum(spec.nbytes * scale for spec in info.outputs)
+            last = readers[-1]
+            if last > made:
+                (diff_dep if is_dep else diff_fixed)[made] += whole
+                (diff_dep if is_dep else diff_fixed)[last] -= whole
+            for reader in readers:
+                if reader > made or info.op == OpKind.INPUT:
+                    (self.kept_dep if is_dep else self.kept_fixed)[reader] += local
+
+        # bytes live across a cut right after layer j (0 after the last), whole tensors
+        self.boundary_dep = np.cumsum(diff_dep)[:L]
+        self.boundary_fixed = np.cumsum(diff_fixed)[:L]
+        self.boundary_dep[L - 1] = self.boundary_fixed[L - 1] = 0.0
+        self.largest_output = (out_dep, out_fixed)
+        self.largest_layer_param = float((self.owned_numel + self.shared_numel).max()) if L else 0.0
+
+        self._layer = np.array(layer_of, dtype=np.int64)
+        self._rate = np.array(rate)
+        self._f_fwd, self._f_bwd = np.array(f_fwd, dtype=np.float64), np.array(f_bwd, dtype=np.float64)
+        self._m_batch, self._m_fixed = np.array(m_batch), np.array(m_fixed)
+        self._dep = np.array(dep, dtype=bool)
+        self._backward = np.array(backward, dtype=bool)
+        self._comm_items = self._communication(strategies)
+        self._tables: dict[int, _LayerTable] = {}
+
+    def _communication(self, strategies) -> list[tuple[int, str, tuple, bool]]:
+        """(layer, phase, pricing key, batch-dependent) for every TP collective of a step."""
+        if self.plan is None:
+            return []
+        ctx = self.ctx
+        items = []
+        for r in self.plan.reshards:
+            producer = ctx.by_name[r.producer]
+            layer = ctx.infos[producer].layer
+            items.append((layer, "reshard", (r.src, r.dst, r.grad_layout, r.regather, r.nbytes), producer in ctx.batch_dependent))
+        for name, s in strategies.items():
+            if not s.comm:
+                continue
+            node = ctx.by_name[name]
+            for c in s.comm:
+                items.append((ctx.infos[node].layer, "internal", (c.collective, c.nbytes, c.phase), node in ctx.batch_dependent))
+        return items
+
+    def held(self, layers: np.ndarray) -> tuple[float, float]:
+        """(local numel, buffer bytes) a device holding the layers in the boolean mask
+        ``layers`` keeps: each parameter once, shared ones when any of their layers is held."""
+        numel = float(self.owned_numel[layers].sum())
+        buffers = float(self.buffers[layers].sum())
+        for n, b, owner, readers in self.shared_params:
+            if not layers[owner] and any(layers[r] for r in readers):
+                numel += n
+                buffers += b
+        return numel, buffers
+
+    def table(self, samples: int, recompute: bool) -> "_LayerTable":
+        """Per-layer costs of one microbatch of ``samples`` samples."""
+        key = samples * 2 + int(recompute)
+        found = self._tables.get(key)
+        if found is None:
+            base = self._tables.get(samples * 2) if recompute else None
+            found = _LayerTable.build(self, samples, recompute, base)
+            self._tables[key] = found
+        return found
+
+    # prices at fraction f ------------------------------------------------------------------------
+    def compute_times(self, f: float) -> tuple[np.ndarray, np.ndarray]:
+        L, bw = self.ctx.num_layers, self.ctx.device.memory_bandwidth
+        scale = np.where(self._dep, f, 1.0)
+        moved = self._m_fixed + self._m_batch * scale
+        fwd = np.maximum(self._f_fwd * scale / self._rate, moved / bw)
+        bwd = np.where(self._backward, np.maximum(self._f_bwd * scale / self._rate, 2 * moved / bw), 0.0)
+        return np.bincount(self._layer, fwd, minlength=L), np.bincount(self._layer, bwd, minlength=L)
+
+    def communication_times(self, f: float) -> tuple[np.ndarray, np.ndarray]:
+        L = self.ctx.num_layers
+        fwd, bwd = np.zeros(L), np.zeros(L)
+        cache: dict[tuple, tuple[float, float]] = {}
+        for layer, kind, key, is_dep in self._comm_items:
+            full = (kind, key, is_dep)
+            price = cache.get(full)
+            if price is None:
+                price = self._price(kind, key, f if is_dep else 1.0)
+                cache[full] = price
+            fwd[layer] += price[0]
+            bwd[layer] += price[1]
+        return fwd, bwd
+
+    def _price(self, kind: str, key: tuple, f: float) -> tuple[float, float]:
+        cm, ranks = self.ctx.cost_model, self.plan.ranks
+        if kind == "reshard":
+            src, dst, grad, regather, nbytes = key
+            nbytes = nbytes * f
+            forward = reshard_cost(src, dst, nbytes, cm, ranks)[0]
+            backward = reshard_cost(grad, adjoint(src), nbytes, cm, ranks)[0] if grad is not None else 0.0
+            return forward, backward + (forward if regather else 0.0)
+        collective, nbytes, phase = key
+        nbytes = nbytes * f
+        if collective == "all_to_all":
+            seconds = cm.all_to_all(nbytes / self.tp, ranks)
+        else:
+            seconds = getattr(cm, collective)(nbytes, ranks)
+        return (seconds, 0.0) if phase == "forward" else (0.0, seconds)
+
+
+@dataclass(frozen=True)
+class _LayerTable:
+    """Per-layer costs of one microbatch under one tp (and recompute choice); seconds, bytes."""
+
+    forward_compute: np.ndarray
+    backward_compute: np.ndarray
+    forward_comm: np.ndarray
+    backward_comm: np.ndarray
+    recompute: np.ndarray  # forward compute + communication again (0 without recomputation)
+    time: np.ndarray  # the sum of the five above: forward + backward of one microbatch
+    forward: np.ndarray  # forward compute + communication
+    backward: np.ndarray  # backward compute + communication + recompute
+    activations: np.ndarray  # bytes kept per microbatch in flight
+    boundary: np.ndarray  # bytes per device sent across a cut right after the layer
+    transient: float  # bytes: largest output of a microbatch (+ a recomputed layer's activations)
+    total_time: float
+    max_time: float
+    total_forward: float
+    total_backward: float
+
+    @staticmethod
+    def build(prices: _LayerPrices, samples: int, recompute: bool, base: "_LayerTable | None") -> "_LayerTable":
+        f = samples / prices.ctx.traced_batch
+        if base is not None:
+            fc, bc, fm, bm = base.forward_compute, base.backward_compute, base.forward_comm, base.backward_comm
+        else:
+            fc, bc = prices.compute_times(f)
+            fm, bm = prices.communication_times(f)
+        full_activations = prices.act_dep * f + prices.act_fixed
+        redo = fc + fm if recompute else np.zeros_like(fc)
+        activations = prices.kept_dep * f + prices.kept_fixed if recompute else full_activations
+        out_dep, out_fixed = prices.largest_output
+        transient = max(out_dep * f, out_fixed) + (float(full_activations.max()) if recompute else 0.0)
+        time_ = fc + bc + fm + bm + redo
+        forward = fc + fm
+        backward = bc + bm + redo
+        return _LayerTable(
+            forward_compute=fc,
+            backward_compute=bc,
+            forward_comm=fm,
+            backward_comm=bm,
+            recompute=redo,
+            time=time_,
+            forward=forward,
+            backward=backward,
+            activations=activations,
+            boundary=(prices.boundary_dep * f + prices.boundary_fixed) / prices.tp,
+            transient=transient,
+            total_time=float(time_.sum()),
+            max_time=float(time_.max()),
+            total_forward=float(forward.sum()),
+            total_backward=float(backward.sum()),
+        )
+
+
+# -- what every candidate shares --------------------------------------------------------------------
+class _Context:
+    def __init__(self, gm, cluster, cost_model, compute_dtype, optimizer, batch_size):
+        self.gm, self.cluster, self.cost_model = gm, cluster, cost_model
+        self.compute_dtype, self.optimizer = compute_dtype, optimizer
+        self.nodes = list(gm.graph.nodes)
+        self.infos = {n: node_info(n) for n in self.nodes}
+        self.by_name = {n.name: n for n in self.nodes}
+        info = graph_info(gm)
+        self.layers = info.layers
+        self.num_layers = len(info.layers)
+        if not info.input_specs or not info.input_specs[0].shape:
+            raise PartcError("cannot find the traced batch: the first input has no leading batch dimension", ErrorContext(pass_name=_PASS, fix="pass the batch as the first of example_inputs"))
+        self.traced_batch = info.input_specs[0].shape[0]
+        self.batch_size = batch_size
+        self.mixed = compute_dtype is not None
+        self.weight_dtype = _parameter_dtype(list(self.infos.values()))
+        self.param_dtype = compute_dtype or self.weight_dtype
+        self.device = cluster.slowest_device()  # the reference device: every price is on it
+        self.dtype_name = str(self.param_dtype).removeprefix("torch.")
+        self.batch_dependent = _batch_dependent(self.nodes, self.infos)
+        self.recomputed = recomputable_nodes(gm)
+        self.per_param = {}  # (zero, dp) -> bytes per local parameter
+
+    def dtype_scale(self, info) -> float:
+        """Bytes in the compute dtype over bytes as traced (mixed precision halves fp32)."""
+        if self.compute_dtype is None or info.dtype is None or not info.dtype.is_floating_point:
+            return 1.0
+        return self.compute_dtype.itemsize / info.dtype.itemsize
+
+    def bytes_per_param(self, zero: int, dp: int) -> float:
+        key = (zero, dp)
+        if key not in self.per_param:
+            self.per_param[key] = training_memory(1, self.param_dtype, 0.0, optimizer=self.optimizer, mixed_precision=self.mixed, zero_stage=zero, dp=dp).total
+        return self.per_param[key]
+
+
+def _batch_dependent(nodes: Sequence[fx.Node], infos) -> set[fx.Node]:
+    """Nodes whose value depends on a user input; sizes read from inputs do not count
+    (they are Python values), so position tables built from ``x.size(1)`` stay fixed."""
+    found: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "placeholder":
+            found.add(n)
+        elif infos[n].op not in (OpKind.SHAPE, OpKind.PARAMETER) and infos[n].outputs and any(a in found for a in n.all_input_nodes):
+            found.add(n)
+    return found
+
+
+# -- the search -----------------------------------------------------------------------------------
+def search(
+    gm: fx.GraphModule,
+    cluster: Cluster,
+    cost_model: CostModel,
+    *,
+    batch_size: int,
+    pinned: dict[str, int] | None = None,
+    schedules: Sequence[str] = SCHEDULES,
+    microbatch_options: Sequence[int] | None = None,
+    virtual_stage_options: Sequence[int] = (2, 4),
+    compute_dtype: torch.dtype | None = None,
+    optimizer: str = "adamw",
+    memory_limit: float | None = None,
+    recompute_options: Sequence[bool] = (False, True),
+    zero_options: Sequence[int] = (0, 1, 2, 3),
+    top_k: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """The fastest feasible (dp, tp, pp, microbatches, schedule, recompute, ZeRO) for the
+    annotated ``gm`` on ``cluster`` (see the module doc for every formula).
+
+    batch_size: the global batch per step, in samples (the graph may be traced at another
+        batch; costs scale per sample). pinned: fixed degrees, e.g. ``{"tp": 2}``.
+    schedules: pipeline schedules to try (ties go to the earlier). microbatch_options:
+        microbatch counts per replica (default: every count that divides the batch).
+    virtual_stage_options: stages per rank for interleaved and zero-bubble schedules.
+    compute_dtype: mixed-precision compute dtype (bf16; fp32 master weights), or None.
+    memory_limit: bytes per device (default: the smallest device's memory).
+    top_k: how many feasible candidates to return (the best first); the others are
+        rejected as slower. progress: called with one line per phase.
+
+    Raises :class:`~partc.InfeasiblePlanError` when no candidate runs and fits; its
+    message names the closest and what would fit, ``error.rejected`` lists them all.
+    """
+    started = time.perf_counter()
+    say = progress or (lambda line: None)
+    _check_arguments(batch_size, schedules, zero_options, recompute_options, top_k, optimizer, virtual_stage_options)
+    ctx = _Context(gm, cluster, cost_model, compute_dtype, optimizer, batch_size)
+    limit = float(memory_limit) if memory_limit is not None else min(cluster.device(r).memory for r in range(cluster.world_size))
+    runner = _Search(ctx, limit, list(schedules), microbatch_options, tuple(virtual_stage_options), tuple(recompute_options), tuple(zero_options), top_k, say)
+    runner.enumerate(_check_pinned(pinned, cluster.world_size))
+    runner.run()
+    feasible = sorted(runner.feasible, key=lambda c: runner.sort_key(c))
+    if not feasible:
+        raise runner.infeasible_error()
+    best = feasible[0]
+    rejected = list(runner.rejected)
+    for c in feasible[top_k:]:
+        rejected.append(_rejection(c, "slower", f"slower: {_percent(c.predicted_step_time, best.predicted_step_time)} ({_ms(c.predicted_step_time)} vs {_ms(best.predicted_step_time)})", c.predicted_step_time, c.memory.total))
+    kept = tuple(feasible[:top_k])
+    seconds = time.perf_counter() - started
+    say(f"search     {seconds:7.3f} s  {len(kept) + len(rejected)} configurations, {runner.solves} stage ILPs, best {best.label} {_ms(best.predicted_step_time)}")
+    return SearchResult(
+        best=best,
+        candidates=kept,
+        rejected=tuple(sorted(rejected, key=_rejection_key)),
+        searched=len(kept) + len(rejected),
+        seconds=seconds,
+        sharding_seconds=runner.sharding_seconds,
+        stage_solves=runner.solves,
+        memory_limit=limit,
+        batch_size=batch_size,
+    )
+
+
+class _Search:
+    """The state of one search: per-tp prices, cached stage solutions, results so far."""
+
+    def __init__(self, ctx, limit, schedules, microbatch_options, virtual_options, recompute_options, zero_options, top_k, say):
+        self.ctx, self.limit, self.schedules = ctx, limit, schedules
+        self.microbatch_options = microbatch_options
+        self.virtual_options, self.recompute_options, self.zero_options = virtual_options, recompute_options, zero_options
+        self.top_k, self.say = top_k, say
+        self.prices: dict[int, _LayerPrices] = {}
+        self.specs: list[_Spec] = []
+        self.rejected: list[Rejection] = []
+        self.feasible: list[Candidate] = []
+        self.solves = 0
+        self.sharding_seconds = 0.0
+        self.unconstrained: dict[tuple, StagePartition | PartcError] = {}
+        self.collective_cache: dict[tuple, tuple[float, float]] = {}
+        forbidden = gradient_free_cuts(ctx.gm, every_value=True) if _NEEDS_GRADIENTS_ACROSS_CUTS else frozenset()
+        self.forbidden = {s: forbidden | (gradient_free_cuts(ctx.gm) if s == "zero_bubble" else frozenset()) for s in SCHEDULES}
+
+    def sort_key(self, c: Candidate) -> tuple:
+        spec = _Spec(c.mesh["pp"], c.mesh["dp"], c.mesh["tp"], c.microbatches, c.schedule, c.virtual_stages, c.recompute, c.zero_stage)
+        return (c.predicted_step_time, c.memory.total, spec.order(self.schedules))
+
+    # enumeration -------------------------------------------------------------------------------
+    def enumerate(self, pinned: dict[str, int]) -> None:
+        ctx = self.ctx
+        cluster, world, B = ctx.cluster, ctx.cluster.world_size, ctx.batch_size
+        node_sizes = sorted({n.devices for n in cluster.nodes})
+        for tp in _divisors(world):
+            for pp in _divisors(world // tp):
+                dp = world // (tp * pp)
+                mesh = {"pp": pp, "dp": dp, "tp": tp}
+                if any(mesh[k] != v for k, v in pinned.items()):
+                    continue
+                problem = self._mesh_problem(tp, pp, dp, node_sizes)
+                if problem is not None:
+                    self.rejected.append(Rejection(mesh, None, None, None, None, None, *problem))
+                    continue
+                if self.microbatch_options is None and B % dp:
+                    self.rejected.append(Rejection(mesh, 1, None, None, None, None, "indivisible", f"batch {B} does not split over dp={dp} x 1 microbatch"))
+                    continue
+                counts = self.microbatch_options if self.microbatch_options is not None else [m for m in _divisors(B // dp)]
+                for m in counts:
+                    if B % (dp * m):
+                        self.rejected.append(Rejection(mesh, m, None, None, None, None, "indivisible", f"batch {B} does not split over dp={dp} x {m} microbatch{'es' if m > 1 else ''}"))
+                        continue
+                    for schedule, v in self._schedules(pp):
+                        why = self._schedule_problem(pp, m, schedule, v)
+                        if why is not None:
+                            self.rejected.append(Rejection(mesh, m, schedule, v, None, None, *why))
+                            continue
+                        # with dp = 1 there is nothing to shard over: every ZeRO stage is ZeRO-0
+                        zeros = self.zero_options if dp > 1 else (0,)
+                        for recompute in self.recompute_options:
+                            for zero in zeros:
+                                self.specs.append(_Spec(pp, dp, tp, m, schedule, v, recompute, zero))
+
+    def _mesh_problem(self, tp: int, pp: int, dp: int, node_sizes: list[int]) -> tuple[str, str] | None:
+        smallest = node_sizes[0]
+        if tp > smallest:
+            return "topology", f"tp={tp} exceeds the node ({smallest} devices per node): tensor parallelism stays inside a node"
+        if any(size % tp for size in node_sizes):
+            return "topology", f"tp={tp} does not divide the {'/'.join(map(str, node_sizes))} devices of a node: a tensor-parallel group would cross nodes"
+        L = self.ctx.num_layers
+        if pp > L:
+            return "topology", f"pp={pp} exceeds the model's {L} layers"
+        return None
+
+    def _schedules(self, pp: int) -> list[tuple[str, int]]:
+        if pp == 1:
+            return [("none", 1)]
+        found = []
+        for s in self.schedules:
+            if s in ("interleaved", "zero_bubble"):
+                found += [(s, v) for v in self.virtual_options]
+            else:
+                found.append((s, 1))
+        return found
+
+    def _schedule_problem(self, pp: int, m: int, schedule: str, v: int) -> tuple[str, str] | None:
+        if schedule == "none":
+            return None
+        layers = self.ctx.num_layers - len(self.forbidden[schedule])
+        if pp * v > layers:
+            return "topology", f"pp={pp} x {v} stage(s) per rank needs {pp * v} stages; the model has {layers} layers that can be cut"
+        if schedule == "1f1b" and m < pp:
+            return "schedule", f"1f1b needs at least {pp} microbatches (one per stage), got {m}"
+        if schedule in ("interleaved", "zero_bubble"):
+            rounds = max(1, m // pp)
+            if m % rounds:
+                return "schedule", f"{schedule} needs the microbatch count a multiple of its {rounds} rounds (torch), got {m}"
+        return None
+
+    # pricing -------------------------------------------------------------------------------------
+    def _prices(self, tp: int) -> _LayerPrices | PartcError:
+        if tp not in self.prices:
+            plan = None
+            if tp > 1:
+                start = time.perf_counter()
+                try:
+                    plan = plan_sharding(self.ctx.gm, self.ctx.cost_model, tp=tp, ranks=list(range(tp)), memory_limit=math.inf, compute_dtype=self.ctx.compute_dtype, optimizer=self.ctx.optimizer, reuse_repeated_blocks=True)
+                except PartcError as e:
+                    self.prices[tp] = e
+                    return e
+                finally:
+                    self.sharding_seconds += time.perf_counter() - start
+                self.say(f"sharding   {time.perf_counter() - start:7.3f} s  tp={tp} ({plan.status})")
+            self.prices[tp] = _LayerPrices(self.ctx, tp, plan)
+        return self.prices[tp]
+
+    def _table(self, spec: _Spec) -> _LayerTable:
+        return self.prices[spec.tp].table(self.ctx.batch_size // (spec.dp * spec.microbatches), spec.recompute)
+
+    def lower_bound(self, spec: _Spec) -> tuple[float, float]:
+        """(seconds, bytes) no pricing of ``spec`` can beat (module doc, "Search")."""
+        ctx, table, prices = self.ctx, self._table(spec), self.prices[spec.tp]
+        R, m, d = spec.pp, spec.microbatches, spec.fill_drain_divisor
+        S = table.total_time
+        if R == 1:
+            pipeline = m * S
+        else:
+            per_rank = max(S / R, table.max_time if spec.virtual_stages == 1 else 0.0)
+            pipeline = (m - 1.0 / d) * per_rank + S / d
+        numel = float(prices.owned_numel.sum()) / R  # the mean rank holds at least this
+        itemsize = ctx.param_dtype.itemsize
+        exposed = self._dp_exposed(spec, 0, numel * itemsize, table.total_forward, table.total_backward, table.total_backward)
+        optimizer = self._optimizer_time(numel, spec)
+        static = numel * ctx.bytes_per_param(spec.zero_stage, spec.dp) + float(prices.buffers.sum()) / R
+        acts = float(table.activations.sum()) / R * (1 if R == 1 else self._least_inflight(spec))
+        return pipeline + exposed + optimizer, static + acts + self._transient(spec, table)
+
+    @staticmethod
+    def _least_inflight(spec: _Spec) -> float:
+        if spec.schedule == "gpipe":
+            return float(spec.microbatches)
+        return 1.0 if spec.schedule == "1f1b" else 1.0 / spec.virtual_stages
+
+    def _transient(self, spec: _Spec, table: _LayerTable) -> float:
+        extra = 0.0
+        if spec.zero_stage == 3 and spec.dp > 1:
+            extra = 2 * self.prices[spec.tp].largest_layer_param * self.ctx.param_dtype.itemsize  # the layer in use and the prefetched one
+        return table.transient + extra
+
+    def _optimizer_time(self, numel: float, spec: _Spec) -> float:
+        if self.ctx.optimizer == "sgd":
+            return 0.0
+        local = numel / spec.dp if spec.zero_stage >= 1 else numel
+        return local * ADAMW_BYTES_PER_PARAM / self.ctx.device.memory_bandwidth
+
+    def _collective(self, op: str, spec: _Spec, pipeline_rank: int) -> tuple[float, float]:
+        """(seconds at 0 bytes, seconds per byte) of ``op`` over the dp group of a pipeline
+        rank: the alpha-beta collectives are affine in the bytes, so two prices give all."""
+        key = (op, spec.dp, spec.tp, pipeline_rank)
+        found = self.collective_cache.get(key)
+        if found is None:
+            ranks = [mesh_rank(spec.mesh, pipeline_rank, d, 0) for d in range(spec.dp)]
+            price = getattr(self.ctx.cost_model, op)
+            zero = price(0.0, ranks)
+            found = (zero, (price(float(GiB), ranks) - zero) / GiB)
+            self.collective_cache[key] = found
+        return found
+
+    def _dp_exposed(self, spec: _Spec, r: int, weight_bytes: float, forward: float, backward: float, window: float) -> float:
+        """Exposed dp traffic of pipeline rank ``r`` (module doc, "Data-parallel synchronisation")."""
+        if spec.dp == 1:
+            return 0.0
+        grads = weight_bytes  # gradients in the same dtype as the weights
+        bucket = min(DDP_BUCKET_BYTES, grads)
+
+        def cost(op: str, nbytes: float) -> float:
+            a, b = self._collective(op, spec, r)
+            return a + b * nbytes
+
+        z, m = spec.zero_stage, spec.microbatches
+        if z == 0:
+            return max(cost("all_reduce", grads) - window, cost("all_reduce", bucket))
+        exposed = max(cost("reduce_scatter", grads) - window, cost("reduce_scatter", bucket))
+        if z >= 2:
+            exposed += (m - 1) * max(0.0, cost("reduce_scatter", grads) - (forward + backward))
+        if z <= 2:
+            return exposed + max(cost("all_gather", weight_bytes) - forward, cost("all_gather", min(DDP_BUCKET_BYTES, weight_bytes)))
+        gather = cost("all_gather", weight_bytes)
+        return exposed + m * (max(0.0, gather - forward) + max(0.0, gather - backward))
+
+    # the loop ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        for tp in sorted({s.tp for s in self.specs}):
+            found = self._prices(tp)
+            if isinstance(found, PartcError):
+                for mesh in sorted({(s.pp, s.dp) for s in self.specs if s.tp == tp}):
+                    self.rejected.append(Rejection({"pp": mesh[0], "dp": mesh[1], "tp": tp}, None, None, None, None, None, "sharding", f"no tensor-parallel plan for tp={tp}: {found.message}"))
+        specs = [s for s in self.specs if not isinstance(self.prices[s.tp], PartcError)]
+        bounds = {s: self.lower_bound(s) for s in specs}
+        order = sorted(specs, key=lambda s: (bounds[s][0], s.order(self.schedules)))
+        kth: list[float] = []  # the top_k best step times so far, ascending
+        for spec in order:
+            bound_time, bound_memory = bounds[spec]
+            if len(kth) >= self.top_k and bound_time > kth[self.top_k - 1] * (1 + _REL):
+                best = kth[0]
+                self.rejected.append(_spec_rejection(spec, "slower", f"slower: at least {_percent(bound_time, best)} (lower bound {_ms(bound_time)} vs {_ms(best)}; not priced)", bound_time, None))
+                continue
+            if bound_memory > self.limit:
+                self.rejected.append(_spec_rejection(spec, "memory", f"over memory by at least {_gib(bound_memory - self.limit)} ({_gib(bound_memory)} of {_gib(self.limit)} per device)", bound_time, bound_memory))
+                continue
+            outcome = self.price(spec)
+            if isinstance(outcome, Rejection):
+                self.rejected.append(outcome)
+                continue
+            self.feasible.append(outcome)
+            kth.append(outcome.predicted_step_time)
+            kth.sort()
+            del kth[self.top_k:]
+
+    def price(self, spec: _Spec) -> Candidate | Rejection:
+        table = self._table(spec)
+        if spec.pp == 1:
+            return self._price_flat(spec, table)
+        return self._price_pipeline(spec, table)
+
+    def _price_flat(self, spec: _Spec, table: _LayerTable) -> Candidate | Rejection:
+        ctx, prices = self.ctx, self.prices[spec.tp]
+        numel = float(prices.owned_numel.sum())
+        weight_bytes = numel * ctx.param_dtype.itemsize
+        m = spec.microbatches
+        exposed = self._dp_exposed(spec, 0, weight_bytes, table.total_forward, table.total_backward, table.total_backward)
+        optimizer = self._optimizer_time(numel, spec)
+        memory = self._memory(spec, numel, float(prices.buffers.sum()), float(table.activations.sum()), self._transient(spec, table))
+        breakdown = StepBreakdown(
+            compute=m * float((table.forward_compute + table.backward_compute).sum()),
+            recompute=m * float(table.recompute.sum()),
+            tp_communication=m * float((table.forward_comm + table.backward_comm).sum()),
+            pipeline_transfer=0.0,
+            pipeline_bubble=0.0,
+            dp_sync_exposed=exposed,
+            optimizer=optimizer,
+        )
+        return self._candidate(spec, breakdown, memory, None, "exact")
+
+    def _memory(self, spec: _Spec, numel: float, buffers: float, activations: float, transient: float) -> MemoryBreakdown:
+        ctx = self.ctx
+        memory = training_memory(
+            int(round(numel)), ctx.param_dtype, activations, optimizer=ctx.optimizer, mixed_precision=ctx.mixed,
+            zero_stage=spec.zero_stage, dp=spec.dp, transient_bytes=transient,
+        )
+        return memory + MemoryBreakdown(parameters=buffers, gradients=0.0, optimizer_state=0.0, activations=0.0)
+
+    def _candidate(self, spec, breakdown, memory, partition, status) -> Candidate | Rejection:
+        step = breakdown.total
+        if memory.total > self.limit:
+            return _spec_rejection(spec, "memory", f"over memory by {_gib(memory.total - self.limit)} ({_gib(memory.total)} of {_gib(self.limit)} per device)", step, memory.total)
+        prices = self.prices[spec.tp]
+        return Candidate(
+            mesh=spec.mesh,
+            microbatches=spec.microbatches,
+            schedule=spec.schedule,
+            virtual_stages=spec.virtual_stages,
+            recompute=spec.recompute,
+            zero_stage=spec.zero_stage,
+            predicted_step_time=step,
+            breakdown=breakdown,
+            memory=memory,
+            memory_limit=self.limit,
+            partition=partition,
+            sharding=prices.plan,
+            solver_status=status,
+        )
+
+    # pipelines -------------------------------------------------------------------------------------
+    def _stage_problem(self, spec: _Spec, table: _LayerTable, schedule: str, zero: int | None, budget: float | None) -> StageProblem:
+        ctx, prices = self.ctx, self.prices[spec.tp]
+        per_param = ctx.bytes_per_param(zero, spec.dp) if zero is not None else 0.0
+        params = (prices.owned_numel + prices.shared_numel) * per_param + prices.buffers + prices.shared_buffers
+        layers = tuple(
+            LayerCost(name=layer.name, time=float(table.time[j]), param_bytes=float(params[j]), activation_bytes=float(table.activations[j]), boundary_bytes=float(table.boundary[j]))
+            for j, layer in enumerate(ctx.layers)
+        )
+        speeds, latency, bandwidth = self._pipeline_links(spec)
+        return StageProblem(
+            layers=layers,
+            stages=spec.stages,
+            microbatches=spec.microbatches,
+            schedule=schedule,
+            virtual_stages=spec.virtual_stages,
+            stage_speed=speeds,
+            memory_budget=(budget,) * spec.stages if budget is not None else (),
+            link_latency=latency,
+            link_bandwidth=bandwidth,
+            time_limit=_STAGE_TIME_LIMIT,
+        )
+
+    def _pipeline_links(self, spec: _Spec):
+        cluster, R = self.ctx.cluster, spec.pp
+        first = [mesh_rank(spec.mesh, r, 0, 0) for r in range(R)]
+        reference = self.ctx.device.flops(self.ctx.dtype_name)
+        speeds = []
+        for r in range(R):
+            group = range(first[r], first[r] + spec.dp * spec.tp)
+            speeds.append(cluster.slowest_device(group).flops(self.ctx.dtype_name) / reference)
+        stage_speed = tuple(speeds[i % R] for i in range(spec.stages)) if any(s != 1.0 for s in speeds) else ()
+        latency, bandwidth = [], []
+        for i in range(spec.stages - 1):
+            link = cluster.link([first[i % R], first[(i + 1) % R]])
+            latency.append(link.latency)
+            bandwidth.append(link.bandwidth)
+        return stage_speed, tuple(latency), tuple(bandwidth)
+
+    def _time_optimal(self, spec: _Spec, table: _LayerTable) -> StagePartition | PartcError:
+        """The cut with the least pipeline time and no memory budget, shared across ZeRO
+        stages and between GPipe and 1F1B (module doc, "Reuse")."""
+        family = "1f1b" if spec.schedule in ("gpipe", "1f1b") else spec.schedule
+        key = (spec.tp, spec.pp, spec.dp, spec.microbatches, spec.recompute, family, spec.virtual_stages)
+        if key not in self.unconstrained:
+            problem = self._stage_problem(spec, table, family, None, None)
+            try:
+                self.solves += 1
+                self.unconstrained[key] = solve_stages_without_cuts(problem, self.forbidden[spec.schedule])
+            except PartcError as e:
+                self.unconstrained[key] = e
+        return self.unconstrained[key]
+
+    def _price_pipeline(self, spec: _Spec, table: _LayerTable) -> Candidate | Rejection:
+        transient = self._transient(spec, table)
+        budget = self.limit - transient
+        if budget <= 0:
+            return _spec_rejection(spec, "memory", f"over memory by at least {_gib(transient - self.limit)} (transient buffers alone need {_gib(transient)})", None, transient)
+        fastest = self._time_optimal(spec, table)
+        if isinstance(fastest, PartcError):
+            return _spec_rejection(spec, "schedule", f"no stage cut: {fastest.message}", None, None)
+        problem = self._stage_problem(spec, table, spec.schedule, spec.zero_stage, budget)
+        partition = evaluate_partition(problem, fastest.starts, status=fastest.status, solve_seconds=fastest.solve_seconds)
+        if not self._fits(problem, partition, budget):
+            try:
+                self.solves += 1
+                partition = solve_stages_without_cuts(problem, self.forbidden[spec.schedule])
+            except InfeasiblePlanError:
+                least = _least_peak_memory(problem)
+                over = least + transient - self.limit
+                exact = spec.virtual_stages == 1 and not self.forbidden[spec.schedule]
+                qualifier = "" if exact else "at least "
+                return _spec_rejection(spec, "memory", f"over memory by {qualifier}{_gib(over)} (the best cut needs {qualifier}{_gib(least + transient)} of {_gib(self.limit)} per device)", None, least + transient)
+            except PartcError as e:
+                return _spec_rejection(spec, "schedule", f"no stage cut: {e.message}", None, None)
+        return self._pipeline_candidate(spec, table, problem, partition, transient)
+
+    @staticmethod
+    def _fits(problem: StageProblem, partition: StagePartition, budget: float) -> bool:
+        R = problem.ranks
+        per_rank = [sum(partition.stage_memory[i] for i in range(r, problem.stages, R)) for r in range(R)]
+        return max(per_rank) <= budget
+
+    def _pipeline_candidate(self, spec, table, problem, partition, transient) -> Candidate | Rejection:
+        ctx, prices = self.ctx, self.prices[spec.tp]
+        R, p, m = spec.pp, spec.stages, spec.microbatches
+        speed = problem.stage_speed or (1.0,) * p
+        ends = list(partition.starts[1:]) + [ctx.num_layers]
+        held = [np.zeros(ctx.num_layers, dtype=bool) for _ in range(R)]
+        for i in range(p):
+            held[i % R][partition.starts[i]:ends[i]] = True
+
+        def run(values: np.ndarray, i: int) -> float:
+            return float(values[partition.starts[i]:ends[i]].sum())
+
+        per_rank = {k: [0.0] * R for k in ("compute", "recompute", "comm", "layers", "forward", "backward", "activations")}
+        for i in range(p):
+            r = i % R
+            s = speed[i]
+            per_rank["compute"][r] += run(table.forward_compute + table.backward_compute, i) / s
+            per_rank["recompute"][r] += run(table.recompute, i) / s
+            per_rank["comm"][r] += run(table.forward_comm + table.backward_comm, i) / s
+            per_rank["layers"][r] += run(table.time, i) / s
+            per_rank["forward"][r] += run(table.forward, i) / s
+            per_rank["backward"][r] += run(table.backward, i) / s
+            per_rank["activations"][r] += problem.inflight(i) * run(table.activations, i)
+        per_rank["numel"], per_rank["buffers"] = (list(x) for x in zip(*(prices.held(mask) for mask in held)))
+        rank_time = [sum(partition.stage_times[i] for i in range(r, p, R)) for r in range(R)]
+        slowest = max(range(R), key=lambda r: rank_time[r])
+
+        itemsize = ctx.param_dtype.itemsize
+        exposed, drained = 0.0, 0.0
+        for r in range(R):
+            drained += run(table.backward, r) / speed[r]  # chunk-0 stages 0..r drain after rank r's last backward
+            exposed = max(exposed, self._dp_exposed(spec, r, per_rank["numel"][r] * itemsize, per_rank["forward"][r], per_rank["backward"][r], drained))
+        optimizer = max(self._optimizer_time(n, spec) for n in per_rank["numel"])
+        breakdown = StepBreakdown(
+            compute=m * per_rank["compute"][slowest],
+            recompute=m * per_rank["recompute"][slowest],
+            tp_communication=m * per_rank["comm"][slowest],
+            pipeline_transfer=m * (rank_time[slowest] - per_rank["layers"][slowest]),
+            pipeline_bubble=partition.step_time - m * rank_time[slowest],
+            dp_sync_exposed=exposed,
+            optimizer=optimizer,
+        )
+        memories = [self._memory(spec, per_rank["numel"][r], per_rank["buffers"][r], per_rank["activations"][r], transient) for r in range(R)]
+        fullest = max(range(R), key=lambda r: memories[r].total)
+        return self._candidate(spec, breakdown, memories[fullest], partition, partition.status)
+
+    # failure -------------------------------------------------------------------------------------
+    def infeasible_error(self) -> InfeasiblePlanError:
+        over = sorted((r for r in self.rejected if r.kind == "memory" and r.memory is not None), key=lambda r: (r.memory, _rejection_key(r)))
+        if over:
+            closest = over[0]
+            message = (
+                f"no layout of the model fits {_gib(self.limit)} per device on {self.ctx.cluster.world_size} devices: "
+                f"the closest is {closest.label}, {closest.reason}"
+            )
+            fix = f"give at least {_gib(closest.memory)} per device, more devices, or a smaller batch"
+        else:
+            reasons = sorted({r.reason for r in self.rejected})[:3]
+            message = f"no layout of the model runs on {self.ctx.cluster.world_size} devices with these options: " + "; ".join(reasons)
+            fix = "unpin the mesh, allow other microbatch counts or schedules, or change the global batch"
+        error = InfeasiblePlanError(message, ErrorContext(pass_name=_PASS, fix=fix))
+        error.rejected = tuple(sorted(self.rejected, key=_rejection_key))
+        return error
+
+
+def _least_peak_memory(problem: StageProblem) -> float:
+    """The least, over cuts, of the fullest stage's bytes (one stage per rank: exact, by
+    a DP over (stage, last layer)); with several stages per rank, the mean rank's bytes
+    (a lower bound)."""
+    param = np.array([l.param_bytes for l in problem.layers])
+    act = np.array([l.activation_bytes for l in problem.layers])
+    p, L = problem.stages, len(param)
+    if problem.virtual_stages > 1:
+        least_inflight = min(problem.inflight(i) for i in range(p))
+        return float(param.sum() + least_inflight * act.sum()) / problem.ranks
+    prefix_p, prefix_a = np.concatenate([[0.0], np.cumsum(param)]), np.concatenate([[0.0], np.cumsum(act)])
+    run_p = prefix_p[None, 1:] - prefix_p[:-1, None]  # [first, last]
+    run_a = prefix_a[None, 1:] - prefix_a[:-1, None]
+    invalid = np.arange(L)[:, None] > np.arange(L)[None, :]
+    best = np.concatenate([[0.0], np.full(L, np.inf)])  # best[n]: layers 0..n-1 in the stages so far
+    for i in range(p):
+        stage = np.where(invalid, np.inf, run_p + problem.inflight(i) * run_a)
+        best = np.concatenate([[np.inf], np.maximum(best[:L, None], stage).min(axis=0)])
+    return float(best[L])
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _spec_rejection(spec: _Spec, kind: str, reason: str, step: float | None, memory: float | None) -> Rejection:
+    return Rejection(spec.mesh, spec.microbatches, spec.schedule, spec.virtual_stages, spec.recompute, spec.zero_stage, kind, reason, step, memory)
+
+
+def _rejection(c: Candidate, kind: str, reason: str, step: float | None, memory: float | None) -> Rejection:
+    return Rejection(c.mesh, c.microbatches, c.schedule, c.virtual_stages, c.recompute, c.zero_stage, kind, reason, step, memory)
+
+
+_KIND_ORDER = ("slower", "memory", "schedule", "indivisible", "sharding", "topology")
+
+
+def _rejection_key(r: Rejection) -> tuple:
+    return (
+        _KIND_ORDER.index(r.kind) if r.kind in _KIND_ORDER else len(_KIND_ORDER),
+        r.predicted_step_time if r.predicted_step_time is not None else math.inf,
+        r.memory if r.memory is not None else math.inf,
+        r.mesh["pp"], r.mesh["dp"], r.mesh["tp"],
+        r.microbatches or 0, r.schedule or "", r.virtual_stages or 0, bool(r.recompute), r.zero_stage or 0,
+    )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _percent(value: float, best: float) -> str:
+    return f"+{(value / best - 1) * 100:.1f}%" if best > 0 else "+inf%"
+
+
+def _ms(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:,.1f} us"
+    return f"{seconds * 1e3:,.2f} ms" if seconds < 10 else f"{seconds:,.2f} s"
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GiB:.2f} GiB"
+
+
+def _check_pinned(pinned: dict[str, int] | None, world: int) -> dict[str, int]:
+    pinned = dict(pinned or {})
+    unknown = sorted(set(pinned) - set(_MESH_DIMS))
+    if unknown:
+        raise PartcError(f"unknown mesh dimension(s) {unknown}", ErrorContext(pass_name=_PASS, fix='pin "dp", "tp" or "pp"'))
+    for k, v in pinned.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise PartcError(f"mesh degree {k}={v!r} must be an integer >= 1", ErrorContext(pass_name=_PASS))
+    product = math.prod(pinned.values())
+    if world % product:
+        raise PartcError(
+            f"pinned mesh {pinned} does not divide the cluster's {world} devices",
+            ErrorContext(pass_name=_PASS, fix=f"pin degrees whose product divides {world}"),
+        )
+    return pinned
+
+
+def _check_arguments(batch_size, schedules, zero_options, recompute_options, top_k, optimizer, virtual_options) -> None:
+    def bad(message: str, fix: str | None = None):
+        raise PartcError(message, ErrorContext(pass_name=_PASS, fix=fix))
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        bad(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    unknown = [s for s in schedules if s not in SCHEDULES]
+    if unknown or not schedules:
+        bad(f"unknown or no pipeline schedules {list(schedules)}", f"choose from {', '.join(SCHEDULES)}")
+    if not zero_options or any(z not in (0, 1, 2, 3) for z in zero_options):
+        bad(f"zero_options must be ZeRO stages 0-3, got {list(zero_options)}")
+    if not recompute_options:
+        bad("recompute_options is empty", "pass (False,), (True,) or (False, True)")
+    if not isinstance(top_k, int) or top_k < 1:
+        bad(f"top_k must be an integer >= 1, got {top_k!r}")
+    if optimizer not in ("adamw", "adam", "sgd"):
+        bad(f"unknown optimizer {optimizer!r}", "use adamw, adam or sgd")
+    if not virtual_options or any(not isinstance(v, int) or v < 2 for v in virtual_options):
+        bad(f"virtual_stage_options must be integers >= 2, got {list(virtual_options)}")
+
+
+# -- reading the result ----------------------------------------------------------------------------------
+def explain(result: SearchResult, *, alternatives: int = 8, rejections: int = 3) -> str:
+    """The best candidates with predicted time and memory, and why the others lost."""
+    best = result.best
+    header = ["#", "pp", "dp", "tp", "m", "schedule", "recomp", "zero", "step", "vs best", "memory", "why not chosen"]
+    rows = []
+    for i, c in enumerate(result.candidates[:alternatives]):
+        schedule = c.schedule if c.virtual_stages == 1 else f"{c.schedule} v={c.virtual_stages}"
+        why = "chosen" if i == 0 else _why_slower(c, best)
+        rows.append([
+            str(i + 1), str(c.mesh["pp"]), str(c.mesh["dp"]), str(c.mesh["tp"]), str(c.microbatches), schedule,
+            "yes" if c.recompute else "no", str(c.zero_stage), _ms(c.predicted_step_time),
+            "-" if i == 0 else _percent(c.predicted_step_time, best.predicted_step_time),
+            f"{c.memory.total / GiB:.1f} GiB", why,
+        ])
+    b = best.breakdown
+    lines = [
+        f"searched {result.searched} configurations in {result.seconds:.2f} s ({result.stage_solves} stage ILPs, "
+        f"sharding {result.sharding_seconds:.2f} s); memory limit {result.memory_limit / GiB:.1f} GiB per device",
+        f"best: {best.label}: {_ms(best.predicted_step_time)} per step of {result.batch_size} samples, "
+        f"{best.memory.total / GiB:.1f} GiB on the fullest device",
+        f"  compute {_ms(b.compute)}, recompute {_ms(b.recompute)}, tp comm {_ms(b.tp_communication)}, "
+        f"pp transfers {_ms(b.pipeline_transfer)}, pp bubble {_ms(b.pipeline_bubble)}, dp sync exposed {_ms(b.dp_sync_exposed)}, "
+        f"optimizer {_ms(b.optimizer)}",
+        "",
+        _table(header, rows),
+    ]
+    by_kind: dict[str, list[Rejection]] = {}
+    for r in result.rejected:
+        by_kind.setdefault(r.kind, []).append(r)
+    if by_kind:
+        lines += ["", f"rejected ({len(result.rejected)}):"]
+        for kind in _KIND_ORDER + tuple(k for k in by_kind if k not in _KIND_ORDER):
+            group = by_kind.get(kind)
+            if not group:
+                continue
+            lines.append(f"  {kind} ({len(group)}):")
+            for r in group[:rejections]:
+                lines.append(f"    {r.label}: {r.reason}")
+            if len(group) > rejections:
+                lines.append(f"    ... and {len(group) - rejections} more")
+    return "\n".join(lines)
+
+
+def _why_slower(c: Candidate, best: Candidate) -> str:
+    """The parts of the step where ``c`` loses most against the best."""
+    names = {
+        "compute": "compute", "recompute": "recompute", "tp_communication": "tp comm", "pipeline_transfer": "pp transfers",
+        "pipeline_bubble": "pp bubble", "dp_sync_exposed": "dp sync", "optimizer": "optimizer",
+    }
+    deltas = sorted(((getattr(c.breakdown, k) - getattr(best.breakdown, k), label) for k, label in names.items()), reverse=True)
+    worse = [f"{label} +{_ms(d)}" for d, label in deltas[:2] if d > 1e-3 * best.predicted_step_time]
+    return "slower: " + (", ".join(worse) if worse else "ties, more memory or a later option")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) if i not in (5, len(header) - 1) else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), "-" * (sum(widths) + 2 * (len(widths) - 1)), *(line(r) for r in rows)])
+
+
+# -- utilisation ----------------------------------------------------------------------------------------
+def model_flops_utilization(step_time: float, gm: fx.GraphModule, cluster: Cluster, compute_dtype: torch.dtype | None = None) -> float:
+    """Model FLOPs utilisation of a step: the graph's annotated forward + backward FLOPs
+    (the ``6 N T``-style training FLOPs, attention included; recomputation not counted) over
+    ``step_time x`` the summed peak FLOP/s of every device in ``compute_dtype`` (datasheet
+    peak, not the matmul efficiency). The graph must be traced at the batch of one step."""
+    if step_time <= 0:
+        raise PartcError(f"step_time must be > 0 s, got {step_time}", ErrorContext(pass_name=_PASS))
+    flops = sum(node_info(n).fwd_flops + node_info(n).bwd_flops for n in gm.graph.nodes)
+    name = str(compute_dtype or torch.float32).removeprefix("torch.")
+    peak = 0.0
+    for r in range(cluster.world_size):
+        device = cluster.device(r)
+        peak += device.peak_flops.get(name, max(device.peak_flops.values()))
+    return flops / (step_time * peak)
