@@ -282,6 +282,11 @@ def _pipeline_options(pp: int, microbatches: int | None, schedule: str | None, v
     schedule = schedule or ("interleaved" if (virtual_stages or 1) > 1 else "1f1b")
     if schedule not in SCHEDULES:
         raise PartcError(f"unknown schedule {schedule!r}", ErrorContext(fix=f"use one of {', '.join(SCHEDULES)}"))
+    if schedule == "zero_bubble" and _PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS:
+        raise PartcError(
+            f"the zero_bubble schedule needs torch >= 2.13 (this is {torch.__version__}; 2.11's fails in backward)",
+            ErrorContext(pass_name="stages", fix="use 'interleaved' or '1f1b', or upgrade torch"),
+        )
     interleaved = schedule in ("interleaved", "zero_bubble")
     virtual = virtual_stages or (2 if interleaved else 1)
     if interleaved and virtual < 2 or not interleaved and virtual != 1:
