@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--mesh", metavar="DIM=N", help='pin the parallelism, e.g. "pp=2", "tp=4" or "dp=8" (default: data parallel)')
     plan.add_argument("--json", metavar="PATH", help="write the plan as JSON")
     plan.add_argument("--report", metavar="PATH", help="write a self-contained HTML report of the plan")
+    plan.add_argument("--source", metavar="DIR", help="write the code each rank runs to DIR/rank_N.py (one file per distinct rank)")
     plan.add_argument("--dot", metavar="PATH", help="write the annotated graph as Graphviz DOT")
     plan.add_argument("--expand", action="store_true", help="list every layer instead of folding identical blocks")
     plan.set_defaults(run=_run_plan)
@@ -122,6 +123,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.json:
         result.to_json(args.json)
         print(f"plan written to {args.json}")
+    if args.source:
+        _write_sources(result, args.source)
     if args.report:
         from partc.report import write_report
 
@@ -132,6 +135,19 @@ def _run_plan(args: argparse.Namespace) -> int:
             f.write(result.to_dot())
         print(f"annotated graph written to {args.dot} (render: dot -Tsvg {args.dot} -o graph.svg)")
     return 0
+
+
+def _write_sources(plan, folder: str) -> None:
+    """One file per rank whose code differs: tensor-parallel ranks hold different slices,
+    pipeline ranks different stages; data-parallel ranks all run rank 0's code."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    distinct = plan.mesh["tp"] if plan.mesh["tp"] > 1 else plan.mesh["pp"]
+    for rank in range(distinct):
+        with open(os.path.join(folder, f"rank_{rank}.py"), "w") as f:
+            f.write(plan.source(rank))
+    print(f"code of {distinct} rank(s) written to {folder}/")
 
 
 def _run_graph(args: argparse.Namespace) -> int:

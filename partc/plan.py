@@ -177,6 +177,35 @@ class Plan:
             )
         return lines
 
+    def source(self, rank: int = 0) -> str:
+        """The Python code rank ``rank`` runs: its tensor-parallel module (sliced parameters,
+        explicit collectives), or its pipeline stages, or the captured model."""
+        if self.graph is None:
+            raise PlanMismatchError("this plan was read from JSON and holds no graph; plan the model again to see its code")
+        world = self.cluster.world_size
+        if not 0 <= rank < world:
+            raise PlanMismatchError(f"rank {rank} is outside this plan's {world} ranks")
+        if self.sharding is not None:
+            from partc.passes.tp_codegen import emit_tensor_parallel, generated_source
+
+            return generated_source(emit_tensor_parallel(self.graph, self.sharding, rank=rank, tp=self.mesh["tp"]))
+        if len(self.stages) > 1:
+            from partc.passes.split_stages import split_stages
+
+            parts = self.microbatches * self.mesh.get("dp", 1)
+            inputs = [
+                torch.empty((spec.shape[0] // parts, *spec.shape[1:]), dtype=spec.dtype, device="meta") if spec.shape else torch.empty((), dtype=spec.dtype)
+                for spec in graph_info(self.graph).input_specs
+            ]
+            stages = split_stages(self.graph, self.stage_of_layer(), inputs)
+            mine = [st for st in stages if self.stages[st.index].rank == rank % self.mesh["pp"]]
+            return "\n".join(
+                f"# partc pipeline stage {st.index} of {len(stages)} on pipeline rank {rank % self.mesh['pp']}: layers {_layer_span(self.stages[st.index])}\n"
+                f"# receives {', '.join(st.inputs)}; sends {', '.join(st.outputs)}\n{st.module.code}"
+                for st in mine
+            )
+        return f"# partc: every data-parallel rank runs the captured model on its slice of the batch\n{self.graph.code}"
+
     def to_dot(self) -> str:
         """The annotated graph in Graphviz DOT, one coloured cluster per layer."""
         if self.graph is None:

@@ -45,6 +45,13 @@ def test_plan_user_factory(tmp_path, monkeypatch, capsys):
     assert "has no callable 'absent'" in capsys.readouterr().err
 
 
+def test_plan_writes_each_pipeline_rank_code(tmp_path, capsys):
+    assert main(["plan", "gpt-tiny", "--cluster", "cpu:1x2", "--mesh", "pp=2", "--source", str(tmp_path / "code")]) == 0
+    rank0, rank1 = ((tmp_path / "code" / f"rank_{r}.py").read_text() for r in (0, 1))
+    assert "stage 0 of 2" in rank0 and "def forward(self, idx)" in rank0
+    assert "stage 1 of 2" in rank1 and "sends output" in rank1
+
+
 def test_graph_prints_layers_and_sources(capsys):
     assert main(["graph", "llama-tiny", "--batch", "2", "--seq", "16"]) == 0
     out = capsys.readouterr().out

@@ -149,6 +149,9 @@ def test_tensor_parallel_plan_reports_layouts_and_stays_inside_a_node(tmp_path):
     assert layouts["blocks.0.attn.qkv.weight"] == "S(0)" and layouts["blocks.0.attn.proj.weight"] == "S(1)"  # Megatron
     assert plan.predicted_step_time == pytest.approx(plan.sharding.compute_time + plan.sharding.communication_time)
     assert "Tensor parallel over 4 devices" in plan.summary()
+    source = plan.source(1)  # readable per-rank code: rank 1's slices and the collectives
+    assert "rank 1 of 4" in source and "[12288, 4096] -> [3072, 4096]" in source
+    assert source.count("copy_to_tp(") >= 2 and source.count("reduce_from_tp(") >= 4  # Megatron f and g, per block
     assert partc.Plan.from_json(plan.to_json()) == plan
     with pytest.raises(partc.PartcError, match="would cross nodes"):
         partc.plan(model, Cluster.preset("h100", nodes=2, devices_per_node=2), tokens, mesh={"tp": 4})
