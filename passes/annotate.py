@@ -47,7 +47,6 @@ from partc.passes.ir import (
     META_KEY,
     SAVES_NOTHING,
     SAVES_OUTPUT,
-    GraphInfo,
     LayerInfo,
     NodeInfo,
     OpKind,

@@ -859,7 +859,7 @@ def exact_chain_partition(problem: StageProblem) -> StagePartition:
             ErrorContext(pass_name=_PASS, fix="use solve_stages for virtual_stages > 1"),
         )
     costs = _ChainCosts(problem)
-    L, p = costs.L, costs.p
+    p = costs.p
     times = []
     for i in range(p):
         t, mem = costs.stage_matrices(i)

@@ -19,13 +19,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_parity(cases: list[dict], nproc: int, timeout: float = 600) -> dict[str, list[dict]]:
-    """Run every case in one torchrun launch; return {case key: [one verdict per rank]}."""
+def run_parity(cases: list[dict], nproc: int, timeout: float = 600, worker: Path = WORKER) -> dict[str, list[dict]]:
+    """Run every case in one torchrun launch of ``worker``; return {case key: [one verdict per rank]}."""
     with tempfile.TemporaryDirectory() as reports:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-            str(WORKER), "--cases", json.dumps(cases), "--report-dir", reports,
+            str(worker), "--cases", json.dumps(cases), "--report-dir", reports,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -35,7 +35,7 @@ def run_parity(cases: list[dict], nproc: int, timeout: float = 600) -> dict[str,
         verdict = json.loads(line)
         verdicts.setdefault(case_key(verdict["case"]), []).append(verdict)
     if not verdicts:
-        raise RuntimeError(f"the parity worker reported nothing (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"{worker.name} reported nothing (exit {result.returncode}):\n{result.stderr[-4000:]}")
     return verdicts
 
 

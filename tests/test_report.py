@@ -5,11 +5,10 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 
 import partc
 from partc.models import build
-from partc.report import pipeline_timeline, render_report, write_report
+from partc.report import pipeline_timeline, write_report
 
 
 def _pipeline_plan():

@@ -14,40 +14,19 @@ against the plan's prediction, and the state-dict keys. About 40 s on 2 CPU core
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from parity import case_key, free_port
+from parity import case_key, run_parity
 
 WORKER = Path(__file__).parent / "distributed" / "tp_worker.py"
 MODELS = ("mlp", "gpt", "gpt-tied", "llama", "gpt-loss")  # tp_worker.MODELS
 WORLDS = (2, 4)
 
 
-def run_tp_parity(cases: list[dict], nproc: int, timeout: float = 300) -> dict[str, list[dict]]:
-    """Run every case in one torchrun launch; return {case key: [one verdict per rank]}."""
-    with tempfile.TemporaryDirectory() as reports:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-            str(WORKER), "--cases", json.dumps(cases), "--report-dir", reports,
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-        lines = [line for path in sorted(Path(reports).glob("*.jsonl")) for line in path.read_text().splitlines()]
-    verdicts: dict[str, list[dict]] = {}
-    for line in lines:
-        verdict = json.loads(line)
-        verdicts.setdefault(case_key(verdict["case"]), []).append(verdict)
-    if not verdicts:
-        raise RuntimeError(f"the tensor-parallel worker reported nothing (exit {result.returncode}):\n{result.stderr[-4000:]}")
-    return verdicts
+def run_tp_parity(cases: list[dict], nproc: int) -> dict[str, list[dict]]:
+    return run_parity(cases, nproc, timeout=300, worker=WORKER)
 
 
 # Beside the Megatron plans, plans the solver makes for slower devices: GPT with sequence

@@ -12,11 +12,8 @@ ranks' state-dict keys is the model's. Any mismatch exits non-zero with the deta
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
 import dataclasses
-import json
 import sys
 
 import torch
@@ -32,6 +29,7 @@ from partc.models.llama import llama_tiny
 RTOL, ATOL = 1e-5, 1e-6
 LR = 1e-4
 BATCH, SEQ, VOCAB = 8, 16, 128
+from harness import serve  # noqa: E402
 
 
 class SkipNet(nn.Module):
@@ -155,32 +153,7 @@ def run_case(case: dict) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cases", required=True, help="a JSON list of cases: {model, mesh, microbatches?, schedule?, virtual_stages?}")
-    parser.add_argument("--report-dir", required=True, help="each rank appends one JSON line per case to RANK.jsonl here")
-    args = parser.parse_args()
-    cases = json.loads(args.cases)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(seconds=120))
-    report = open(f"{args.report_dir}/{dist.get_rank()}.jsonl", "a")
-
-    def verdict(case: dict, failures: list[str]) -> None:
-        report.write(json.dumps({"rank": dist.get_rank(), "case": case, "failures": failures[:20]}) + "\n")
-        report.flush()
-
-    any_failed = False
-    for case in cases:
-        try:
-            failures = run_case(case)
-        except Exception as e:
-            # The other ranks may be waiting in a collective: report, then exit so that
-            # torchrun stops them all (the remaining cases report nothing).
-            verdict(case, [f"{type(e).__name__}: {e}"])
-            raise
-        any_failed |= bool(failures)
-        verdict(case, failures)
-        dist.barrier()
-    dist.destroy_process_group()
-    return 1 if any_failed else 0
+    return serve(run_case, cases_help="a JSON list of cases: {model, mesh, microbatches?, schedule?, virtual_stages?, loss_in_graph?, cluster?}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ step against ``plan.collectives_per_step()``, and the state-dict keys against th
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
 import hashlib
 import json
 import sys
@@ -49,6 +47,7 @@ LR, EPS = 1e-4, 1e-6
 STEPS = 3
 BATCH, SEQ, VOCAB, WIDTH = 8, 16, 128, 64
 MODELS = ("mlp", "gpt", "gpt-tied", "llama", "gpt-loss")
+from harness import serve  # noqa: E402
 
 
 # Clusters the cases plan on: (FLOP/s and bytes/s of a device, link latency, link bandwidth).
@@ -240,31 +239,7 @@ def run_case(case: dict) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cases", required=True, help='a JSON list of cases: {"model": one of ' + ", ".join(MODELS) + ', "cluster"?: one of ' + ", ".join(CLUSTERS) + "}")
-    parser.add_argument("--report-dir", required=True, help="each rank appends one JSON line per case to RANK.jsonl here")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    report = open(f"{args.report_dir}/{dist.get_rank()}.jsonl", "a")
-
-    def verdict(case: dict, failures: list[str]) -> None:
-        report.write(json.dumps({"rank": dist.get_rank(), "case": case, "failures": failures[:20]}) + "\n")
-        report.flush()
-
-    any_failed = False
-    for case in json.loads(args.cases):
-        try:
-            failures = run_case(case)
-        except Exception as e:
-            # the other ranks may wait in a collective: report, then exit so torchrun stops them all
-            verdict(case, [f"{type(e).__name__}: {e}"])
-            raise
-        any_failed |= bool(failures)
-        verdict(case, failures)
-        dist.barrier()
-    dist.destroy_process_group()
-    return 1 if any_failed else 0
+    return serve(run_case, cases_help='a JSON list of cases: {"model": one of ' + ", ".join(MODELS) + ', "cluster"?: one of ' + ", ".join(CLUSTERS) + "}", backend="gloo")
 
 
 if __name__ == "__main__":
