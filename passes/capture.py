@@ -25,6 +25,7 @@ and the source line that stopped it.
 from __future__ import annotations
 
 import inspect
+import keyword
 import traceback
 import warnings
 from dataclasses import replace
@@ -84,6 +85,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], *, frontend: str = 
         raise TraceError(f"partc captures torch.nn.Module objects, got {type(model).__name__}")
     args = tuple(example_inputs)
     _check_arity(model, len(args))
+    _check_names(model)
     fx_error: BaseException | None = None
     if frontend in ("auto", "fx"):
         try:
@@ -97,6 +99,20 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], *, frontend: str = 
         return _export(model, args, reason)
     except Exception as e:  # noqa: BLE001
         raise _trace_error(model, e, "torch.fx symbolic tracing and torch.export" if fx_error else "torch.export") from e
+
+
+def _check_names(model: nn.Module) -> None:
+    """fx writes ``self.<name>`` for every attribute it reads, so a submodule or tensor named
+    with a Python keyword (``add_module("class", ...)``) would make invalid code."""
+    names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    for name in names:
+        bad = [part for part in name.split(".") if keyword.iskeyword(part)]
+        if bad:
+            raise TraceError(
+                f"{type(model).__name__} has a submodule or tensor named {name!r}: {bad[0]!r} is a Python keyword, "
+                "and torch.fx generates attribute access from these names",
+                ErrorContext(pass_name="capture", module=name.rpartition(".")[0] if name.rpartition(".")[0] else name, fix=f"rename {bad[0]!r} (e.g. {bad[0] + '_'!r}); state-dict keys follow the new name"),
+            )
 
 
 def _positional_parameters(model: nn.Module) -> list[inspect.Parameter]:

@@ -269,3 +269,16 @@ def test_shape_error_is_reported_by_propagate_with_the_node():
     assert "%linear" in info.value.context.node
     assert info.value.context.module == "proj"
     assert "\n  fix:" in message
+
+
+def test_python_keyword_submodule_name_is_refused_with_the_fix():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_module("class", torch.nn.Linear(4, 4))
+
+        def forward(self, x):
+            return getattr(self, "class")(x)
+
+    with pytest.raises(partc.TraceError, match=r"named 'class': 'class' is a Python keyword(.|\n)*fix: +rename 'class' \(e\.g\. 'class_'\)"):
+        capture(Net(), (torch.randn(2, 4),))
