@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from partc.errors import ErrorContext, TraceError
 from partc.passes.ir import META_KEY, GraphInfo, is_library_file
@@ -182,7 +183,7 @@ def _export(model: nn.Module, args: tuple, fallback_reason: str | None) -> fx.Gr
                 attr_nodes[name].meta = dict(node.meta)
             env[node] = attr_nodes[name]
         elif node.op == "output":
-            graph.output(fx.node.map_arg(_user_outputs(node, signature), lambda n: env[n]))
+            graph.output(fx.node.map_arg(_user_outputs(node, signature, exported.call_spec.out_spec), lambda n: env[n]))
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     for node in attr_nodes.values():
@@ -205,12 +206,23 @@ def _batch_dynamic(args: tuple) -> tuple | None:
     return tuple({0: auto} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
 
 
-def _user_outputs(output_node: fx.Node, signature) -> Any:
-    """Keep only the user's outputs (export puts buffer updates first)."""
+def _user_outputs(output_node: fx.Node, signature, out_spec) -> Any:
+    """The user's outputs (export puts buffer updates first), in the structure forward
+    returned when that is made of dicts, lists and tuples (``{"logits": ...}``), so that the
+    user's loss_fn gets what it gets from the model."""
     flat = list(output_node.args[0])
     kinds = [spec.kind.name for spec in signature.output_specs]
     user = [value for value, kind in zip(flat, kinds) if kind == "USER_OUTPUT"]
+    if out_spec is not None and _plain_containers(out_spec):
+        return pytree.tree_unflatten(user, out_spec)
     return user[0] if len(user) == 1 else tuple(user)
+
+
+def _plain_containers(spec) -> bool:
+    if spec.is_leaf():
+        return True
+    children = spec.children() if hasattr(spec, "children") else spec.children_specs
+    return spec.type in (dict, list, tuple) and all(_plain_containers(child) for child in children)
 
 
 def _trace_error(model: nn.Module, error: BaseException, frontends: str) -> TraceError:
