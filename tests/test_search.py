@@ -1,0 +1,284 @@
+"""The DP x TP x PP search on small models and synthetic clusters: pinned degrees,
+topology, indivisible batches, memory budgets, slow links, ranking, determinism, explain().
+
+Models are built on the meta device. "small" is a 4-block GPT of d_model 2048 (vocab 8192,
+0.2B parameters) at 512 tokens: wide enough that tensor parallelism, ZeRO and pipelines
+change the price, small enough to capture in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from partc.passes.annotate import annotate
+from partc.passes.capture import capture
+from partc.passes.propagate import propagate
+from partc.passes.search import (
+    SearchResult,
+    _Context,
+    _interleaved_cut,
+    _LayerPrices,
+    explain,
+    mesh_rank,
+    model_flops_utilization,
+    search,
+)
+from partc.passes.sharding import plan_sharding
+from partc.passes.stages import (
+    LayerCost,
+    StageProblem,
+    evaluate_partition,
+    exact_chain_partition,
+    solve_stages,
+)
+
+from partc.cluster import GB, PRESETS, Cluster, GiB, Link, NodeSpec
+from partc.cost_model import CostModel, training_memory
+from partc.errors import InfeasiblePlanError, PartcError
+from partc.models import GPT, GPTConfig
+
+BF16 = torch.bfloat16
+
+
+def gpt(n_layer=4, d_model=2048, n_head=16, vocab=8192, seq=512, batch=1):
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=vocab, block_size=seq, n_layer=n_layer, n_head=n_head, d_model=d_model))
+        idx = torch.zeros(batch, seq, dtype=torch.long)
+    return annotate(propagate(capture(model, (idx,)), (idx,)))
+
+
+@pytest.fixture(scope="module")
+def small():
+    return gpt()
+
+
+def two_by_two(inter: Link | None = None) -> Cluster:
+    """2 nodes x 2 H100s; the inter-node link as given (default: the preset's InfiniBand)."""
+    device, intra, ib = PRESETS["h100"]
+    return Cluster(nodes=(NodeSpec(device, 2, intra),) * 2, inter_link=inter or ib, name="2x2 h100")
+
+
+def run(gm, cluster, **kw) -> SearchResult:
+    kw.setdefault("batch_size", 32)
+    kw.setdefault("compute_dtype", BF16)
+    return search(gm, cluster, CostModel(cluster), **kw)
+
+
+def everything(result: SearchResult) -> list:
+    """Every configuration the search considered, as comparable tuples."""
+    rows = [("candidate", c.label, c.predicted_step_time, c.memory.total) for c in result.candidates]
+    rows += [("rejected", r.label, r.kind, r.reason, r.predicted_step_time, r.memory) for r in result.rejected]
+    return rows
+
+
+# -- the search space ---------------------------------------------------------------------------
+def test_pinned_degrees_are_honoured(small):
+    cluster = Cluster.preset("h100", nodes=1, devices_per_node=4)
+    result = run(small, cluster, pinned={"tp": 2})
+    assert all(c.mesh["tp"] == 2 for c in result.candidates)
+    assert {c.mesh["pp"] * c.mesh["dp"] for c in result.candidates} == {2}
+    both = run(small, cluster, pinned={"pp": 2, "dp": 2})
+    assert all(c.mesh == {"pp": 2, "dp": 2, "tp": 1} for c in both.candidates)
+    assert all(r.mesh == {"pp": 2, "dp": 2, "tp": 1} for r in both.rejected)
+    with pytest.raises(PartcError, match="does not divide"):
+        run(small, cluster, pinned={"tp": 3})
+    with pytest.raises(PartcError, match="unknown mesh dimension"):
+        run(small, cluster, pinned={"ep": 2})
+
+
+def test_tensor_parallelism_stays_inside_a_node(small):
+    result = run(small, two_by_two(), top_k=1000)
+    assert all(c.mesh["tp"] <= 2 for c in result.candidates)
+    (wide,) = [r for r in result.rejected if r.mesh["tp"] == 4]
+    assert wide.kind == "topology" and re.search(r"tp=4 exceeds the node \(2 devices per node\)", wide.reason)
+    # Megatron's rank order: a tensor-parallel group is consecutive ranks, so inside a node
+    mesh = {"pp": 2, "dp": 1, "tp": 2}
+    assert [mesh_rank(mesh, 1, 0, t) for t in range(2)] == [2, 3]
+    assert mesh_rank({"pp": 2, "dp": 2, "tp": 2}, 1, 1, 0) == 6
+
+
+def test_indivisible_batch_is_rejected_with_the_reason(small):
+    result = run(small, Cluster.preset("h100", nodes=1, devices_per_node=4), batch_size=6)
+    (indivisible,) = [r for r in result.rejected if r.mesh == {"pp": 1, "dp": 4, "tp": 1}]
+    assert indivisible.kind == "indivisible"
+    assert indivisible.reason == "batch 6 does not split over dp=4 x 1 microbatch"
+    assert all(6 % (c.mesh["dp"] * c.microbatches) == 0 for c in result.candidates)
+    # explicit microbatch counts that do not divide are reported one by one
+    explicit = run(small, Cluster.preset("h100", nodes=1, devices_per_node=4), batch_size=8, pinned={"dp": 2, "tp": 2}, microbatch_options=(1, 3))
+    assert any(r.reason == "batch 8 does not split over dp=2 x 3 microbatches" for r in explicit.rejected)
+
+
+def test_schedules_that_cannot_fill_the_pipe_are_rejected(small):
+    result = run(small, Cluster.preset("h100", nodes=1, devices_per_node=4), pinned={"pp": 4}, top_k=1000)
+    reasons = {(r.schedule, r.microbatches): r.reason for r in result.rejected if r.kind == "schedule"}
+    assert "1f1b needs at least 4 microbatches" in reasons[("1f1b", 2)]
+    assert "interleaved needs at least 4 microbatches" in reasons[("interleaved", 2)]
+    for c in result.candidates:
+        assert c.schedule == "gpipe" or c.microbatches >= 4
+        assert c.partition is not None and len(c.partition.starts) == 4 * c.virtual_stages
+
+
+# -- memory -----------------------------------------------------------------------------------------
+def test_a_tight_budget_forces_sharding_and_names_the_overshoot(small):
+    cluster = Cluster.preset("h100", nodes=1, devices_per_node=4)
+    plain = run(small, cluster, pinned={"dp": 4}, zero_options=(0,), recompute_options=(False,), microbatch_options=(1,))
+    all_dp = plain.best.memory.total
+    assert plain.best.label == "pp=1 dp=4 tp=1, m=1, no-recompute, zero-0"
+    limit = 0.5 * all_dp
+    result = run(small, cluster, memory_limit=limit)
+    best = result.best
+    assert best.memory.total <= limit
+    assert best.mesh["pp"] > 1 or best.mesh["tp"] > 1 or best.zero_stage > 0
+    (rejected,) = [r for r in result.rejected if r.label == plain.best.label]
+    assert rejected.kind == "memory"
+    over = re.fullmatch(r"over memory by (\d+\.\d+) GiB \((\d+\.\d+) GiB of (\d+\.\d+) GiB per device\)", rejected.reason)
+    assert over, rejected.reason
+    assert float(over.group(1)) == pytest.approx((all_dp - limit) / GiB, abs=0.01)
+    assert rejected.memory == pytest.approx(all_dp)
+
+
+def test_memory_breakdown_follows_training_memory(small):
+    cluster = Cluster.preset("h100", nodes=1, devices_per_node=4)
+    result = run(small, cluster, pinned={"dp": 4}, zero_options=(0, 3), recompute_options=(False,), microbatch_options=(1,), top_k=10)
+    by_zero = {c.zero_stage: c for c in result.candidates}
+    numel = sum(p.numel() for p in {id(p): p for p in small.parameters()}.values())
+    for zero, c in by_zero.items():
+        expected = training_memory(numel, BF16, 0.0, mixed_precision=True, zero_stage=zero, dp=4)
+        assert c.memory.parameters == pytest.approx(expected.parameters, rel=1e-6)
+        assert c.memory.optimizer_state == pytest.approx(expected.optimizer_state, rel=1e-6)
+    assert by_zero[3].memory.total < by_zero[0].memory.total
+    recompute = run(small, cluster, pinned={"dp": 4}, zero_options=(0,), microbatch_options=(1,), top_k=10)
+    kept = {c.recompute: c for c in recompute.candidates}
+    assert kept[True].memory.activations < kept[False].memory.activations / 3
+    assert kept[True].breakdown.recompute > 0 and kept[False].breakdown.recompute == 0
+
+
+def test_no_layout_fits_raises_with_the_closest(small):
+    with pytest.raises(InfeasiblePlanError, match="the closest is") as caught:
+        run(small, Cluster.preset("h100", nodes=1, devices_per_node=4), memory_limit=0.05 * GiB)
+    assert caught.value.rejected and all(r.kind != "slower" for r in caught.value.rejected)
+
+
+# -- links and ranking ------------------------------------------------------------------------------
+def test_a_slow_inter_node_link_moves_data_parallelism_inside_the_node(small):
+    _, intra, _ = PRESETS["h100"]
+    fast = run(small, two_by_two(inter=intra))  # nodes joined as fast as NVLink: topology is moot
+    assert fast.best.mesh["pp"] == 1 and fast.best.mesh["dp"] * fast.best.mesh["tp"] == 4  # dp spans both nodes
+    slow = run(small, two_by_two(inter=Link(1e-4, 2 * GB)))
+    best = slow.best
+    assert best.mesh["pp"] == 2 and best.mesh["dp"] * best.mesh["tp"] == 2  # dp inside a node, pipeline across
+    # the all-data-parallel layout is what lost, and by much
+    all_dp = [r for r in slow.rejected if r.mesh == {"pp": 1, "dp": 4, "tp": 1}]
+    assert all_dp and all((r.predicted_step_time or math.inf) > 1.5 * best.predicted_step_time for r in all_dp)
+
+
+def test_best_is_the_fastest_feasible_and_the_list_is_ranked(small):
+    result = run(small, Cluster.preset("h100", nodes=1, devices_per_node=4), top_k=6)
+    times = [c.predicted_step_time for c in result.candidates]
+    assert result.best is result.candidates[0] and times == sorted(times) and len(times) == 6
+    for r in result.rejected:
+        if r.kind == "slower":
+            assert r.predicted_step_time >= result.best.predicted_step_time
+    for c in result.candidates:
+        assert c.predicted_step_time == pytest.approx(c.breakdown.total)
+        assert c.memory.total <= c.memory_limit
+    assert result.searched == len(result.candidates) + len(result.rejected)
+    # every rejected configuration is a distinct point of the space
+    assert len({r.label for r in result.rejected if r.microbatches is not None}) == len([r for r in result.rejected if r.microbatches is not None])
+
+
+def test_same_answer_twice_and_under_another_hash_seed(small):
+    cluster = Cluster.preset("h100", nodes=1, devices_per_node=4)
+    first, second = run(small, cluster), run(small, cluster)
+    assert everything(first) == everything(second)
+    script = (
+        "import torch, hashlib\n"
+        "from tests.test_search import gpt, run\n"
+        "from partc.cluster import Cluster\n"
+        "r = run(gpt(), Cluster.preset('h100', nodes=1, devices_per_node=4))\n"
+        "print(hashlib.sha256(repr([(c.label, round(c.predicted_step_time, 12)) for c in r.candidates] + [(x.label, x.reason) for x in r.rejected]).encode()).hexdigest())\n"
+    )
+    here = hashlib_of(first)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for seed in ("0", "12345"):
+        out = subprocess.run([sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == here
+
+
+def hashlib_of(r: SearchResult) -> str:
+    import hashlib
+
+    return hashlib.sha256(repr([(c.label, round(c.predicted_step_time, 12)) for c in r.candidates] + [(x.label, x.reason) for x in r.rejected]).encode()).hexdigest()
+
+
+def test_explain_lists_alternatives_and_reasons(small):
+    result = run(small, two_by_two(), memory_limit=4 * GiB)
+    text = explain(result)
+    assert "best: " + result.best.label in text
+    assert "chosen" in text and "slower:" in text
+    for c in result.candidates[1:]:
+        assert f"{c.predicted_step_time * 1e3:,.2f} ms" in text
+    assert re.search(r"memory \(\d+\):\n    .*over memory by", text)
+    assert "tp=4 exceeds the node" in text
+
+
+# -- pricing -------------------------------------------------------------------------------------------
+def test_layer_prices_add_up_to_the_sharding_plan(small):
+    """At the traced batch the per-layer prices are the sharding plan's own totals."""
+    cluster = Cluster.preset("h100", nodes=1, devices_per_node=4)
+    cost_model = CostModel(cluster)
+    plan = plan_sharding(small, cost_model, tp=4, compute_dtype=BF16, memory_limit=math.inf)
+    prices = _LayerPrices(_Context(small, cluster, cost_model, BF16, "adamw", 1), 4, plan)
+    fwd, bwd = prices.compute_times(1.0)
+    comm_fwd, comm_bwd = prices.communication_times(1.0)
+    optimizer = float(prices.owned_numel.sum()) * 28 / cluster.device(0).memory_bandwidth
+    assert fwd.sum() + bwd.sum() + optimizer == pytest.approx(plan.compute_time, rel=1e-9)
+    assert comm_fwd.sum() + comm_bwd.sum() == pytest.approx(plan.communication_time, rel=1e-9)
+    assert comm_fwd.sum() == pytest.approx(plan.forward_communication_time, rel=1e-9)
+
+
+def test_a_graph_traced_at_the_global_batch_prices_like_one_traced_at_one_sample():
+    cluster = Cluster.preset("h100", nodes=1, devices_per_node=4)
+    one, eight = gpt(n_layer=2, batch=1), gpt(n_layer=2, batch=8)
+    a, b = run(one, cluster, batch_size=8), run(eight, cluster, batch_size=8)
+    assert b.one_sample_seconds > 0 and a.one_sample_seconds == 0
+    assert len(a.candidates) == len(b.candidates)
+    for x, y in zip(a.candidates, b.candidates):
+        assert x.label == y.label
+        assert x.predicted_step_time == pytest.approx(y.predicted_step_time, rel=1e-9)
+        assert x.memory.total == pytest.approx(y.memory.total, rel=1e-9)
+
+
+def test_interleaved_local_search_against_the_exact_cuts():
+    """The local search used for interleaved schedules (where CBC does not close the stage
+    ILP in seconds), against the DP on one stage per rank (uneven layers, transfers) and
+    against the ILP on small interleaved chains shaped like a transformer (a light
+    embedding, equal blocks, a heavy LM head): equal there."""
+    layers = tuple(LayerCost(f"l{j}", 1.0 + (j % 5) * 0.3 + (2.5 if j == 19 else 0.0), 1.0, 1.0, 0.2 + (j % 3) * 0.1) for j in range(20))
+    for stages, m in ((2, 4), (4, 8), (5, 16)):
+        problem = StageProblem(layers, stages=stages, microbatches=m, link_latency=(0.01,) * (stages - 1), link_bandwidth=(4.0,) * (stages - 1))
+        ours = evaluate_partition(problem, _interleaved_cut(problem, frozenset(), None))
+        assert ours.step_time <= exact_chain_partition(problem).step_time * 1.02
+    for n, head, ranks, v, m in ((14, 4.5, 2, 2, 8), (18, 4.5, 3, 2, 6)):
+        chain = (LayerCost("emb", 0.1, 1, 1, 0.3),) + tuple(LayerCost(f"b{j}", 1.0, 1, 1, 0.3) for j in range(n - 2)) + (LayerCost("head", head, 1, 1, 0),)
+        p = ranks * v
+        problem = StageProblem(chain, stages=p, microbatches=m, schedule="interleaved", virtual_stages=v, link_latency=(0.01,) * (p - 1), link_bandwidth=(3.0,) * (p - 1), time_limit=20)
+        ilp = solve_stages(problem)
+        assert ilp.status == "optimal"
+        ours = evaluate_partition(problem, _interleaved_cut(problem, frozenset(), None))
+        assert ours.step_time == pytest.approx(ilp.step_time, rel=1e-9)
+
+
+def test_model_flops_utilization(small):
+    cluster = Cluster.preset("h100", nodes=1, devices_per_node=4)
+    flops = sum(n.meta["partc"].fwd_flops + n.meta["partc"].bwd_flops for n in small.graph.nodes)
+    assert model_flops_utilization(1.0, small, cluster, BF16) == pytest.approx(flops / (4 * 989e12))
+    assert model_flops_utilization(1.0, small, cluster, BF16, batch_size=32) == pytest.approx(32 * flops / (4 * 989e12))
+    result = run(small, cluster)
+    assert 0 < model_flops_utilization(result.best.predicted_step_time, small, cluster, BF16, batch_size=32) < 0.8
