@@ -1,4 +1,5 @@
-"""Plan a model from Python: a GPT-3-shaped model on 64 H100s, built on the meta device.
+"""Plan a model from Python: a GPT-3-shaped model on 64 H100s, built on the meta device;
+the search picks data, tensor and pipeline degrees, microbatches, schedule, recompute and ZeRO.
 
     python examples/plan_gpt.py [--layers 96] [--nodes 8]
 
@@ -26,9 +27,8 @@ def main() -> None:
     cluster = partc.Cluster.preset("h100", nodes=args.nodes, devices_per_node=8)
     plan = partc.plan(model, cluster, tokens, mixed_precision="bf16", progress=lambda line: print(f"  [partc] {line}"))
     print(plan.summary())
-    if not plan.fits:
-        print("\nA data-parallel plan keeps a full copy of the model on every GPU; this model needs the")
-        print("tensor and pipeline parallel passes, which come in the next partc releases.")
+    print()
+    print(plan.explain())
 
 
 if __name__ == "__main__":

@@ -125,6 +125,8 @@ def compile(
         into the graph, planned with the model, and computed by the last pipeline stage
         (the targets are routed to it); without them loss_fn runs on the last stage's output.
     plan_options: the keywords of :func:`partc.plan` (mesh, microbatches, schedule, ...).
+        Without a mesh, compile plans data, pipeline and tensor parallelism over the whole
+        cluster and runs the fastest that fits (the runtime composes them in a later version).
     """
     if not callable(loss_fn):
         raise PartcError("compile() needs loss_fn(outputs, targets) -> scalar loss", ErrorContext(fix="pass loss_fn=..."))
@@ -133,7 +135,8 @@ def compile(
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     with_loss = example_targets is not None
-    result = make_plan(model, cluster, example_inputs, loss_fn=loss_fn if with_loss else None, example_targets=example_targets, **plan_options)
+    plan_options = dict(plan_options, loss_fn=loss_fn if with_loss else None, example_targets=example_targets)
+    result = _runnable_plan(model, cluster, example_inputs, plan_options)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     pp, dp, tp = result.mesh.get("pp", 1), result.mesh.get("dp", 1), result.mesh.get("tp", 1)
 
@@ -179,6 +182,35 @@ def compile(
         modules = [model]
 
     return ParallelModule(result, runner, modules, model)
+
+
+def _runnable_plan(model: nn.Module, cluster: Cluster, example_inputs: Any, options: dict[str, Any]) -> Plan:
+    """The plan compile() runs: the pinned mesh, or the fastest single kind of parallelism.
+
+    The search may prefer a combination (pp x dp x tp, ZeRO, recomputation) that this
+    version's runtime cannot compose yet; compile() then plans each kind over the whole
+    cluster and runs the fastest that fits, and says so."""
+    mesh = options.pop("mesh", None)
+    if mesh and sum(1 for degree in mesh.values() if degree > 1) <= 1:
+        return make_plan(model, cluster, example_inputs, mesh=mesh, **options)
+    if mesh:
+        raise PartcError(
+            f"compile() runs one kind of parallelism at a time in this version; mesh {mesh} combines several",
+            ErrorContext(fix=f'pin one of {{"dp": {cluster.world_size}}}, {{"pp": {cluster.world_size}}} or {{"tp": n}} within a node; partc.plan() can still price the combination'),
+        )
+    world = cluster.world_size
+    kinds = [{"dp": world}, {"pp": world}] + ([{"tp": world}] if not cluster.spans_nodes(range(world)) else [])
+    plans, reasons = [], []
+    for kind in kinds:
+        try:
+            candidate = make_plan(model, cluster, example_inputs, mesh=kind, **options)
+        except PartcError as e:
+            reasons.append(f"{kind}: {e.message}")
+            continue
+        (plans if candidate.fits else reasons).append(candidate if candidate.fits else f"{kind}: over memory")
+    if not plans:
+        raise PartcError("no single kind of parallelism fits: " + "; ".join(reasons), ErrorContext(fix="pin a mesh, or reduce the batch or the model"))
+    return min(plans, key=lambda p: p.predicted_step_time)
 
 
 def _device() -> torch.device:

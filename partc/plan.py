@@ -68,6 +68,7 @@ class Plan:
     bubble_fraction: float = 0.0  # pipeline idle time over busy time, imbalance included
     equal_split_step_time: float | None = None  # predicted step of the equal-layer split, for comparison
     tensor_parallel: dict[str, Any] | None = None  # layouts, parameter slices, collectives per step (tp plans)
+    search: dict[str, Any] | None = None  # the search's choice, step breakdown and alternatives (searched plans)
     unsupported_ops: tuple[str, ...] = ()  # nodes no pass has a rule for
     pass_times: dict[str, float] = field(default_factory=dict)  # seconds per pass
     graph: fx.GraphModule | None = field(default=None, compare=False, repr=False)  # not saved in JSON
@@ -127,6 +128,13 @@ class Plan:
         ]
         if len(self.stages) > 1:
             lines += ["", *self._stage_lines()]
+        if self.search:
+            lines += [
+                "",
+                f"Chosen by the search over {self.search['searched']:,} configurations in {self.search['seconds']:.2f} s: {self.search['best']}"
+                + ("" if self.runnable else "  (partc.compile runs one kind of parallelism at a time in this version)"),
+                "plan.explain() lists the alternatives and why each lost.",
+            ]
         if self.tensor_parallel:
             tp = self.tensor_parallel
             sharded = sum(1 for layout in tp["parameters"].values() if layout != "R")
@@ -140,7 +148,21 @@ class Plan:
             lines.append(f"Operators with no rule ({len(self.unsupported_ops)}, replicated): {', '.join(self.unsupported_ops[:10])}")
         return "\n".join(lines)
 
+    def explain(self) -> str:
+        """The best alternatives the search priced, with time, memory and why each lost."""
+        if not self.search:
+            return f"no search: the mesh {self.mesh} was pinned"
+        return self.search["explain"]
+
+    @property
+    def runnable(self) -> bool:
+        """Whether partc.compile can run this plan today (one kind of parallelism at a time)."""
+        return sum(1 for degree in self.mesh.values() if degree > 1) <= 1
+
     def _step_parts(self) -> str:
+        if self.search:
+            parts = self.search["breakdown"]
+            return " + ".join(f"{name.replace('_', ' ')} {seconds * 1e3:,.2f}" for name, seconds in parts.items() if seconds > 0)
         if len(self.stages) > 1:
             return f"pipeline {self.compute_time * 1e3:,.2f} with transfers and fill/drain + optimizer {self.optimizer_time * 1e3:,.2f}"
         if self.tensor_parallel:
@@ -242,6 +264,7 @@ class Plan:
             "bubble_fraction": self.bubble_fraction,
             "equal_split_step_time": self.equal_split_step_time,
             "tensor_parallel": self.tensor_parallel,
+            "search": self.search,
             "unsupported_ops": list(self.unsupported_ops),
             "pass_times": dict(self.pass_times),
         }
@@ -290,6 +313,7 @@ class Plan:
                 bubble_fraction=data["bubble_fraction"],
                 equal_split_step_time=data["equal_split_step_time"],
                 tensor_parallel=data["tensor_parallel"],
+                search=data["search"],
                 unsupported_ops=tuple(data["unsupported_ops"]),
                 pass_times=dict(data["pass_times"]),
             )

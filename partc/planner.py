@@ -30,6 +30,7 @@ from partc.passes.capture import attach_loss, capture
 from partc.passes.estimate import Estimate, batch_size, estimate_data_parallel
 from partc.passes.ir import OpKind, graph_info, node_info
 from partc.passes.propagate import propagate
+from partc.passes.search import SearchResult, explain, search
 from partc.passes.sharding import ShardingPlan, plan_sharding
 from partc.passes.stages import (
     SCHEDULES,
@@ -83,7 +84,10 @@ def plan(
     loss_fn, example_targets: with both, loss_fn(output, targets) is traced into the graph
         and planned like the model's own operators (the logits' softmax often weighs as
         much as a block).
-    mesh: {"dp": world} (default), {"pp": world} or {"tp": world}; combinations are refused for now.
+    mesh: None (default) searches DP x TP x PP, microbatches, schedule, recompute and ZeRO
+        for the fastest plan that fits; pinning several degrees ({"tp": 2, "pp": 2}) searches
+        the rest; one degree over the whole cluster ({"dp": world}, {"pp": world},
+        {"tp": world}) plans that kind directly, which partc.compile can run today.
     microbatches, schedule, virtual_stages: pipeline options ("gpipe", "1f1b",
         "interleaved", "zero_bubble"; interleaved schedules default to 2 stages per rank,
         microbatches to the largest divisor of the batch up to 4 per pipeline rank).
@@ -95,7 +99,8 @@ def plan(
         raise PartcError(f"cluster must be a partc.Cluster, got {type(cluster).__name__}", ErrorContext(fix='use partc.Cluster.preset("h100") or partc.Cluster.from_json(path)'))
     inputs = _as_tuple(example_inputs)
     compute_dtype = _dtype(mixed_precision)
-    dp, tp, pp = _degrees(cluster, mesh)
+    searching = mesh is None or len(mesh) == 0 or _combines(mesh)
+    dp, tp, pp = (0, 0, 0) if searching else _degrees(cluster, mesh)
     if loss_fn is not None and example_targets is None:
         warnings.warn("partc.plan: loss_fn is not priced without example_targets; the model's forward is planned on its own", stacklevel=2)
     with_loss = loss_fn is not None and example_targets is not None
@@ -125,6 +130,20 @@ def plan(
     run("propagate", lambda: propagate(gm, graph_inputs), ["capture"])
     run("annotate", lambda: annotate(gm), ["capture", "propagate"])
     options = dict(compute_dtype=compute_dtype, optimizer=optimizer, training=training)
+    if searching:
+        pinned = dict(mesh or {})
+        result = run(
+            "search",
+            lambda: search(
+                gm, cluster, cost_model, batch_size=batch_size(gm), pinned=pinned or None,
+                schedules=(schedule,) if schedule else SCHEDULES_FOR_SEARCH,
+                microbatch_options=(microbatches,) if microbatches else None,
+                compute_dtype=compute_dtype, optimizer=optimizer, memory_limit=limit,
+            ),
+            ["capture", "propagate", "annotate"],
+        )
+        best = result.best
+        dp, tp, pp = best.mesh["dp"], best.mesh["tp"], best.mesh["pp"]
     estimate = run("estimate", lambda: estimate_data_parallel(gm, cost_model, dp=dp, **options), ["capture", "propagate", "annotate"])
 
     info = graph_info(gm)
@@ -143,6 +162,8 @@ def plan(
         pass_times=times,
         graph=gm,
     )
+    if searching:
+        return _searched_plan(common, result, estimate)
     if tp > 1:
         sharding = run(
             "sharding",
@@ -213,6 +234,49 @@ def plan(
 def _capture(model: nn.Module, inputs: tuple, loss_fn: Callable | None, frontend: str):
     gm = capture(model, inputs, frontend=frontend)
     return attach_loss(gm, loss_fn) if loss_fn is not None else gm
+
+
+def _combines(mesh: dict[str, int]) -> bool:
+    """A pinned mesh that leaves some degree to search or combines kinds goes to the search."""
+    return sum(1 for degree in mesh.values() if degree > 1) > 1
+
+
+# torch < 2.13 cannot run zero-bubble (see _pipeline_options): the search leaves it out there.
+SCHEDULES_FOR_SEARCH = ("1f1b", "interleaved", "gpipe") + (() if _PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS else ("zero_bubble",))
+
+
+def _searched_plan(common: dict[str, Any], result: SearchResult, estimate: Estimate) -> Plan:
+    """The Plan of the search's best candidate, with the alternatives and why they lost."""
+    best = result.best
+    b = best.breakdown
+    pp = best.mesh["pp"]
+    stages = _stage_plans(best.partition, estimate, pp) if best.partition is not None else (_single_stage(estimate),)
+    communication = b.tp_communication + b.dp_sync_exposed + b.pipeline_transfer
+    return Plan(
+        **{**common, "mesh": dict(best.mesh)},
+        predicted_step_time=best.predicted_step_time,
+        compute_time=best.predicted_step_time - communication - b.optimizer,
+        exposed_communication_time=communication,
+        optimizer_time=b.optimizer,
+        memory=best.memory,
+        stages=stages,
+        schedule=best.schedule,
+        microbatches=best.microbatches,
+        solver_status=best.solver_status,
+        bubble_fraction=best.partition.bubble_fraction if best.partition is not None else 0.0,
+        tensor_parallel=_tensor_parallel_summary(best.sharding) if best.sharding is not None else None,
+        sharding=best.sharding,
+        search={
+            "best": best.label,
+            "breakdown": {name: getattr(b, name) for name in ("compute", "recompute", "tp_communication", "pipeline_transfer", "pipeline_bubble", "dp_sync_exposed", "optimizer")},
+            "recompute": best.recompute,
+            "zero_stage": best.zero_stage,
+            "virtual_stages": best.virtual_stages,
+            "searched": result.searched,
+            "seconds": result.seconds,
+            "explain": explain(result),
+        },
+    )
 
 
 def _tensor_parallel_summary(sharding: ShardingPlan) -> dict[str, Any]:

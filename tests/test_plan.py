@@ -22,7 +22,7 @@ def _round_cluster(devices: int = 2) -> Cluster:
 
 def test_data_parallel_step_time_by_hand():
     model = nn.Linear(1024, 1024)
-    plan = partc.plan(model, _round_cluster(2), torch.randn(64, 1024))
+    plan = partc.plan(model, _round_cluster(2), torch.randn(64, 1024), mesh={"dp": 2})
     # Each of 2 replicas runs 32 rows: forward 2*32*1024*1024 + 32*1024 (bias) FLOPs at 1e12/s.
     # Memory terms: 2*64*1024*4 + (1024*1024 + 1024)*4 bytes / 1e15 B/s: negligible
     # next to compute but part of the roofline max() -- compute dominates.
@@ -45,7 +45,7 @@ def test_data_parallel_step_time_by_hand():
 
 def test_plan_gpt_tiny_summary_json_and_dot(tmp_path):
     model, inputs = build("gpt-tiny", batch_size=4)
-    plan = partc.plan(model, Cluster.preset("cpu", devices_per_node=2), inputs)
+    plan = partc.plan(model, Cluster.preset("cpu", devices_per_node=2), inputs, mesh={"dp": 2})
     assert plan.graph is not None and plan.frontend == "fx.symbolic_trace"
     assert plan.predicted_step_time == pytest.approx(plan.compute_time + plan.exposed_communication_time + plan.optimizer_time)
     assert set(plan.pass_times) == {"capture", "propagate", "annotate", "estimate"}
@@ -99,7 +99,7 @@ def test_fingerprint_is_stable_and_shape_sensitive():
 
 def test_memory_limit_marks_plan_that_does_not_fit():
     model, inputs = build("gpt-tiny", batch_size=2)
-    plan = partc.plan(model, Cluster.preset("cpu", devices_per_node=2), inputs, memory_limit=1 * MiB)
+    plan = partc.plan(model, Cluster.preset("cpu", devices_per_node=2), inputs, memory_limit=1 * MiB, mesh={"dp": 2})
     assert not plan.fits
     assert "DOES NOT FIT (over by" in plan.summary()
 
@@ -118,7 +118,6 @@ def test_mixed_precision_prices_bf16_and_master_weights():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"mesh": {"tp": 2, "pp": 2}}, partc.PartcError, "combines tp and pp, which this partc version does not plan yet"),
         ({"mesh": {"pp": 2, "dp": 1}, "microbatches": 3}, partc.PartcError, "does not split into 3 microbatches"),
         ({"mesh": {"pp": 2}, "schedule": "gpipe", "virtual_stages": 2}, partc.PartcError, "gpipe and 1f1b run 1 stage per rank"),
         ({"mesh": {"pp": 2}, "schedule": "chaotic"}, partc.PartcError, "unknown schedule 'chaotic'"),
@@ -134,7 +133,7 @@ def test_bad_options(kwargs, error, message):
 
 def test_batch_not_divisible_by_replicas():
     with pytest.raises(partc.InfeasiblePlanError, match="global batch of 3 does not split over 2"):
-        partc.plan(nn.Linear(4, 4), Cluster.preset("cpu", devices_per_node=2), torch.randn(3, 4))
+        partc.plan(nn.Linear(4, 4), Cluster.preset("cpu", devices_per_node=2), torch.randn(3, 4), mesh={"dp": 2})
 
 
 def test_tensor_parallel_plan_reports_layouts_and_stays_inside_a_node(tmp_path):
@@ -155,6 +154,16 @@ def test_tensor_parallel_plan_reports_layouts_and_stays_inside_a_node(tmp_path):
     assert partc.Plan.from_json(plan.to_json()) == plan
     with pytest.raises(partc.PartcError, match="would cross nodes"):
         partc.plan(model, Cluster.preset("h100", nodes=2, devices_per_node=2), tokens, mesh={"tp": 4})
+
+
+def test_default_plan_is_searched_and_explained():
+    model, (idx,) = build("gpt2", batch_size=8, device="meta")
+    plan = partc.plan(model, Cluster.preset("h100", devices_per_node=8), idx, mixed_precision="bf16")
+    assert plan.search is not None and plan.search["searched"] > 1
+    parts = plan.search["breakdown"]
+    assert plan.predicted_step_time == pytest.approx(sum(parts.values()))
+    assert "why not chosen" in plan.explain() and "Chosen by the search" in plan.summary()
+    assert partc.Plan.from_json(plan.to_json()).explain() == plan.explain()
 
 
 def test_cluster_must_be_a_cluster():
