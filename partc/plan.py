@@ -132,7 +132,7 @@ class Plan:
             lines += [
                 "",
                 f"Chosen by the search over {self.search['searched']:,} configurations in {self.search['seconds']:.2f} s: {self.search['best']}"
-                + ("" if self.runnable else "  (partc.compile runs one kind of parallelism at a time in this version)"),
+                + ("" if self.runnable else "  (partc.compile cannot run this combination yet: it runs one kind of parallelism, without ZeRO or recomputation)"),
                 "plan.explain() lists the alternatives and why each lost.",
             ]
         if self.tensor_parallel:
@@ -156,8 +156,10 @@ class Plan:
 
     @property
     def runnable(self) -> bool:
-        """Whether partc.compile can run this plan today (one kind of parallelism at a time)."""
-        return sum(1 for degree in self.mesh.values() if degree > 1) <= 1
+        """Whether partc.compile can run this plan as it is today: one kind of parallelism,
+        no ZeRO sharding and no recomputation."""
+        one_kind = sum(1 for degree in self.mesh.values() if degree > 1) <= 1
+        return one_kind and not (self.search and (self.search["zero_stage"] or self.search["recompute"]))
 
     def _step_parts(self) -> str:
         if self.search:
