@@ -137,7 +137,8 @@ def part_megatron(args, gm) -> None:
         "  DGX node and pipeline stages across nodes (the configuration compared here: tp=8, pp=16, dp=8),\n"
         "  ~140 TFLOP/s per GPU (45% of the 312 TFLOP/s bf16 peak), i.e. ~34 days for 300B tokens. Their FLOP count\n"
         "  includes activation recomputation (96 B s l h^2 (1 + s/6h + V/16lh): four forward passes); without it\n"
-        "  (model FLOPs, as MFU below counts) that is ~105 TFLOP/s per GPU, ~34% MFU."
+        "  (model FLOPs, as MFU below counts) that is ~105 TFLOP/s per GPU, ~34% MFU.\n"
+        "  (These published figures are quoted from memory and were not re-checked against the paper here.)"
     )
     print(published)
     for kind in ("a100", "h100"):
