@@ -5,7 +5,19 @@ Use :func:`build` to get a model and example inputs by name::
     model, (idx,) = build("gpt-tiny", batch_size=2)
     logits = model(idx)
 
+and :func:`training_case` for everything a training step needs (model, inputs, targets
+and the loss function the model family trains with)::
+
+    case = training_case("gpt-tiny", batch_size=2)
+    loss = case.loss_fn(case.model(*case.inputs), case.targets)
+
 :data:`MODELS` maps each name to a one-line description; :func:`names` lists them.
+
+Adding a model: one :class:`_Entry` in ``_ENTRIES``. Token models need only a config with
+``vocab_size`` and a maximum-length field; other inputs (images, dense and sparse
+features, two sequences) give ``make_batch(config, batch_size, seq_len)`` returning
+``(inputs, targets)``, and ``loss_fn(outputs, targets)`` if next-token cross entropy is
+not the model's loss.
 """
 
 from __future__ import annotations
@@ -32,11 +44,14 @@ __all__ = [
     "LlamaConfig",
     "MODELS",
     "META_THRESHOLD",
+    "TrainingCase",
     "build",
     "config",
     "gpt3_shaped",
     "names",
     "num_params",
+    "training_case",
+    "language_model_loss",
 ]
 
 # Models above this many parameters are built on the meta device unless a device is
@@ -44,12 +59,39 @@ __all__ = [
 META_THRESHOLD = 2_000_000_000
 
 
+def language_model_loss(logits: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy: ``targets`` are the inputs shifted by one.
+    Accepts a logits tensor, or a dict / HF ``ModelOutput`` holding ``"logits"``."""
+    if not isinstance(logits, torch.Tensor):
+        logits = logits["logits"]
+    return nn.functional.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+def token_batch(cfg: Any, batch_size: int, seq_len: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Random token ids ``[batch_size, seq_len]`` and their next-token targets."""
+    tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), dtype=torch.long)
+    return (tokens[:, :-1].contiguous(),), tokens[:, 1:].contiguous()
+
+
 @dataclass(frozen=True)
 class _Entry:
     description: str
     make_config: Callable[[], Any]
-    model_cls: type[nn.Module]
-    max_len_field: str  # the config field holding the maximum sequence length
+    model_cls: Callable[[Any], nn.Module]  # config -> model
+    max_len_field: str | None  # the config field holding the maximum sequence length (None: no sequence)
+    make_batch: Callable[[Any, int, int], tuple[tuple[Any, ...], Any]] = token_batch  # (config, batch, seq) -> (inputs, targets)
+    loss_fn: Callable[[Any, Any], torch.Tensor] = language_model_loss
+
+
+@dataclass(frozen=True)
+class TrainingCase:
+    """What one training step of a built-in model needs."""
+
+    name: str
+    model: nn.Module
+    inputs: tuple[Any, ...]  # positional inputs of model.forward, the global batch
+    targets: Any
+    loss_fn: Callable[[Any, Any], torch.Tensor]  # loss_fn(model(*inputs), targets) -> scalar, mean over the batch
 
 
 _ENTRIES = MappingProxyType(
@@ -106,22 +148,36 @@ def build(
     batch_size: int = 8,
     seq_len: int | None = None,
     device: str | torch.device | None = None,
-) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """A built-in model and example inputs ``(token_ids,)``, a LongTensor
-    [batch_size, seq_len] on the model's device.
+) -> tuple[nn.Module, tuple[Any, ...]]:
+    """A built-in model and example inputs (for token models ``(token_ids,)``, a LongTensor
+    [batch_size, seq_len]) on the model's device.
 
     ``seq_len`` defaults to the model's maximum sequence length. ``device=None`` builds
     on ``"meta"`` (no memory, no init cost) for models over 2B parameters and on
     ``"cpu"`` otherwise. Initialisation uses the global RNG; seed it for
     reproducibility.
     """
+    case = training_case(name, batch_size=batch_size, seq_len=seq_len, device=device)
+    return case.model, case.inputs
+
+
+def training_case(
+    name: str,
+    *,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    device: str | torch.device | None = None,
+) -> TrainingCase:
+    """A built-in model with a global batch of inputs and targets, and its loss function
+    (arguments as for :func:`build`)."""
     entry = _entry(name)
     cfg = entry.make_config()
-    max_len = getattr(cfg, entry.max_len_field)
-    if seq_len is None:
-        seq_len = max_len
-    if not 0 < seq_len <= max_len:
-        raise PartcError(f"seq_len must be in [1, {max_len}] for {name!r}, got {seq_len}")
+    if entry.max_len_field is not None:
+        max_len = getattr(cfg, entry.max_len_field)
+        if seq_len is None:
+            seq_len = max_len
+        if not 0 < seq_len <= max_len:
+            raise PartcError(f"seq_len must be in [1, {max_len}] for {name!r}, got {seq_len}")
     if batch_size < 1:
         raise PartcError(f"batch_size must be >= 1, got {batch_size}")
 
@@ -140,5 +196,5 @@ def build(
     with torch.device(device):
         if model is None:
             model = entry.model_cls(cfg)
-        idx = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), dtype=torch.long)
-    return model, (idx,)
+        inputs, targets = entry.make_batch(cfg, batch_size, seq_len)
+    return TrainingCase(name=name, model=model, inputs=tuple(inputs), targets=targets, loss_fn=entry.loss_fn)
