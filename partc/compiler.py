@@ -2,14 +2,16 @@
 
 Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set) ``compile`` initialises the default
 process group when the caller has not (NCCL on GPUs, gloo on CPUs), plans, and builds
-this rank's part of the plan:
+this rank's part of the plan on a 3-D mesh ("pp", "dp", "tp"; :mod:`partc.runtime.mesh`):
 
-* a pipeline plan (``pp > 1``): the stages this rank owns, on
-  ``torch.distributed.pipelining`` (:mod:`partc.runtime.pipeline`);
-* a data-parallel plan: the user's model under ``DistributedDataParallel``, each rank on
-  its slice of the global batch (:mod:`partc.runtime.data_parallel`);
-* a tensor-parallel plan: this rank's generated module, sliced parameters and explicit
-  collectives (:mod:`partc.passes.tp_codegen`, :mod:`partc.runtime.tensor_parallel`).
+1. tensor parallelism (``tp > 1``): the generated per-rank module, sliced parameters and
+   explicit collectives on the "tp" group (:mod:`partc.passes.tp_codegen`);
+2. pipeline parallelism (``pp > 1``): that module (or the captured graph) cut into stages
+   (:mod:`partc.passes.split_stages`), the ones this rank owns run on
+   ``torch.distributed.pipelining`` along "pp" (:mod:`partc.runtime.pipeline`);
+3. data parallelism (``dp > 1``): what this rank runs, wrapped for the "dp" group in DDP
+   (optionally compressing gradients) or FSDP2 for ZeRO (:mod:`partc.runtime.data_parallel`);
+   each replica takes its slice of the global batch.
 
 Outside torchrun it returns a module that runs the plan's stages one after another in
 this process. Every rank plans on its own; the plan is deterministic (same graph, same
@@ -18,22 +20,25 @@ solver input, same answer), and ranks compare plan fingerprints before the first
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 import torch.nn as nn
 
 from partc.cluster import Cluster
 from partc.errors import ErrorContext, PartcError, PlanMismatchError
 from partc.plan import Plan
 from partc.planner import plan as make_plan
-from partc.passes.split_stages import split_stages
+from partc.passes.recompute import checkpoint_layers
+from partc.passes.split_stages import StageModule, split_stages
 from partc.passes.tp_codegen import emit_tensor_parallel
-from partc.runtime.data_parallel import DataParallelRunner
+from partc.runtime.data_parallel import ReplicaRunner, check_data_parallel_options, replicate_over_dp
+from partc.runtime.mesh import RankMesh, build_rank_mesh
 from partc.runtime.pipeline import LocalPipelineRunner, PipelineRunner
-from partc.runtime.tensor_parallel import TensorParallelRunner
 
 
 class ParallelModule:
@@ -44,19 +49,22 @@ class ParallelModule:
     over ``parameters()``. ``state_dict()`` uses the single-device model's names.
     """
 
-    def __init__(self, plan: Plan, runner: Any, modules: Sequence[nn.Module], model: nn.Module):
+    def __init__(self, plan: Plan, runner: Any, modules: Sequence[nn.Module], model: nn.Module, rank_mesh: RankMesh | None = None):
         self.plan = plan
+        self.rank_mesh = rank_mesh  # this rank's coordinates and groups (None outside torchrun)
         self._runner = runner
         self._modules = list(modules)  # what this rank runs; their tensors keep the original names
-        aliases: dict[int, list[str]] = {}  # id(tensor) -> every state-dict name the model gives it
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            aliases.setdefault(id(tensor), []).append(name)
+        by_tensor: dict[int, list[str]] = {}  # id(tensor) -> every state-dict name the model gives it
+        model_state = model.state_dict(keep_vars=True)
+        for name, tensor in model_state.items():
+            by_tensor.setdefault(id(tensor), []).append(name)
         # This rank's persistent tensors by original name; a tensor the model knows under two
-        # names (a tied embedding and LM head) that a stage holds under one gets both.
+        # names (a tied embedding and LM head) that a stage holds under one gets both. By
+        # name, not identity: FSDP2 and tensor parallelism hold tensors of their own.
         self._state: dict[str, torch.Tensor] = {}
         for module in self._modules:
             for name, tensor in module.state_dict(keep_vars=True).items():
-                for alias in aliases.get(id(tensor), [name]):
+                for alias in by_tensor.get(id(model_state[name]), [name]) if name in model_state else [name]:
                     self._state.setdefault(alias, tensor)
         self._parameters: dict[str, nn.Parameter] = {}
         seen: set[int] = set()
@@ -115,6 +123,8 @@ def compile(
     loss_fn: Callable,
     loss_reduction: str = "mean",
     example_targets: torch.Tensor | None = None,
+    data_parallel: str | None = None,
+    gradient_compression: str | None = None,
     **plan_options: Any,
 ) -> ParallelModule:
     """Plan ``model`` and build this rank's part of the plan (see the module docstring).
@@ -124,9 +134,13 @@ def compile(
     example_targets: targets shaped like the global batch's; with them the loss is traced
         into the graph, planned with the model, and computed by the last pipeline stage
         (the targets are routed to it); without them loss_fn runs on the last stage's output.
+    data_parallel: "ddp" or "fsdp" to override how the plan replicates over "dp" (by
+        default: DDP, or FSDP2 when the plan chose ZeRO sharding; "fsdp" alone means ZeRO-3).
+    gradient_compression: None, "bf16", "fp16" or "powersgd": a DDP communication hook
+        (changes the numbers; off unless asked for).
     plan_options: the keywords of :func:`partc.plan` (mesh, microbatches, schedule, ...).
-        Without a mesh, compile plans data, pipeline and tensor parallelism over the whole
-        cluster and runs the fastest that fits (the runtime composes them in a later version).
+        Without a mesh, compile searches data, tensor and pipeline parallelism and their
+        combinations and runs the fastest plan that fits.
     """
     if not callable(loss_fn):
         raise PartcError("compile() needs loss_fn(outputs, targets) -> scalar loss", ErrorContext(fix="pass loss_fn=..."))
@@ -136,81 +150,69 @@ def compile(
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     with_loss = example_targets is not None
     plan_options = dict(plan_options, loss_fn=loss_fn if with_loss else None, example_targets=example_targets)
-    result = _runnable_plan(model, cluster, example_inputs, plan_options)
+    result = make_plan(model, cluster, example_inputs, **plan_options)
+    zero_stage = _zero_stage(result, data_parallel)
+    check_data_parallel_options(zero_stage, gradient_compression)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     pp, dp, tp = result.mesh.get("pp", 1), result.mesh.get("dp", 1), result.mesh.get("tp", 1)
-
+    graph_inputs = (*inputs, example_targets) if with_loss else inputs
     persistent = set(model.state_dict().keys())
-    if distributed:
-        world = dist.get_world_size()
-        if world != pp * dp * tp:
-            raise PlanMismatchError(
-                f"the plan needs {pp * dp * tp} ranks ({result.mesh}) but torchrun started {world}",
-                ErrorContext(fix=f"launch with --nproc-per-node/--nnodes giving {pp * dp * tp} processes, or plan for {world}"),
-            )
-        _check_same_plan_everywhere(result)
 
-    if tp > 1 and distributed:
-        parallel = emit_tensor_parallel(
-            result.graph, result.sharding, rank=dist.get_rank(), tp=tp, group=dist.group.WORLD, state_dict=model.state_dict(keep_vars=True)
+    recompute = bool(result.search and result.search["recompute"])
+
+    def cut(source: fx.GraphModule, stage_of_layer: list[int]) -> list[StageModule]:
+        stages = split_stages(source, stage_of_layer, _microbatch_inputs(graph_inputs, dp * result.microbatches), persistent_names=persistent)
+        for st in stages if recompute else ():
+            checkpoint_layers(st.module)
+        return stages
+
+    if not distributed:
+        stages = cut(result.graph, result.stage_of_layer())
+        runner = LocalPipelineRunner(stages, microbatches=result.microbatches * dp, loss_fn=None if with_loss else loss_fn, loss_reduction=loss_reduction)
+        return ParallelModule(result, runner, [st.module for st in stages], model)
+
+    mesh = build_rank_mesh(pp, dp, tp, device.type)
+    _check_same_plan_everywhere(result)
+    replicate = functools.partial(replicate_over_dp, mesh=mesh, zero_stage=zero_stage, gradient_compression=gradient_compression, device=device)
+    program: nn.Module = model  # what this rank runs before the pipeline cut
+    if tp > 1:
+        program = emit_tensor_parallel(
+            result.graph, result.sharding, rank=mesh.tp_index, tp=tp, group=mesh.group("tp"), state_dict=model.state_dict(keep_vars=True)
+        ).module
+    source = program if tp > 1 else result.graph
+    if pp > 1:
+        stages = cut(source, result.stage_of_layer())
+        runner = PipelineRunner(
+            stages,
+            mesh=mesh,
+            schedule=result.schedule,
+            microbatches=result.microbatches,
+            loss_fn=None if with_loss else loss_fn,
+            loss_reduction=loss_reduction,
+            device=device,
+            replicate=replicate,
         )
-        runner = TensorParallelRunner(parallel.module, loss_fn=None if with_loss else loss_fn, device=device)
-        modules = [parallel.module]
-    elif pp > 1 or not distributed:
-        graph_inputs = (*inputs, example_targets) if with_loss else inputs
-        microbatch = _microbatch_inputs(graph_inputs, dp * result.microbatches)
-        stages = split_stages(result.graph, result.stage_of_layer(), microbatch, persistent_names=persistent)
-        if distributed:
-            runner = PipelineRunner(
-                stages,
-                pp_rank=dist.get_rank(),
-                pp_size=pp,
-                group=dist.group.WORLD,
-                schedule=result.schedule,
-                microbatches=result.microbatches,
-                loss_fn=None if with_loss else loss_fn,
-                loss_reduction=loss_reduction,
-                device=device,
-            )
-            local_stages = runner.local
-        else:
-            runner = LocalPipelineRunner(stages, microbatches=result.microbatches * dp, loss_fn=None if with_loss else loss_fn, loss_reduction=loss_reduction)
-            local_stages = stages
-        modules = [st.module for st in local_stages]
+        modules = [st.module for st in runner.local]
     else:
-        runner = DataParallelRunner(model, loss_fn=loss_fn, loss_reduction=loss_reduction, device=device)
-        modules = [model]
+        if recompute:  # one stage: the captured graph (or generated module) with checkpointed layers
+            program = cut(source, [0] * len(result.layers))[0].module
+        loss_in_program = with_loss and program is not model  # the user's model computes no loss; the graphs do
+        runner = ReplicaRunner(replicate(program), mesh=mesh, loss_fn=None if loss_in_program else loss_fn, loss_reduction=loss_reduction, device=device)
+        modules = [program]
+    return ParallelModule(result, runner, modules, model, mesh)
 
-    return ParallelModule(result, runner, modules, model)
 
-
-def _runnable_plan(model: nn.Module, cluster: Cluster, example_inputs: Any, options: dict[str, Any]) -> Plan:
-    """The plan compile() runs: the pinned mesh, or the fastest single kind of parallelism.
-
-    The search may prefer a combination (pp x dp x tp, ZeRO, recomputation) that this
-    version's runtime cannot compose yet; compile() then plans each kind over the whole
-    cluster and runs the fastest that fits, and says so."""
-    mesh = options.pop("mesh", None)
-    if mesh and sum(1 for degree in mesh.values() if degree > 1) <= 1:
-        return make_plan(model, cluster, example_inputs, mesh=mesh, **options)
-    if mesh:
-        raise PartcError(
-            f"compile() runs one kind of parallelism at a time in this version; mesh {mesh} combines several",
-            ErrorContext(fix=f'pin one of {{"dp": {cluster.world_size}}}, {{"pp": {cluster.world_size}}} or {{"tp": n}} within a node; partc.plan() can still price the combination'),
-        )
-    world = cluster.world_size
-    kinds = [{"dp": world}, {"pp": world}] + ([{"tp": world}] if not cluster.spans_nodes(range(world)) else [])
-    plans, reasons = [], []
-    for kind in kinds:
-        try:
-            candidate = make_plan(model, cluster, example_inputs, mesh=kind, **options)
-        except PartcError as e:
-            reasons.append(f"{kind}: {e.message}")
-            continue
-        (plans if candidate.fits else reasons).append(candidate if candidate.fits else f"{kind}: over memory")
-    if not plans:
-        raise PartcError("no single kind of parallelism fits: " + "; ".join(reasons), ErrorContext(fix="pin a mesh, or reduce the batch or the model"))
-    return min(plans, key=lambda p: p.predicted_step_time)
+def _zero_stage(plan: Plan, data_parallel: str | None) -> int:
+    """ZeRO stage over "dp": the plan's choice, or the caller's ("ddp": 0, "fsdp": 3 unless
+    the plan already shards)."""
+    planned = int(plan.search["zero_stage"]) if plan.search else 0
+    if data_parallel is None:
+        return planned
+    if data_parallel == "ddp":
+        return 0
+    if data_parallel == "fsdp":
+        return planned or 3
+    raise PartcError(f"data_parallel must be 'ddp', 'fsdp' or None, got {data_parallel!r}", ErrorContext(pass_name="compile"))
 
 
 def _device() -> torch.device:

@@ -33,10 +33,25 @@ def _cases(world: int) -> list[dict]:
         {"model": "gpt", "mesh": {"tp": world}, "cluster": "tp-test"},
         {"model": "gpt-tied", "mesh": {"tp": world}, "cluster": "tp-test", "loss_in_graph": True},
     ]
+    if world == 4:  # two kinds at once on a 2-D mesh
+        cases += [
+            {"model": "gpt", "mesh": {"dp": 2, "tp": 2}, "cluster": TP_PAYS, "data_parallel": "ddp"},
+            {"model": "gpt", "mesh": {"dp": 2, "tp": 2}, "cluster": TP_PAYS, "data_parallel": "fsdp"},
+            {"model": "llama", "mesh": {"pp": 2, "tp": 2}, "cluster": TP_PAYS, "schedule": "1f1b", "microbatches": 2},
+            {"model": "gpt-tied", "mesh": {"pp": 2, "dp": 2}, "schedule": "1f1b", "microbatches": 2, "data_parallel": "fsdp"},
+            {"model": "gpt-tied", "mesh": {"pp": 2, "dp": 2}, "schedule": "interleaved", "virtual_stages": 2, "microbatches": 2, "data_parallel": "ddp"},
+        ]
     return cases
 
 
-CASES = {world: _cases(world) for world in (2, 4)}
+# Devices slow enough (10 GFLOP/s) that the search's sharding, priced at one sample, shards.
+TP_PAYS = "tp-test:1e10"
+# The 3-D case: dp=2, tp=2, pp=2 on 8 processes, on DDP and on FSDP2 over "dp".
+HYBRID_CASES = [
+    {"model": "gpt-tied", "mesh": {"pp": 2, "dp": 2, "tp": 2}, "cluster": TP_PAYS, "schedule": "1f1b", "microbatches": 2, "data_parallel": "ddp"},
+    {"model": "gpt-tied", "mesh": {"pp": 2, "dp": 2, "tp": 2}, "cluster": TP_PAYS, "schedule": "1f1b", "microbatches": 2, "data_parallel": "fsdp"},
+]
+CASES = {world: _cases(world) for world in (2, 4)} | {8: HYBRID_CASES}
 
 
 @pytest.fixture(scope="module")

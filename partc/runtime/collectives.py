@@ -13,6 +13,8 @@ backward, so that gradients stay consistent without any hook outside the graph::
     scatter_to_tp(x, dim, tp)                slice (R -> S)          all-gather
     reduce_scatter_to_tp(x, dim, tp)         reduce-scatter (P -> S) all-gather
     all_to_all_tp(x, src, dst, tp)           all-to-all (S -> S)     all-to-all back
+    broadcast_from_tp(x, owner, tp)          broadcast (O(owner) -> R) identity (the owner
+                                             holds the whole gradient already)
     to_partial(x, tp)                        R -> P: rank 0 keeps x, the others hold zeros;
                                              the gradient passes through unchanged
     pad_to_partial(x, dim, tp)               S -> P: x placed in zeros of the whole shape;
@@ -22,6 +24,9 @@ backward, so that gradients stay consistent without any hook outside the graph::
                                              ``full``: keep only the shard ``x`` and
                                              all-gather it again in backward (Megatron-SP)
     vocab_parallel_embedding(idx, w, tp)     masked lookup in this rank's rows (-> P), local
+    vocab_parallel_embedding_bag(idx, w, tp) the same for fixed-size bags, pooled (-> P)
+    table_wise_embedding(idx, w, tp, owner)  the whole table on rank ``owner``: its lookup
+    table_wise_embedding_bag(...)            there, zeros elsewhere (-> O(owner)), local
     vocab_parallel_cross_entropy(z, t, tp)   on class-sharded logits: all-reduce of the row
                                              max, one all-reduce of (sum of exp, target
                                              logit); backward is local (softmax - one-hot)
@@ -69,11 +74,15 @@ __all__ = [
     "scatter_to_tp",
     "reduce_scatter_to_tp",
     "all_to_all_tp",
+    "broadcast_from_tp",
     "to_partial",
     "pad_to_partial",
     "keep_shard_for_backward",
     "vocab_parallel_embedding",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_embedding_bag",
+    "table_wise_embedding",
+    "table_wise_embedding_bag",
     "shard_of",
     "global_size",
     "GENERATED_CODE_FUNCTIONS",
@@ -169,6 +178,11 @@ class _TorchBackend:
         offset = sum(p.numel() for p in pieces[:rank])
         return total[offset : offset + pieces[rank].numel()].view_as(pieces[rank]).clone()
 
+    def broadcast(self, x: torch.Tensor, rank: int, src: int) -> torch.Tensor:
+        y = x.detach().clone(memory_format=torch.contiguous_format)
+        dist.broadcast(y, src=dist.get_global_rank(self.group, src) if self.group is not None else src, group=self.group)
+        return y
+
     def all_to_all(self, pieces: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
         pieces = [p.detach().contiguous() for p in pieces]
         if self.native_all_to_all:
@@ -211,6 +225,9 @@ class _ShapeOnlyBackend:
 
     def all_to_all(self, pieces, rank):
         return [pieces[rank]] * self.size
+
+    def broadcast(self, x, rank, src):
+        return x.clone()
 
 
 class ThreadedGroup:
@@ -256,6 +273,9 @@ class ThreadedGroup:
     def all_to_all(self, pieces, rank):
         everyone = self._exchange(rank, [p.detach() for p in pieces])
         return [sent[rank].clone() for sent in everyone]
+
+    def broadcast(self, x, rank, src):
+        return self._exchange(rank, x.detach())[src].clone()
 
 
 def run_threaded(fn, size: int, group: ThreadedGroup | None = None) -> list[Any]:
@@ -384,6 +404,10 @@ class TensorParallelGroup(nn.Module):
         pieces = [shard_of(x, dst_dim, r, self.size, dst_blocks) for r in range(self.size)]
         return _assemble(self._backend_for(x, "all_to_all", phase).all_to_all(pieces, self.rank), src_dim, src_blocks)
 
+    def broadcast(self, x: torch.Tensor, src: int, *, phase: str) -> torch.Tensor:
+        """Every rank gets rank ``src``'s ``x`` (the others pass a tensor of the same shape)."""
+        return self._backend_for(x, "broadcast", phase).broadcast(x, self.rank, src)
+
     def shard(self, x: torch.Tensor, dim: int, blocks: int = 1) -> torch.Tensor:
         """This rank's piece of the whole ``x`` (a copy)."""
         return shard_of(x, dim, self.rank, self.size, blocks).clone()
@@ -478,6 +502,16 @@ class _AllToAllTP(torch.autograd.Function):
         return back, None, None, None, None, None
 
 
+class _BroadcastFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, owner, tp):
+        return tp.broadcast(x, owner, phase="forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
 class _ToPartial(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, tp):
@@ -536,6 +570,13 @@ def reduce_scatter_to_tp(x: torch.Tensor, dim: int, tp, *, blocks: int = 1) -> t
 def all_to_all_tp(x: torch.Tensor, src_dim: int, dst_dim: int, tp, *, src_blocks: int = 1, dst_blocks: int = 1) -> torch.Tensor:
     """S(src_dim) -> S(dst_dim). Forward: all-to-all. Backward: the all-to-all back."""
     return _AllToAllTP.apply(x, src_dim, dst_dim, _as_group(tp), src_blocks, dst_blocks)
+
+
+def broadcast_from_tp(x: torch.Tensor, owner: int, tp) -> torch.Tensor:
+    """O(owner) -> R. Forward: broadcast from tensor-parallel rank ``owner`` (the others
+    pass zeros of the shape). Backward: identity (the gradient is replicated, so the owner
+    holds all of it; what the other ranks return goes nowhere)."""
+    return _BroadcastFromTP.apply(x, owner, _as_group(tp))
 
 
 def to_partial(x: torch.Tensor, tp) -> torch.Tensor:
@@ -638,6 +679,33 @@ def vocab_parallel_embedding(indices: torch.Tensor, weight: torch.Tensor, tp, **
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
+def vocab_parallel_embedding_bag(indices: torch.Tensor, weight: torch.Tensor, tp, *, mode: str = "mean") -> torch.Tensor:
+    """``F.embedding_bag`` over bags of a fixed size (``indices`` [B, L]) with the rows
+    sharded as in :func:`vocab_parallel_embedding`: each rank pools its own rows' lookups,
+    the sum over ranks (a P layout) is the whole pooled bag. No communication."""
+    if mode not in ("sum", "mean"):
+        raise PartcError(f"a row-wise embedding bag pools by sum or mean, not {mode!r}", ErrorContext(pass_name="runtime"))
+    rows = vocab_parallel_embedding(indices, weight, tp)
+    return rows.sum(1) if mode == "sum" else rows.mean(1)
+
+
+def table_wise_embedding(indices: torch.Tensor, weight: torch.Tensor, tp, owner: int, **embedding_kwargs: Any) -> torch.Tensor:
+    """``F.embedding`` on the rank that holds the whole table (``owner``); zeros of the
+    output's shape on the others, whose ``weight`` is an empty [0, D] slice (an O(owner)
+    layout). No communication."""
+    if _as_group(tp).rank == owner:
+        return F.embedding(indices, weight, **embedding_kwargs)
+    return weight.new_zeros(*indices.shape, weight.size(1))
+
+
+def table_wise_embedding_bag(indices: torch.Tensor, weight: torch.Tensor, tp, owner: int, **bag_kwargs: Any) -> torch.Tensor:
+    """``F.embedding_bag`` (fixed-size bags, ``indices`` [B, L]) on the table's owner,
+    zeros [B, D] elsewhere, as :func:`table_wise_embedding`."""
+    if _as_group(tp).rank == owner:
+        return F.embedding_bag(indices, weight, **bag_kwargs)
+    return weight.new_zeros(indices.size(0), weight.size(1))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Megatron's cross entropy on logits sharded along the classes (last dim here)."""
 
@@ -715,11 +783,15 @@ GENERATED_CODE_FUNCTIONS = {
         scatter_to_tp,
         reduce_scatter_to_tp,
         all_to_all_tp,
+        broadcast_from_tp,
         to_partial,
         pad_to_partial,
         keep_shard_for_backward,
         vocab_parallel_embedding,
         vocab_parallel_cross_entropy,
+        vocab_parallel_embedding_bag,
+        table_wise_embedding,
+        table_wise_embedding_bag,
         global_size,
     )
 }

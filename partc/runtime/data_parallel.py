@@ -1,10 +1,26 @@
-"""Data parallelism on DistributedDataParallel: each rank runs the model on its slice.
+"""Data parallelism: replicas over the mesh's "dp" dimension, on DDP or FSDP2.
 
-The global batch is split along dim 0 over the ranks in order. DDP averages gradients;
-with ``loss_reduction="mean"`` that is exactly the gradient of the mean loss over the
-global batch, and the returned loss is the mean of the ranks' losses. With ``"sum"`` the
-local loss is scaled by the world size before backward, so the averaged gradients equal
-the gradient of the summed loss, and the returned loss is the sum.
+:func:`replicate_over_dp` wraps what one replica runs (the user's model, a generated
+tensor-parallel module, or one pipeline stage) for the data-parallel group:
+
+* ZeRO stage 0: ``DistributedDataParallel`` (gradients all-reduced, overlapped with
+  backward), with an optional communication hook that compresses gradients: ``"bf16"``
+  or ``"fp16"`` (halves the bytes; the sum is taken in that dtype) or ``"powersgd"``
+  (rank-1 PowerSGD with error feedback after 2 uncompressed steps). Compression changes
+  the numbers, so it is never on unless asked for.
+* ZeRO stages 1 to 3: FSDP2 ``fully_shard`` over the "dp" sub-mesh: parameters, gradients
+  and optimizer state are sharded; with stage 3 parameters are freed again after forward
+  (``reshard_after_forward=True``), with 1 and 2 they stay gathered until backward has
+  run, as ZeRO-2 keeps them. The module is sharded as one unit, because generated
+  modules read parameters straight from the root (a per-layer unit would never see its
+  forward hook fire).
+
+:class:`ReplicaRunner` runs a step of a plan without a pipeline: each replica takes its
+slice of the global batch (rank order along "dp") and runs forward, loss and backward;
+the wrapper averages gradients. With ``loss_reduction="mean"`` that is the gradient of the
+mean loss over the global batch and the returned loss is the mean of the replicas'
+losses; with ``"sum"`` the local loss is scaled by the replica count before backward so
+the averaged gradients are those of the summed loss, and the returned loss is the sum.
 """
 
 from __future__ import annotations
@@ -15,30 +31,120 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils import _pytree as pytree
 
+from partc.errors import ErrorContext, PartcError
+from partc.runtime.mesh import RankMesh
 from partc.runtime.pipeline import split_microbatches
 
+GRADIENT_COMPRESSION = ("bf16", "fp16", "powersgd")
 
-class DataParallelRunner:
-    def __init__(self, model: nn.Module, *, loss_fn: Callable, loss_reduction: str, device: torch.device):
-        self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        self.loss_fn, self.reduction, self.device = loss_fn, loss_reduction, device
-        model.to(device)
-        self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+def fully_shard_function() -> Callable:
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def check_data_parallel_options(zero_stage: int, gradient_compression: str | None) -> None:
+    if zero_stage not in (0, 1, 2, 3):
+        raise PartcError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}", ErrorContext(pass_name="runtime"))
+    if gradient_compression is not None and gradient_compression not in GRADIENT_COMPRESSION:
+        raise PartcError(
+            f"unknown gradient_compression {gradient_compression!r}",
+            ErrorContext(pass_name="runtime", fix=f"use one of {', '.join(GRADIENT_COMPRESSION)}, or None"),
+        )
+    if gradient_compression is not None and zero_stage > 0:
+        raise PartcError(
+            f"gradient_compression={gradient_compression!r} needs DDP's communication hooks; ZeRO stage {zero_stage} runs on FSDP2",
+            ErrorContext(pass_name="runtime", fix='use data_parallel="ddp" (ZeRO 0) with compression, or drop the compression'),
+        )
+
+
+def replicate_over_dp(
+    module: nn.Module,
+    mesh: RankMesh,
+    *,
+    zero_stage: int,
+    gradient_compression: str | None,
+    device: torch.device,
+) -> nn.Module:
+    """``module`` moved to ``device`` and wrapped for the "dp" group (see the module doc).
+    Returned unchanged when there is one replica or nothing to train."""
+    module.to(device)
+    if mesh.dp == 1 or not any(p.requires_grad for p in module.parameters()):
+        return module
+    if zero_stage > 0:
+        fully_shard_function()(module, mesh=mesh.submesh("dp"), reshard_after_forward=zero_stage == 3)
+        return module
+    group = mesh.group("dp")
+    ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
+    if gradient_compression in ("bf16", "fp16"):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        hook = default_hooks.bf16_compress_hook if gradient_compression == "bf16" else default_hooks.fp16_compress_hook
+        ddp.register_comm_hook(group, hook)
+    elif gradient_compression == "powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        state = powerSGD_hook.PowerSGDState(process_group=group, matrix_approximation_rank=1, start_powerSGD_iter=2)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return ddp
+
+
+def replica_slice(value: Any, mesh: RankMesh) -> Any:
+    """This replica's part of a global-batch tensor (dim 0, in "dp" rank order)."""
+    if not isinstance(value, torch.Tensor) or mesh.dp == 1:
+        return value
+    return split_microbatches(value, mesh.dp, what="the data-parallel batch")[mesh.dp_index]
+
+
+def average_over_dp(loss: torch.Tensor, mesh: RankMesh, reduction: str) -> torch.Tensor:
+    """The global batch's loss from this replica's: the mean (or sum) over replicas."""
+    if mesh.dp == 1:
+        return loss
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=mesh.group("dp"))
+    return total / mesh.dp if reduction == "mean" else total
+
+
+class ReplicaRunner:
+    """A plan without a pipeline: the whole model (or this rank's tensor-parallel shard of
+    it) on this replica's slice of the batch."""
+
+    def __init__(self, module: nn.Module, *, mesh: RankMesh, loss_fn: Callable | None, loss_reduction: str, device: torch.device):
+        """module: already wrapped by :func:`replicate_over_dp`. loss_fn: applied to the
+        output; None when the module's graph ends in the loss (targets are its last input)."""
+        if loss_reduction not in ("mean", "sum"):
+            raise PartcError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}", ErrorContext(fix="say how loss_fn reduces over the batch"))
+        self.module, self.mesh, self.device = module, mesh, device
+        self.loss_fn, self.reduction = loss_fn, loss_reduction
+        self.loss_in_graph = loss_fn is None
 
     def _local(self, value: Any) -> Any:
-        return split_microbatches(value, self.size, what="the data-parallel batch")[self.rank].to(self.device) if isinstance(value, torch.Tensor) else value
+        value = replica_slice(value, self.mesh)
+        return value.to(self.device) if isinstance(value, torch.Tensor) else value
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
-        """The full output: every rank's slice, gathered in rank order."""
-        local = self.ddp.module(*(self._local(x) for x in inputs))
-        pieces = [torch.empty_like(local) for _ in range(self.size)]
-        dist.all_gather(pieces, local.contiguous())
-        return torch.cat(pieces)
+    def forward(self, *inputs: Any) -> Any:
+        """The whole output: every replica's slice, gathered in "dp" order."""
+        local = self.module(*(self._local(x) for x in inputs))
+        if self.mesh.dp == 1:
+            return local
 
-    def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
-        loss = self.loss_fn(self.ddp(*(self._local(x) for x in inputs)), self._local(targets))
-        (loss * self.size if self.reduction == "sum" else loss).backward()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        return total / self.size if self.reduction == "mean" else total
+        def gather(piece: torch.Tensor) -> torch.Tensor:
+            pieces = [torch.empty_like(piece) for _ in range(self.mesh.dp)]
+            dist.all_gather(pieces, piece.contiguous(), group=self.mesh.group("dp"))
+            return torch.cat(pieces)
+
+        return pytree.tree_map_only(torch.Tensor, gather, local)
+
+    def step(self, inputs: Sequence[Any], targets: Any) -> torch.Tensor:
+        local_inputs = [self._local(x) for x in inputs]
+        if self.loss_in_graph:
+            loss = self.module(*local_inputs, self._local(targets))
+        else:
+            loss = self.loss_fn(self.module(*local_inputs), self._local(targets))
+        (loss * self.mesh.dp if self.reduction == "sum" else loss).backward()
+        return average_over_dp(loss, self.mesh, self.reduction)

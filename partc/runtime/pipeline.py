@@ -17,6 +17,14 @@ Tied parameters
     gradients from each; after the step they are all-reduced (summed) among the ranks
     that hold it, so every copy takes the same optimizer step.
 
+Inside a 3-D mesh
+    The pipeline runs along the mesh's "pp" dimension. Each data-parallel replica takes its
+    slice of the global batch and splits it into the microbatches; its stage modules are
+    wrapped for the "dp" group before torch sees them (DDP or FSDP2: torch's stages turn
+    gradient synchronisation off for every microbatch but the last), and the step's loss is
+    averaged over the replicas. With tensor parallelism the stages are cut from the
+    generated per-rank module, so their boundary tensors are this rank's shards.
+
 :class:`LocalPipelineRunner` runs the same stage modules one after another in this
 process (no process group): the reference the distributed run is compared against, and
 what ``partc.compile`` returns outside torchrun.
@@ -32,6 +40,7 @@ import torch.distributed as dist
 
 from partc.errors import ErrorContext, PartcError
 from partc.passes.split_stages import StageModule
+from partc.runtime.mesh import RankMesh
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 
@@ -40,16 +49,19 @@ def _loss_is_output(output, target):
     return output
 
 
-def scaled_loss(loss_fn: Callable | None, microbatches: int, reduction: str) -> Callable:
-    """The per-microbatch loss (``loss_fn=None``: the stages already output the loss)."""
+def scaled_loss(loss_fn: Callable | None, microbatches: int, reduction: str, replicas: int = 1) -> Callable:
+    """The per-microbatch loss that backward starts from (``loss_fn=None``: the stages
+    already output the loss). ``replicas``: data-parallel replicas, whose gradients are
+    averaged; a summed loss is scaled up by their count to undo the average."""
     loss_fn = loss_fn or _loss_is_output
     if reduction not in ("mean", "sum"):
         raise PartcError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}", ErrorContext(fix="say how loss_fn reduces over the batch"))
-    if reduction == "sum":
+    if reduction == "sum" and replicas == 1:
         return loss_fn
 
     def microbatch_loss(output, target):
-        return loss_fn(output, target) / microbatches
+        loss = loss_fn(output, target)
+        return loss * replicas if reduction == "sum" else loss / microbatches
 
     return microbatch_loss
 
@@ -103,21 +115,23 @@ class PipelineRunner:
         self,
         stages: Sequence[StageModule],
         *,
-        pp_rank: int,
-        pp_size: int,
-        group: dist.ProcessGroup,
+        mesh: RankMesh,
         schedule: str,
         microbatches: int,
         loss_fn: Callable | None,
         loss_reduction: str,
         device: torch.device,
+        replicate: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module,
     ):
         """loss_fn: applied to the last stage's output; None when the graph computes the
-        loss itself (the targets then enter at stage 0 and are routed to the loss)."""
+        loss itself (the targets then enter at stage 0 and are routed to the loss).
+        microbatches: per data-parallel replica. replicate: wraps a stage module for the
+        "dp" group (:func:`partc.runtime.data_parallel.replicate_over_dp`)."""
         from torch.distributed import pipelining
 
         if schedule not in SCHEDULES:
             raise PartcError(f"unknown schedule {schedule!r}", ErrorContext(fix=f"use one of {', '.join(SCHEDULES)}"))
+        pp_size = mesh.pp
         num_stages = len(stages)
         if num_stages % pp_size:
             raise PartcError(f"{num_stages} stages do not spread evenly over {pp_size} pipeline ranks")
@@ -127,24 +141,24 @@ class PipelineRunner:
         if schedule in ("interleaved", "zero_bubble") and virtual < 2:
             raise PartcError(f"schedule {schedule!r} needs at least 2 stages per rank, the plan has {virtual}", ErrorContext(fix="plan with virtual_stages >= 2"))
 
-        self.group, self.pp_rank, self.pp_size, self.device = group, pp_rank, pp_size, device
+        self.mesh, self.device = mesh, device
+        self.group = mesh.group("pp")
         self.microbatches = microbatches
+        self.reduction = loss_reduction
         self.loss_in_graph = loss_fn is None
         self.stage_rank = [s % pp_size for s in range(num_stages)]
-        self.local = [st for st in stages if self.stage_rank[st.index] == pp_rank]
-        for st in self.local:
-            st.module.to(device)
+        self.local = [st for st in stages if self.stage_rank[st.index] == mesh.pp_index]
         # Shapes are known from the plan: giving them makes torch skip its shape inference,
         # which runs stages on uninitialised tensors (token ids out of range, for one).
         self._pipeline_stages = [
             pipelining.PipelineStage(
-                st.module,
+                replicate(st.module),
                 st.index,
                 num_stages,
                 device,
                 input_args=_examples(st.input_specs, st.input_grads, device),
                 output_args=_examples(st.output_specs, st.output_grads, device),
-                group=group,
+                group=self.group,
             )
             for st in self.local
         ]
@@ -154,7 +168,7 @@ class PipelineRunner:
             "interleaved": pipelining.ScheduleInterleaved1F1B,
             "zero_bubble": pipelining.ScheduleInterleavedZeroBubble,
         }[schedule]
-        kwargs: dict[str, Any] = {"loss_fn": scaled_loss(loss_fn, microbatches, loss_reduction)}
+        kwargs: dict[str, Any] = {"loss_fn": scaled_loss(loss_fn, microbatches, loss_reduction, mesh.dp)}
         if "scale_grads" in inspect.signature(schedule_class.__init__).parameters:
             kwargs["scale_grads"] = False  # partc scales the loss itself (see the module docstring)
         target = self._pipeline_stages[0] if virtual == 1 else self._pipeline_stages
@@ -162,8 +176,8 @@ class PipelineRunner:
         self._can_skip_outputs = "return_outputs" in inspect.signature(self._schedule.step).parameters
         self.holds_first = any(st.index == 0 for st in self.local)
         self.holds_last = any(st.index == num_stages - 1 for st in self.local)
-        self._last_rank_global = dist.get_global_rank(group, self.stage_rank[-1])
-        self._tied_groups = _tied_parameter_groups(stages, self.stage_rank, group)
+        self._last_rank_global = dist.get_global_rank(self.group, self.stage_rank[-1])
+        self._tied_groups = _tied_parameter_groups(stages, self.stage_rank, mesh)
 
     def parameters_by_name(self) -> dict[str, torch.nn.Parameter]:
         named: dict[str, torch.nn.Parameter] = {}
@@ -173,6 +187,9 @@ class PipelineRunner:
         return named
 
     def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
+        from partc.runtime.data_parallel import average_over_dp, replica_slice
+
+        inputs, targets = [replica_slice(x, self.mesh) for x in inputs], replica_slice(targets, self.mesh)
         for x in (*inputs, targets):
             split_microbatches(x, self.microbatches, what="inputs and targets")  # clear error before any send
         graph_inputs = (*inputs, targets) if self.loss_in_graph else tuple(inputs)
@@ -189,7 +206,9 @@ class PipelineRunner:
         self._sync_tied_gradients()
         loss = torch.stack([l.detach() for l in losses]).sum() if self.holds_last else torch.zeros((), device=self.device)
         dist.broadcast(loss, src=self._last_rank_global, group=self.group)
-        return loss
+        if self.reduction == "sum":
+            loss = loss / self.mesh.dp  # the microbatch losses were scaled up by the replica count
+        return average_over_dp(loss, self.mesh, self.reduction)
 
     def _sync_tied_gradients(self) -> None:
         params = self.parameters_by_name()
@@ -199,7 +218,8 @@ class PipelineRunner:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=group)
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's shard
+            dist.all_reduce(grad, group=group)
 
 
 def _examples(specs, requires_grad: Sequence[bool], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -207,17 +227,21 @@ def _examples(specs, requires_grad: Sequence[bool], device: torch.device) -> tup
     return tuple(torch.empty(spec.shape, dtype=spec.dtype, device=device, requires_grad=grad) for spec, grad in zip(specs, requires_grad))
 
 
-def _tied_parameter_groups(stages: Sequence[StageModule], stage_rank: list[int], group: dist.ProcessGroup) -> list[tuple[str, Any]]:
-    """A process group per parameter that stages on different ranks hold (same order on every rank)."""
+def _tied_parameter_groups(stages: Sequence[StageModule], stage_rank: list[int], mesh: RankMesh) -> list[tuple[str, Any]]:
+    """A process group per parameter that stages on different pipeline ranks hold, for this
+    rank's pipeline (same (dp, tp) coordinates). Every rank creates every pipeline's
+    groups, in the same order, as ``new_group`` requires."""
     holders: dict[str, set[int]] = {}
     for st in stages:
         for name in st.shared:
             holders.setdefault(name, set()).add(stage_rank[st.index])
     result = []
     for name in sorted(holders):
-        ranks = sorted(dist.get_global_rank(group, r) for r in holders[name])
-        if len(ranks) > 1:
-            subgroup = dist.new_group(ranks)  # every rank calls this, in this order
-            if dist.get_rank() in ranks:
+        if len(holders[name]) < 2:
+            continue
+        for dp_index, tp_index in mesh.lines_along_pp():
+            ranks = [mesh.global_rank(r, dp_index, tp_index) for r in sorted(holders[name])]
+            subgroup = dist.new_group(ranks)
+            if (dp_index, tp_index) == (mesh.dp_index, mesh.tp_index):
                 result.append((name, subgroup))
     return result

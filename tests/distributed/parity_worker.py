@@ -23,13 +23,10 @@ import torch.nn.functional as F
 
 import partc
 from partc.models import GPT, GPTConfig, Llama
-from tp_worker import favourable_cluster
 from partc.models.llama import llama_tiny
 
-RTOL, ATOL = 1e-5, 1e-6
-LR = 1e-4
 BATCH, SEQ, VOCAB = 8, 16, 128
-from harness import serve  # noqa: E402
+from harness import LR, case_cluster, serve, train_and_compare  # noqa: E402, F401 (LR: checkpoint_worker's)
 
 
 class SkipNet(nn.Module):
@@ -70,13 +67,6 @@ def loss_fn(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def compare(what: str, got: torch.Tensor, want: torch.Tensor, failures: list[str]) -> None:
-    got, want = got.cpu(), want.cpu()
-    if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
-        diff = (got - want).abs().max().item()
-        failures.append(f"{what}: max abs diff {diff:.3e}")
-
-
 def run_case(case: dict) -> list[str]:
     """Compile one case, train it beside the reference, return what differed."""
     torch.manual_seed(0)
@@ -86,70 +76,14 @@ def run_case(case: dict) -> list[str]:
     inputs = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
     targets = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
 
-    world = dist.get_world_size()
-    options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages") if key in case}
+    options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages", "data_parallel", "gradient_compression") if key in case}
     if case.get("loss_in_graph"):
         options["example_targets"] = targets
-    # "tp-test": devices slow against their links, so that tensor parallelism pays at these
-    # tiny sizes (on H100s these models would stay replicated).
-    if case.get("cluster") == "tp-test":
-        slow = favourable_cluster()
-        cluster = dataclasses.replace(slow, nodes=(dataclasses.replace(slow.nodes[0], devices=world),))
-    else:
-        cluster = partc.Cluster.preset("cpu", devices_per_node=world)
+    cluster = case_cluster(case.get("cluster"), dist.get_world_size())
     pm = partc.compile(model, cluster, (inputs,), loss_fn=loss_fn, **options)
-    sharding = pm.plan.sharding
-    if case["mesh"].get("tp", 1) > 1 and not any(str(p.layout) != "R" for p in sharding.parameters.values()):
+    if case["mesh"].get("tp", 1) > 1 and not any(str(p.layout) != "R" for p in pm.plan.sharding.parameters.values()):
         return ["the tensor-parallel plan shards nothing: the case would test nothing"]
-
-    def local(name: str, full: torch.Tensor) -> torch.Tensor:
-        """The reference tensor as this rank holds it (its slice under tensor parallelism)."""
-        if sharding is None or name not in sharding.parameters:
-            return full
-        return sharding.parameters[name].local(full, dist.get_rank())
-
-    # The reference runs where partc runs (compile set the CUDA device on GPUs): CPU and GPU
-    # kernels round differently, which AdamW would amplify past the tolerances.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    reference.to(device)
-    reference_params = dict(reference.state_dict(keep_vars=True))
-    # Adam moves every element by about lr whatever its gradient's size, so an element whose
-    # gradient is ~1e-7 turns fp32 rounding (~1e-10) into a step difference of ~lr * 1e-3.
-    # At lr 1e-4 that stays below ATOL, while a wrong gradient still moves parameters by
-    # ~lr = 1e-4, a hundred times ATOL. Gradients themselves are compared every step.
-    held = list(pm.parameters())  # a stage may hold no parameters (the root's own code, say)
-    # Tensor parallelism also reorders sums inside a layer; eps 1e-6 keeps AdamW from turning
-    # the rounding of near-zero gradients (~1e-9) into parameter differences above ATOL.
-    eps = 1e-6 if sharding is not None else 1e-8
-    optimizer = torch.optim.AdamW(held, lr=LR, eps=eps) if held else None
-    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR, eps=eps)
-    failures: list[str] = []
-    steps = case.get("steps", 3)
-    for step in range(steps):
-        if optimizer:
-            optimizer.zero_grad()
-        loss = pm.step(inputs, targets)
-        reference_optimizer.zero_grad()
-        reference_loss = loss_fn(reference(inputs.to(device)), targets.to(device))
-        reference_loss.backward()
-        compare(f"step {step} loss", loss, reference_loss.detach(), failures)
-        for name, p in pm.named_parameters():
-            if p.grad is None:
-                failures.append(f"step {step} grad {name}: missing")
-            else:
-                compare(f"step {step} grad {name}", p.grad, local(name, reference_params[name].grad), failures)
-        if optimizer:
-            optimizer.step()
-        reference_optimizer.step()
-    for name, p in pm.named_parameters():
-        compare(f"param {name} after {steps} steps", p.detach(), local(name, reference_params[name].detach()), failures)
-
-    keys: list = [None] * world
-    dist.all_gather_object(keys, sorted(pm.state_dict()))
-    union = set().union(*map(set, keys))
-    if union != set(reference.state_dict()):
-        failures.append(f"state-dict keys: missing {sorted(set(reference.state_dict()) - union)}, extra {sorted(union - set(reference.state_dict()))}")
-    return failures
+    return train_and_compare(pm, reference, (inputs,), targets, loss_fn, steps=case.get("steps", 3)).failures
 
 
 def main() -> int:
