@@ -4,6 +4,7 @@
     partc plan llama-7b --cluster h100:2x8       a built-in model on a preset cluster
     partc plan mypkg.models:make --cluster cluster.json --json plan.json --dot graph.dot
     partc plan gpt2 --cluster h100x2 --mesh pp=2 --report plan.html
+    partc plan gpt2 --cache ~/.cache/partc       reuse a stored plan (the search is skipped)
     partc graph gpt-tiny                         print the annotated graph
     partc models                                 list the built-in models
     torchrun --nproc-per-node 8 -m partc.calibrate --out cluster.json   (or: partc calibrate)
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory-limit-gib", type=float, help="bytes per device the plan must fit in (default: the device memory)")
     plan.add_argument("--mesh", metavar="DIM=N", help='pin the parallelism, e.g. "pp=2", "tp=4" or "dp=8" (default: data parallel)')
     plan.add_argument("--json", metavar="PATH", help="write the plan as JSON")
+    plan.add_argument("--cache", metavar="DIR", help="reuse plans stored in DIR (keyed by model, inputs, cluster, options, versions); a hit skips the search")
     plan.add_argument("--report", metavar="PATH", help="write a self-contained HTML report of the plan")
     plan.add_argument("--source", metavar="DIR", help="write the code each rank runs to DIR/rank_N.py (one file per distinct rank)")
     plan.add_argument("--dot", metavar="PATH", help="write the annotated graph as Graphviz DOT")
@@ -118,7 +120,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     limit = args.memory_limit_gib * 2**30 if args.memory_limit_gib else None
     mixed = None if args.dtype == "fp32" else args.dtype
     mesh = _parse_mesh(args.mesh) if args.mesh else None
-    result = partc.plan(model, cluster, inputs, mesh=mesh, mixed_precision=mixed, memory_limit=limit, frontend=args.frontend, progress=_progress)
+    result = partc.plan(model, cluster, inputs, mesh=mesh, mixed_precision=mixed, memory_limit=limit, frontend=args.frontend, cache=args.cache, progress=_progress)
     print(result.summary(expand=args.expand))
     if args.json:
         result.to_json(args.json)

@@ -14,8 +14,9 @@ this rank's part of the plan on a 3-D mesh ("pp", "dp", "tp"; :mod:`partc.runtim
    each replica takes its slice of the global batch.
 
 Outside torchrun it returns a module that runs the plan's stages one after another in
-this process. Every rank plans on its own; the plan is deterministic (same graph, same
-solver input, same answer), and ranks compare plan fingerprints before the first step.
+this process. Under torchrun rank 0 plans and broadcasts the plan; the other ranks bind it
+to their own model (:func:`partc.planner.replan`), and every rank checks the plan's hash
+before the run's first collective.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from partc.cluster import Cluster
 from partc.errors import ErrorContext, PartcError, PlanMismatchError
 from partc.plan import Plan
 from partc.planner import plan as make_plan
+from partc.planner import replan
 from partc.passes.recompute import checkpoint_layers
 from partc.passes.split_stages import StageModule, split_stages
 from partc.passes.tp_codegen import emit_tensor_parallel
-from partc.runtime.data_parallel import ReplicaRunner, check_data_parallel_options, replicate_over_dp
+from partc.runtime.data_parallel import ReplicaRunner, check_data_parallel_options, fsdp_units, replicate_over_dp
+from partc.runtime.checkpoint import load_whole_tensor_state, whole_tensor_state
 from partc.runtime.mesh import RankMesh, build_rank_mesh
 from partc.runtime.pipeline import LocalPipelineRunner, PipelineRunner
 
@@ -52,6 +55,7 @@ class ParallelModule:
     def __init__(self, plan: Plan, runner: Any, modules: Sequence[nn.Module], model: nn.Module, rank_mesh: RankMesh | None = None):
         self.plan = plan
         self.rank_mesh = rank_mesh  # this rank's coordinates and groups (None outside torchrun)
+        self._captured_training = model.training
         self._runner = runner
         self._modules = list(modules)  # what this rank runs; their tensors keep the original names
         by_tensor: dict[int, list[str]] = {}  # id(tensor) -> every state-dict name the model gives it
@@ -62,10 +66,21 @@ class ParallelModule:
         # names (a tied embedding and LM head) that a stage holds under one gets both. By
         # name, not identity: FSDP2 and tensor parallelism hold tensors of their own.
         self._state: dict[str, torch.Tensor] = {}
+        held_as: dict[str, str] = {}  # each name -> the name this rank's module holds the tensor by
         for module in self._modules:
             for name, tensor in module.state_dict(keep_vars=True).items():
                 for alias in by_tensor.get(id(model_state[name]), [name]) if name in model_state else [name]:
                     self._state.setdefault(alias, tensor)
+                    held_as.setdefault(alias, name)
+        tensor_parallel = rank_mesh is not None and rank_mesh.tp > 1 and plan.sharding is not None
+        # each name's tensor-parallel layout (a tied name shares its tensor's)
+        self._layouts: dict[str, Any] = {}
+        for alias, name in held_as.items() if tensor_parallel else ():
+            # the plan knows a tied tensor under one of its names; the module may list another first
+            names = by_tensor.get(id(model_state[name]), [name]) if name in model_state else [name]
+            planned = [n for n in names if n in plan.sharding.parameters]
+            if planned:
+                self._layouts[alias] = plan.sharding.parameters[planned[0]]
         self._parameters: dict[str, nn.Parameter] = {}
         seen: set[int] = set()
         for module in self._modules:
@@ -101,12 +116,26 @@ class ParallelModule:
             yield p
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's tensors under the original names (tied tensors under each of their names).
-        With tensor parallelism these are this rank's slices (``plan.tensor_parallel`` names
-        each parameter's layout)."""
-        return {name: tensor.detach() for name, tensor in self._state.items()}
+        """This rank's tensors under the single-device model's names (tied tensors under each
+        of their names), each standing for the whole tensor: tensor-parallel slices and FSDP2
+        shards as DTensors (see :mod:`partc.runtime.checkpoint`). ``dcp.save`` writes a
+        checkpoint that the single-device model and any other plan load."""
+        return whole_tensor_state(self._state, self._layouts, self.rank_mesh)
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load whole tensors (a single-device state dict, or what ``dcp.load`` filled into
+        ``self.state_dict()``) into this rank's pieces."""
+        load_whole_tensor_state(self._state, state_dict, self._layouts, self.rank_mesh)
 
     def train(self, mode: bool = True) -> "ParallelModule":
+        """Set the mode of what this rank runs. A captured graph froze the mode it was
+        captured in (dropout, BatchNorm), so a graph compiled in one mode refuses the other."""
+        if mode != self._captured_training and any(isinstance(m, fx.GraphModule) for m in self._modules):
+            captured = "training" if self._captured_training else "eval"
+            raise PartcError(
+                f"this module was compiled in {captured} mode, which its captured graph froze (dropout, BatchNorm); it cannot switch to {'training' if mode else 'eval'} mode",
+                ErrorContext(pass_name="compile", fix=f"call model.{'train' if mode else 'eval'}() before partc.compile for a module in that mode"),
+            )
         for module in self._modules:
             module.train(mode)
         return self
@@ -150,7 +179,7 @@ def compile(
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     with_loss = example_targets is not None
     plan_options = dict(plan_options, loss_fn=loss_fn if with_loss else None, example_targets=example_targets)
-    result = make_plan(model, cluster, example_inputs, **plan_options)
+    result = _one_plan_everywhere(model, cluster, example_inputs, plan_options) if distributed else make_plan(model, cluster, example_inputs, **plan_options)
     zero_stage = _zero_stage(result, data_parallel)
     check_data_parallel_options(zero_stage, gradient_compression)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -172,7 +201,6 @@ def compile(
         return ParallelModule(result, runner, [st.module for st in stages], model)
 
     mesh = build_rank_mesh(pp, dp, tp, device.type)
-    _check_same_plan_everywhere(result)
     replicate = functools.partial(replicate_over_dp, mesh=mesh, zero_stage=zero_stage, gradient_compression=gradient_compression, device=device)
     program: nn.Module = model  # what this rank runs before the pipeline cut
     if tp > 1:
@@ -194,12 +222,18 @@ def compile(
         )
         modules = [st.module for st in runner.local]
     else:
-        if recompute:  # one stage: the captured graph (or generated module) with checkpointed layers
-            program = cut(source, [0] * len(result.layers))[0].module
+        # The user's model runs as it is only when fx traced it: a model that needed torch.export
+        # may branch on shapes, and a replica must take the branch the global batch took.
+        if recompute or (program is model and result.frontend != FX_FRONTEND):
+            program = cut(source, [0] * len(result.layers))[0].module  # one stage (layers checkpointed if recompute)
         loss_in_program = with_loss and program is not model  # the user's model computes no loss; the graphs do
-        runner = ReplicaRunner(replicate(program), mesh=mesh, loss_fn=None if loss_in_program else loss_fn, loss_reduction=loss_reduction, device=device)
+        units = fsdp_units(model, [layer.name for layer in result.layers]) if program is model else ()
+        runner = ReplicaRunner(replicate(program, units=units), mesh=mesh, loss_fn=None if loss_in_program else loss_fn, loss_reduction=loss_reduction, device=device)
         modules = [program]
     return ParallelModule(result, runner, modules, model, mesh)
+
+
+FX_FRONTEND = "fx.symbolic_trace"
 
 
 def _zero_stage(plan: Plan, data_parallel: str | None) -> int:
@@ -239,14 +273,42 @@ def _microbatch_inputs(inputs: Sequence[Any], parts: int) -> tuple:
     return tuple(result)
 
 
-def _check_same_plan_everywhere(plan: Plan) -> None:
-    """Every rank must run the same plan: compare fingerprints before the first collective."""
-    mine = f"{plan.fingerprint}:{plan.mesh}:{plan.schedule}:{plan.microbatches}:{plan.stage_of_layer()}"
-    everyone: list[str | None] = [None] * dist.get_world_size()
+def _one_plan_everywhere(model: nn.Module, cluster: Cluster, example_inputs: Any, options: dict[str, Any]) -> Plan:
+    """Rank 0 plans and broadcasts the plan's JSON; every other rank binds it to its own copy
+    of the model (:func:`partc.planner.replan`: capture and checks, nothing solved). Then
+    every rank compares plan hashes before any collective of the run. A rank that cannot
+    plan or bind makes every rank fail with its reason, rather than leaving them waiting."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    message: list[Any] = [None]
+    result: Plan | None = None
+    if rank == 0:
+        try:
+            result = make_plan(model, cluster, example_inputs, **options)
+            message[0] = {"plan": result.to_json()}
+        except PartcError as e:
+            message[0] = {"error": f"{type(e).__name__}: {e}"}
+    dist.broadcast_object_list(message, src=0)
+    mine: str
+    if "error" in message[0]:
+        mine = "rank 0 could not plan"
+    elif rank == 0:
+        mine = result.hash
+    else:
+        try:
+            replan_options = {k: v for k, v in options.items() if k != "cache"}
+            result = replan(model, example_inputs, message[0]["plan"], cluster=cluster, **replan_options)
+            mine = result.hash
+        except PartcError as e:
+            mine = f"error: {type(e).__name__}: {e}"
+    everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine)
-    if len(set(everyone)) != 1:
-        differing = [r for r, value in enumerate(everyone) if value != everyone[0]]
+    if "error" in message[0]:
+        raise PartcError(f"rank 0 could not plan: {message[0]['error']}", ErrorContext(pass_name="compile"))
+    differing = {r: value for r, value in enumerate(everyone) if value != everyone[0]}
+    if differing:
+        details = "; ".join(f"rank {r}: {value}" for r, value in list(differing.items())[:4])
         raise PlanMismatchError(
-            f"ranks computed different plans (ranks {differing} differ from rank 0)",
-            ErrorContext(pass_name="compile", fix="build the same model with the same example_inputs and options on every rank"),
+            f"ranks disagree on the plan (rank 0's hash {everyone[0][:12]}): {details}",
+            ErrorContext(pass_name="compile", fix="build the same model with the same example_inputs, cluster and options on every rank"),
         )
+    return result

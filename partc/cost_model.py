@@ -122,6 +122,20 @@ class CostModel:
         link = group.intra_link if group.nodes == 1 else self.cluster.inter_link
         return _ring_gather(link, group.size, nbytes)
 
+    def broadcast(self, nbytes: float, ranks: Sequence[int]) -> float:
+        """Broadcast of an ``nbytes`` tensor from one rank to the others, pipelined along a
+        chain (NCCL's ring broadcast): n-1 latencies, the whole tensor through each link
+        once. Across nodes, the chain over the nodes and then within each, added (no
+        overlap between the two is assumed)."""
+        group = self._group(ranks)
+        if group.size <= 1:
+            return 0.0
+        if group.flat_link is not None:
+            return _alpha_beta(group.flat_link, steps=group.size - 1, fraction=1.0, nbytes=nbytes)
+        g, k = group.ranks_per_node, group.nodes
+        inter = _alpha_beta(self.cluster.inter_link, steps=k - 1, fraction=1.0, nbytes=nbytes) if k > 1 else 0.0
+        return inter + (_alpha_beta(group.intra_link, steps=g - 1, fraction=1.0, nbytes=nbytes) if g > 1 else 0.0)
+
     def p2p(self, nbytes: float, src: int, dst: int) -> float:
         """One send from ``src`` to ``dst``; free when they are the same rank."""
         if src == dst:

@@ -1,13 +1,22 @@
 """The plan: what partc decided, what it predicts, and how to look at it.
 
-A :class:`Plan` is plain data (mesh, per-layer predictions, memory, the cluster) plus,
-when it was just computed, the annotated graph it was computed from. It is saved as
-versioned JSON, never pickle, and read back with :meth:`Plan.from_json`, which refuses
-anything that is not a partc plan of a version it understands.
+A :class:`Plan` is plain data (mesh, per-layer predictions, memory, the cluster, the
+tensor-parallel :class:`~partc.passes.sharding.ShardingPlan`) plus, when it was just
+computed or re-attached by :func:`partc.planner.replan`, the annotated graph it was
+computed from. It is saved as versioned JSON, never pickle, and read back with
+:meth:`Plan.from_json`, which refuses anything that is not a partc plan of a version it
+understands. The graph is not saved: :func:`~partc.planner.replan` captures the model again
+and checks it against the plan's :attr:`Plan.identity`.
+
+One plan everywhere: :attr:`Plan.hash` is a sha256 over the canonical JSON of what decides
+what runs (:meth:`Plan.decisions`: the graph's identity, cluster, mesh, stages, schedule,
+microbatches, sharding, recomputation and ZeRO, options, partc and torch versions), never
+wall times, so every rank of a run and every re-plan of the same model gives the same hash.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,9 +31,12 @@ from partc.cost_model import MemoryBreakdown
 from partc.errors import PlanMismatchError
 from partc.passes.estimate import LayerEstimate
 from partc.passes.ir import OpKind, graph_info, node_info
+from partc.passes.plain_data import PlainDataError, to_plain
+from partc.passes.sharding import ShardingPlan
 
 PLAN_FORMAT = "partc.plan"
-PLAN_VERSION = 1
+# 2: the ShardingPlan, the graph's identity (graph / parameters / inputs), versions and options.
+PLAN_VERSION = 2
 GiB = 2**30
 
 
@@ -71,8 +83,11 @@ class Plan:
     search: dict[str, Any] | None = None  # the search's choice, step breakdown and alternatives (searched plans)
     unsupported_ops: tuple[str, ...] = ()  # nodes no pass has a rule for
     pass_times: dict[str, float] = field(default_factory=dict)  # seconds per pass
-    graph: fx.GraphModule | None = field(default=None, compare=False, repr=False)  # not saved in JSON
-    sharding: Any = field(default=None, compare=False, repr=False)  # the ShardingPlan (tp plans); not saved in JSON
+    identity: dict[str, str] = field(default_factory=dict)  # graph_identity(): "graph" and "parameters" hashes, "inputs" specs
+    versions: dict[str, str] = field(default_factory=dict)  # partc and torch versions that made the plan
+    options: dict[str, Any] = field(default_factory=dict)  # the planning options (planner.plan_options)
+    graph: fx.GraphModule | None = field(default=None, compare=False, repr=False)  # not saved in JSON (replan re-captures it)
+    sharding: ShardingPlan | None = field(default=None, compare=False, repr=False)  # the tensor-parallel layouts (tp > 1)
 
     @property
     def fits(self) -> bool:
@@ -131,8 +146,7 @@ class Plan:
         if self.search:
             lines += [
                 "",
-                f"Chosen by the search over {self.search['searched']:,} configurations in {self.search['seconds']:.2f} s: {self.search['best']}"
-                + ("" if self.runnable else "  (partc.compile cannot run this combination yet: it runs one kind of parallelism, without ZeRO or recomputation)"),
+                f"Chosen by the search over {self.search['searched']:,} configurations in {self.search['seconds']:.2f} s: {self.search['best']}",
                 "plan.explain() lists the alternatives and why each lost.",
             ]
         if self.tensor_parallel:
@@ -153,13 +167,6 @@ class Plan:
         if not self.search:
             return f"no search: the mesh {self.mesh} was pinned"
         return self.search["explain"]
-
-    @property
-    def runnable(self) -> bool:
-        """Whether partc.compile can run this plan as it is today: one kind of parallelism,
-        no ZeRO sharding and no recomputation."""
-        one_kind = sum(1 for degree in self.mesh.values() if degree > 1) <= 1
-        return one_kind and not (self.search and (self.search["zero_stage"] or self.search["recompute"]))
 
     def _step_parts(self) -> str:
         if self.search:
@@ -236,13 +243,70 @@ class Plan:
             raise PlanMismatchError("this plan was read from JSON and holds no graph; plan the model again to draw it")
         return graph_to_dot(self.graph)
 
+    # -- identity -------------------------------------------------------------------------
+    def decisions(self) -> dict[str, Any]:
+        """What decides what every rank runs, as plain JSON data: the model's identity, the
+        cluster, the layout and the options, never wall times nor predictions. The input of
+        :attr:`hash`."""
+        search = self.search or {}
+        decisions = to_plain(
+            {
+                "version": PLAN_VERSION,
+                "identity": self.identity,
+                "versions": self.versions,
+                "options": self.options,
+                "cluster": self.cluster.to_dict(),
+                "mesh": self.mesh,
+                "batch_size": self.batch_size,
+                "compute_dtype": self.compute_dtype,
+                "memory_limit": self.memory_limit,
+                "stages": [[st.index, st.rank, st.first_layer, st.last_layer, list(st.layers)] for st in self.stages],
+                "schedule": self.schedule,
+                "microbatches": self.microbatches,
+                "virtual_stages": search.get("virtual_stages"),
+                "recompute": search.get("recompute", False),
+                "zero_stage": search.get("zero_stage", 0),
+            },
+            "plan",
+        )
+        if self.sharding is not None:
+            decisions["sharding"] = {k: v for k, v in self.sharding.to_dict().items() if k not in ShardingPlan.TIMING_FIELDS}
+        return decisions
+
+    @functools.cached_property
+    def hash(self) -> str:
+        """sha256 (hex) of the canonical JSON of :meth:`decisions`: equal on every rank that
+        runs this plan, in every process, under every ``PYTHONHASHSEED``."""
+        return sha256_hex(canonical_json(self.decisions()))
+
+    def mismatches(self, identity: dict[str, str], cluster: Cluster, options: dict[str, Any]) -> list[str]:
+        """Why this plan does not belong to a model of ``identity`` planned for ``cluster``
+        with ``options`` by this partc and torch; empty when it does."""
+        found = []
+        for part, what in (("graph", "the graph's structure (operators, shapes, node names) differs"), ("parameters", "parameter names, shapes or dtypes differ")):
+            if self.identity.get(part) != identity.get(part):
+                found.append(f"{part}: {what} from the model the plan was made for")
+        if self.identity.get("inputs") != identity.get("inputs"):
+            found.append(f"inputs: the plan was made for inputs {self.identity.get('inputs')}, these are {identity.get('inputs')}")
+        if self.cluster.to_dict() != cluster.to_dict():
+            found.append(f"cluster: the plan is for {self.cluster.describe()}, not {cluster.describe()}")
+        now = current_versions()
+        for name in sorted(set(self.versions) | set(now)):
+            if self.versions.get(name) != now.get(name):
+                found.append(f"versions: the plan was made with {name} {self.versions.get(name)}, this is {now.get(name)}")
+        for name in sorted(set(self.options) | set(options)):
+            if self.options.get(name) != options.get(name):
+                found.append(f"options: {name} was {self.options.get(name)!r} when planned, now {options.get(name)!r}")
+        return found
+
     # -- JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
             "version": PLAN_VERSION,
-            "partc_version": _partc_version(),
-            "torch_version": torch.__version__,
+            "versions": dict(self.versions),
+            "identity": dict(self.identity),
+            "options": to_plain(self.options, "options"),
             "model": self.model,
             "frontend": self.frontend,
             "fallback_reason": self.fallback_reason,
@@ -269,6 +333,7 @@ class Plan:
             "search": self.search,
             "unsupported_ops": list(self.unsupported_ops),
             "pass_times": dict(self.pass_times),
+            "sharding": None if self.sharding is None else self.sharding.to_dict(),
         }
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -286,10 +351,23 @@ class Plan:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanMismatchError(f"not a partc plan: the file is not JSON ({e}); partc never reads pickled plans") from e
+        return Plan.from_dict(data)
+
+    @staticmethod
+    def from_dict(data: Any) -> "Plan":
+        """The plan :meth:`to_dict` gave; refuses anything else with the reason."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanMismatchError("not a partc plan: the JSON has no \"format\": \"partc.plan\" field")
         if data.get("version") != PLAN_VERSION:
-            raise PlanMismatchError(f"plan version {data.get('version')!r} is not the version this partc reads ({PLAN_VERSION}); plan again")
+            older = isinstance(data.get("version"), int) and data["version"] < PLAN_VERSION
+            why = " (older plans hold no sharding plan and no graph identity to check a model against)" if older else ""
+            raise PlanMismatchError(f"plan version {data.get('version')!r} is not the version this partc reads ({PLAN_VERSION}){why}; plan again")
+        try:
+            sharding = None if data["sharding"] is None else ShardingPlan.from_dict(data["sharding"])
+        except PlainDataError as e:
+            raise PlanMismatchError(f"the plan's sharding plan cannot be read: {e}") from e
+        except KeyError as e:
+            raise PlanMismatchError(f"plan JSON is missing or has a wrong field: {e}") from e
         try:
             return Plan(
                 model=data["model"],
@@ -318,6 +396,10 @@ class Plan:
                 search=data["search"],
                 unsupported_ops=tuple(data["unsupported_ops"]),
                 pass_times=dict(data["pass_times"]),
+                identity=dict(data["identity"]),
+                versions=dict(data["versions"]),
+                options=dict(data["options"]),
+                sharding=sharding,
             )
         except (KeyError, TypeError) as e:
             raise PlanMismatchError(f"plan JSON is missing or has a wrong field: {e}") from e
@@ -327,17 +409,46 @@ def _stages(items: list[dict[str, Any]]) -> tuple[StagePlan, ...]:
     return tuple(StagePlan(**{**item, "layers": tuple(item["layers"])}) for item in items)
 
 
-def graph_fingerprint(gm: fx.GraphModule) -> str:
-    """A hash of the graph's structure, parameter shapes and dtypes, and input specs.
+def graph_identity(gm: fx.GraphModule) -> dict[str, str]:
+    """Hashes of what a plan is bound to, by part, so a mismatch can say which differs:
 
-    Names of fx nodes are left out (they depend on tracing order details, not on the model);
-    layer signatures and the input specs carry the rest."""
+    graph       every layer's name, structural signature (operators, shapes, constants,
+                edges) and fx node names (a plan names nodes), the frontend, whether the
+                loss is in the graph, the buffers forward mutates
+    parameters  every parameter and buffer: qualified name, shape, dtype, trainable
+    inputs      the input specs (shape and dtype of each example input), as text"""
     info = graph_info(gm)
-    digest = hashlib.sha256()
-    for layer in info.layers:
-        digest.update(f"{layer.signature}:{layer.param_numel}:{layer.param_bytes};".encode())
-    digest.update(";".join(str(s) for s in info.input_specs).encode())
-    return digest.hexdigest()[:32]
+    graph = [info.frontend, info.loss_in_graph, list(info.mutated_buffers)]
+    graph += [[layer.name, layer.signature, list(layer.nodes)] for layer in info.layers]
+    parameters = [
+        [str(n.target), [str(s) for s in node_info(n).outputs], node_info(n).requires_grad] for n in gm.graph.nodes if n.op == "get_attr"
+    ]
+    return {
+        "graph": sha256_hex(canonical_json(graph)),
+        "parameters": sha256_hex(canonical_json(parameters)),
+        "inputs": "; ".join(str(spec) for spec in info.input_specs),
+    }
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    """One hash of :func:`graph_identity` (the graph's structure, parameter shapes and
+    dtypes, and input specs); weights are not read."""
+    return sha256_hex(canonical_json(graph_identity(gm)))[:32]
+
+
+def current_versions() -> dict[str, str]:
+    """The partc and torch versions a plan records and :meth:`Plan.mismatches` checks."""
+    return {"partc": _partc_version(), "torch": torch.__version__}
+
+
+def canonical_json(value: Any) -> str:
+    """One text per value: sorted keys, no spaces, strict JSON (what hashes are taken over)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def sha256_hex(text: str) -> str:
+    """sha256 of ``text`` (UTF-8) in hex."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def graph_to_dot(gm: fx.GraphModule) -> str:

@@ -6,25 +6,37 @@ passes that ran before it::
 
     capture -> propagate -> annotate -> estimate -> stages (pipeline plans)
 
-This version plans one kind of parallelism at a time over the whole cluster: data
-parallel (the default, ``{"dp": world}``), a pipeline (``mesh={"pp": world}``) or tensor
-parallel inside a node (``mesh={"tp": world}``). The search over DP x TP x PP
-combinations comes with the search pass.
+Without a mesh, or with several degrees pinned, the search pass picks DP x TP x PP;
+one degree over the whole cluster (``{"dp": world}``, ``{"pp": world}``, ``{"tp": world}``)
+plans that kind directly.
+
+One plan everywhere: :func:`replan` gives every other rank the plan rank 0 made (its
+JSON) without solving anything: it captures, propagates and annotates the model (cheap
+and deterministic), refuses a plan made for another model, cluster, options or partc /
+torch version (:class:`~partc.PlanMismatchError` naming which), and attaches the graph.
+``plan(..., cache=DIR)`` does the same from an on-disk cache (:mod:`partc.plan_cache`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from partc.cluster import Cluster
-from partc.cost_model import ADAMW_BYTES_PER_PARAM, CostModel, MemoryBreakdown, training_memory
-from partc.errors import ErrorContext, PartcError
+from partc.cost_model import (
+    ADAMW_BYTES_PER_PARAM,
+    CostModel,
+    MemoryBreakdown,
+    training_memory,
+)
+from partc.errors import ErrorContext, PartcError, PlanMismatchError
 from partc.passes.annotate import annotate
 from partc.passes.capture import attach_loss, capture
 from partc.passes.estimate import Estimate, batch_size, estimate_data_parallel
@@ -40,7 +52,15 @@ from partc.passes.stages import (
     solve_stages_without_cuts,
     stage_problem_from_graph,
 )
-from partc.plan import Plan, StagePlan, graph_fingerprint
+from partc.plan import (
+    Plan,
+    StagePlan,
+    canonical_json,
+    current_versions,
+    graph_fingerprint,
+    graph_identity,
+)
+from partc.plan_cache import PlanCache
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -71,11 +91,14 @@ def plan(
     microbatches: int | None = None,
     schedule: str | None = None,
     virtual_stages: int | None = None,
+    recompute: bool | None = None,
+    zero_stage: int | None = None,
     mixed_precision: str | torch.dtype | None = None,
     optimizer: str = "adamw",
     memory_limit: float | None = None,
     training: bool = True,
     frontend: str = "auto",
+    cache: str | os.PathLike | bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Plan:
     """Plan ``model`` for ``cluster``; no GPU and no process group needed.
@@ -91,26 +114,123 @@ def plan(
     microbatches, schedule, virtual_stages: pipeline options ("gpipe", "1f1b",
         "interleaved", "zero_bubble"; interleaved schedules default to 2 stages per rank,
         microbatches to the largest divisor of the batch up to 4 per pipeline rank).
+    recompute, zero_stage: pin activation recomputation (True/False) or the ZeRO stage over
+        data parallelism (0 = DDP, 1-3 = FSDP2); either one sends the plan to the search.
     mixed_precision: "bf16"/"fp16" to run matmuls in that dtype with fp32 master weights.
     memory_limit: bytes per device (default: the smallest device's memory).
+    cache: a directory (or True for ``$XDG_CACHE_HOME/partc``, default ``~/.cache/partc``)
+        of plans keyed by the graph, parameters, inputs, cluster, options and versions
+        (:mod:`partc.plan_cache`): a hit skips the search and the solvers
+        (``plan.pass_times["cache hit"]``); a miss plans and stores the plan atomically.
     progress: called with one line per finished pass (the CLI prints them).
     """
-    if not isinstance(cluster, Cluster):
-        raise PartcError(f"cluster must be a partc.Cluster, got {type(cluster).__name__}", ErrorContext(fix='use partc.Cluster.preset("h100") or partc.Cluster.from_json(path)'))
-    inputs = _as_tuple(example_inputs)
-    compute_dtype = _dtype(mixed_precision)
-    searching = mesh is None or len(mesh) == 0 or _combines(mesh)
-    dp, tp, pp = (0, 0, 0) if searching else _degrees(cluster, mesh)
-    if loss_fn is not None and example_targets is None:
-        warnings.warn("partc.plan: loss_fn is not priced without example_targets; the model's forward is planned on its own", stacklevel=2)
-    with_loss = loss_fn is not None and example_targets is not None
-    graph_inputs = (*inputs, example_targets) if with_loss else inputs
-    limit = memory_limit if memory_limit is not None else min(cluster.device(r).memory for r in range(cluster.world_size))
-    cost_model = CostModel(cluster)
+    _check_cluster(cluster)
+    options = plan_options(mesh=mesh, microbatches=microbatches, schedule=schedule, virtual_stages=virtual_stages, recompute=recompute, zero_stage=zero_stage, mixed_precision=mixed_precision,
+                           optimizer=optimizer, memory_limit=memory_limit, training=training, frontend=frontend)
+    passes = _Passes(progress)
+    gm = _annotated_graph(passes, model, example_inputs, loss_fn, example_targets, frontend)
+    store = key = None
+    if cache is not None and cache is not False:
+        store = PlanCache(cache)
+        key = store.key(gm, cluster, options)
+        hit = passes.run("cache", lambda: store.load(key, gm, cluster, options))
+        if hit is not None:
+            passes.rename("cache", "cache hit", f"{store.path(key)}: search and solvers skipped")
+            return replace(hit, graph=gm, pass_times=passes.times)
+        passes.rename("cache", "cache miss", f"{store.path(key)}")
+    result = _plan_graph(gm, model, cluster, passes, options, mesh=mesh, microbatches=microbatches, schedule=schedule, virtual_stages=virtual_stages,
+                         recompute=recompute, zero_stage=zero_stage, mixed_precision=mixed_precision, optimizer=optimizer, memory_limit=memory_limit, training=training)
+    if store is not None:
+        passes.run("cache store", lambda: store.save(key, result))
+    return result
 
-    times: dict[str, float] = {}
 
-    def run(name: str, step: Callable[[], Any], before: list[str]) -> Any:
+def replan(
+    model: nn.Module,
+    example_inputs: Any,
+    plan: Plan | str | os.PathLike,
+    *,
+    cluster: Cluster | None = None,
+    loss_fn: Callable | None = None,
+    example_targets: torch.Tensor | None = None,
+    mesh: dict[str, int] | None = None,
+    microbatches: int | None = None,
+    schedule: str | None = None,
+    virtual_stages: int | None = None,
+    recompute: bool | None = None,
+    zero_stage: int | None = None,
+    mixed_precision: str | torch.dtype | None = None,
+    optimizer: str = "adamw",
+    memory_limit: float | None = None,
+    training: bool = True,
+    frontend: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> Plan:
+    """The plan another process made (a :class:`Plan`, its JSON text or a JSON file), bound
+    to this process's ``model``: ready for codegen (``graph`` and ``sharding`` attached), with
+    the same :attr:`~partc.Plan.hash`, and nothing solved.
+
+    Capture, propagation and annotation run as in :func:`plan` (deterministic; a second or
+    so for a 96-layer GPT-3), then the plan is checked: the graph's structure, parameter
+    names / shapes / dtypes and input specs (:func:`~partc.plan.graph_identity`), the
+    ``cluster`` when given, the partc and torch versions, and the options, which take the
+    same keywords and defaults as :func:`plan` and must be what the plan was made with.
+    Any difference raises :class:`~partc.PlanMismatchError` listing every one.
+
+    partc.compile's protocol: rank 0 plans and broadcasts ``plan.to_json()``; the other
+    ranks ``replan`` from it; every rank all-gathers ``plan.hash`` before the first collective.
+    """
+    if cluster is not None:
+        _check_cluster(cluster)
+    made = plan if isinstance(plan, Plan) else Plan.from_json(plan)
+    options = plan_options(mesh=mesh, microbatches=microbatches, schedule=schedule, virtual_stages=virtual_stages, recompute=recompute, zero_stage=zero_stage, mixed_precision=mixed_precision,
+                           optimizer=optimizer, memory_limit=memory_limit, training=training, frontend=frontend)
+    passes = _Passes(progress)
+    gm = _annotated_graph(passes, model, example_inputs, loss_fn, example_targets, frontend)
+    problems = passes.run("replan", lambda: made.mismatches(graph_identity(gm), cluster or made.cluster, options))
+    if problems:
+        raise PlanMismatchError(
+            f"the plan (hash {made.hash[:12]}) was not made for this {type(model).__name__}:\n  " + "\n  ".join(problems),
+            ErrorContext(pass_name="replan", fix="plan this model again (partc.plan), or pass the model, inputs, cluster and options the plan was made with"),
+        )
+    return replace(made, graph=gm, pass_times=passes.times)
+
+
+def plan_options(
+    *, mesh, microbatches, schedule, virtual_stages, recompute, zero_stage, mixed_precision, optimizer, memory_limit, training, frontend
+) -> dict[str, Any]:
+    """The planning options as plain JSON data, as a plan records them and a cache key and
+    :func:`replan` compare them (the mixed-precision dtype by name, the mesh sorted)."""
+    dtype = _dtype(mixed_precision)
+    options = {
+        "mesh": None if mesh is None else dict(sorted(mesh.items())),
+        "microbatches": microbatches,
+        "schedule": schedule,
+        "virtual_stages": virtual_stages,
+        "recompute": recompute,
+        "zero_stage": zero_stage,
+        "mixed_precision": None if dtype is None else str(dtype).removeprefix("torch."),
+        "optimizer": optimizer,
+        "memory_limit": None if memory_limit is None else float(memory_limit),
+        "training": bool(training),
+        "frontend": frontend,
+    }
+    try:
+        return json.loads(canonical_json(options))
+    except (TypeError, ValueError) as e:
+        raise PartcError(f"planning options must be plain values: {e}", ErrorContext(fix="pass numbers, strings and a mesh dict of ints")) from e
+
+
+class _Passes:
+    """Runs passes in order and times each; a failure that is not a PartcError is reported
+    with the pass that failed and the passes that ran before it."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.times: dict[str, float] = {}
+        self.progress = progress
+
+    def run(self, name: str, step: Callable[[], Any]) -> Any:
+        before = list(self.times)
         start = time.perf_counter()
         try:
             value = step()
@@ -121,14 +241,39 @@ def plan(
                 f"pass {name!r} failed: {type(e).__name__}: {e}",
                 ErrorContext(pass_name=name, fix=f"passes that ran before it: {', '.join(before) or 'none'}; please report this with the model"),
             ) from e
-        times[name] = time.perf_counter() - start
-        if progress is not None:
-            progress(f"{name:<10} {times[name]:7.3f} s")
+        self.times[name] = time.perf_counter() - start
+        if self.progress is not None and name != "cache":
+            self.progress(f"{name:<10} {self.times[name]:7.3f} s")
         return value
 
-    gm = run("capture", lambda: _capture(model, inputs, loss_fn if with_loss else None, frontend), [])
-    run("propagate", lambda: propagate(gm, graph_inputs), ["capture"])
-    run("annotate", lambda: annotate(gm), ["capture", "propagate"])
+    def rename(self, old: str, new: str, detail: str) -> None:
+        """Report pass ``old`` under the name ``new`` (the cache's hit or miss), with ``detail``."""
+        self.times[new] = self.times.pop(old)
+        if self.progress is not None:
+            self.progress(f"{new:<10} {self.times[new]:7.3f} s  {detail}")
+
+
+def _annotated_graph(passes: _Passes, model: nn.Module, example_inputs: Any, loss_fn: Callable | None, example_targets: torch.Tensor | None, frontend: str):
+    """Capture, propagate and annotate: the graph every plan (fresh, cached or re-planned) reads."""
+    inputs = _as_tuple(example_inputs)
+    if loss_fn is not None and example_targets is None:
+        warnings.warn("partc.plan: loss_fn is not priced without example_targets; the model's forward is planned on its own", stacklevel=3)
+    with_loss = loss_fn is not None and example_targets is not None
+    graph_inputs = (*inputs, example_targets) if with_loss else inputs
+    gm = passes.run("capture", lambda: _capture(model, inputs, loss_fn if with_loss else None, frontend))
+    passes.run("propagate", lambda: propagate(gm, graph_inputs))
+    passes.run("annotate", lambda: annotate(gm))
+    return gm
+
+
+def _plan_graph(gm, model, cluster, passes, plan_opts, *, mesh, microbatches, schedule, virtual_stages, recompute, zero_stage, mixed_precision, optimizer, memory_limit, training) -> Plan:
+    """Solve for the annotated ``gm``: the search, or the one kind of parallelism pinned."""
+    run = passes.run
+    compute_dtype = _dtype(mixed_precision)
+    searching = mesh is None or len(mesh) == 0 or _combines(mesh) or recompute is not None or zero_stage is not None
+    dp, tp, pp = (0, 0, 0) if searching else _degrees(cluster, mesh)
+    limit = memory_limit if memory_limit is not None else min(cluster.device(r).memory for r in range(cluster.world_size))
+    cost_model = CostModel(cluster)
     options = dict(compute_dtype=compute_dtype, optimizer=optimizer, training=training)
     if searching:
         pinned = dict(mesh or {})
@@ -138,13 +283,15 @@ def plan(
                 gm, cluster, cost_model, batch_size=batch_size(gm), pinned=pinned or None,
                 schedules=(schedule,) if schedule else SCHEDULES_FOR_SEARCH,
                 microbatch_options=(microbatches,) if microbatches else None,
+                virtual_stage_options=(virtual_stages,) if virtual_stages and virtual_stages > 1 else (2, 4),
+                recompute_options=(recompute,) if recompute is not None else (False, True),
+                zero_options=(zero_stage,) if zero_stage is not None else (0, 1, 2, 3),
                 compute_dtype=compute_dtype, optimizer=optimizer, memory_limit=limit,
             ),
-            ["capture", "propagate", "annotate"],
         )
         best = result.best
         dp, tp, pp = best.mesh["dp"], best.mesh["tp"], best.mesh["pp"]
-    estimate = run("estimate", lambda: estimate_data_parallel(gm, cost_model, dp=dp, **options), ["capture", "propagate", "annotate"])
+    estimate = run("estimate", lambda: estimate_data_parallel(gm, cost_model, dp=dp, **options))
 
     info = graph_info(gm)
     common = dict(
@@ -159,7 +306,10 @@ def plan(
         memory_limit=limit,
         fingerprint=graph_fingerprint(gm),
         unsupported_ops=tuple(n.name for n in gm.graph.nodes if node_info(n).op == OpKind.OTHER),
-        pass_times=times,
+        pass_times=passes.times,
+        identity=graph_identity(gm),
+        versions=current_versions(),
+        options=plan_opts,
         graph=gm,
     )
     if searching:
@@ -168,7 +318,6 @@ def plan(
         sharding = run(
             "sharding",
             lambda: plan_sharding(gm, cost_model, tp=tp, memory_limit=limit, compute_dtype=compute_dtype, optimizer=optimizer, training=training),
-            ["capture", "propagate", "annotate", "estimate"],
         )
         return Plan(
             **{**common, "unsupported_ops": sharding.unsupported},
@@ -206,13 +355,14 @@ def plan(
             memory_limit=limit,
             compute_dtype=compute_dtype,
             optimizer=optimizer,
+            reserved_bytes=estimate.memory.transient / pipeline.microbatches,  # as _pipeline_memory counts it
         )
         forbidden = gradient_free_cuts(gm) if pipeline.schedule == "zero_bubble" else frozenset()
         if _PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS:
             forbidden |= gradient_free_cuts(gm, every_value=True)
         return solve_stages_without_cuts(problem, forbidden), equal_layer_split(problem)
 
-    partition, equal = run("stages", solve, ["capture", "propagate", "annotate", "estimate"])
+    partition, equal = run("stages", solve)
     memory, optimizer_time = _pipeline_memory(estimate, partition, pipeline, cluster, compute_dtype, optimizer)
     return Plan(
         **common,
@@ -229,6 +379,11 @@ def plan(
         bubble_fraction=partition.bubble_fraction,
         equal_split_step_time=equal.step_time + optimizer_time,
     )
+
+
+def _check_cluster(cluster: Any) -> None:
+    if not isinstance(cluster, Cluster):
+        raise PartcError(f"cluster must be a partc.Cluster, got {type(cluster).__name__}", ErrorContext(fix='use partc.Cluster.preset("h100") or partc.Cluster.from_json(path)'))
 
 
 def _capture(model: nn.Module, inputs: tuple, loss_fn: Callable | None, frontend: str):

@@ -211,6 +211,13 @@ def _einsum_flops(equation: Any, operands: list[TensorSpec | None]) -> int:
 def _bytes_moved(node: fx.Node, kind: OpKind, specs) -> int:
     if kind in _FREE:
         return 0
+    if kind == OpKind.EMBEDDING:  # a lookup reads the indices and the rows it gathers, not the whole table
+        inputs = [specs[a][0] for a in _tensor_args(node) if specs.get(a)]
+        tables = [s for s in inputs if s.dtype.is_floating_point and len(s.shape) == 2]
+        indices = [s for s in inputs if not s.dtype.is_floating_point]
+        if len(tables) == 1 and indices:
+            rows = indices[0].numel * tables[0].shape[1] * tables[0].dtype.itemsize
+            return indices[0].nbytes + rows + sum(s.nbytes for s in specs[node])
     read = sum(specs[a][0].nbytes for a in _tensor_args(node) if specs.get(a))
     return read + sum(s.nbytes for s in specs[node])
 

@@ -69,7 +69,7 @@ def _register(kind: OpKind, names: str) -> None:
 
 _register(OpKind.LINEAR, "linear addmm")
 _register(OpKind.MATMUL, "matmul mm bmm baddbmm einsum")
-_register(OpKind.EMBEDDING, "embedding")
+_register(OpKind.EMBEDDING, "embedding embedding_bag")
 _register(OpKind.ATTENTION, "scaled_dot_product_attention _scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention")
 _register(OpKind.CONV, "conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d")
 _register(OpKind.LAYER_NORM, "layer_norm native_layer_norm")
@@ -85,13 +85,14 @@ _register(OpKind.INDEX, "getitem select slice narrow index index_select gather t
 _register(OpKind.SPLIT, "split split_with_sizes chunk unbind tensor_split")
 _register(OpKind.CAT, "cat concat concatenate stack")
 _register(OpKind.FACTORY, "arange zeros ones full empty zeros_like ones_like full_like empty_like rand randn tensor scalar_tensor lift_fresh_copy tril triu")
+_register(OpKind.FACTORY, "new_ones new_zeros new_full new_empty")  # x.new_ones(shape): only x's dtype and device are read
 _register(OpKind.SHAPE, "size dim numel getattr sym_size _assert_tensor_metadata _assert_scalar sym_constrain_range_for_size")
 _register(
     OpKind.ELEMENTWISE,
     """add sub mul div truediv floordiv neg pos pow rsqrt sqrt exp log log1p tanh sigmoid relu gelu silu
     mish softplus elu leaky_relu hardtanh hardswish hardsigmoid relu6 abs sign cos sin erf clamp clamp_min clamp_max
     where masked_fill float half bfloat16 double int long bool to type_as type _to_copy clone copy
-    reciprocal mod remainder eq ne lt le gt ge logical_not logical_and logical_or bitwise_and bitwise_or
+    reciprocal mod remainder eq ne lt le gt ge logical_not logical_and logical_or bitwise_and bitwise_or __and__ __or__
     maximum minimum square addcmul addcdiv lerp repeat repeat_interleave fill zero_ iadd imul isub itruediv
     add_ mul_ sub_ div_ copy_ masked_fill_ relu_ gelu_ silu_ sigmoid_ tanh_ neg_ exp_ pow_ fill_""",
 )
@@ -245,9 +246,14 @@ def user_source(node: fx.Node) -> str | None:
     return f"{os.path.basename(last['file'])}:{last['line']}  {(last['code'] or '').strip()}".rstrip()
 
 
+# torch.export's marker for a node made outside any module call (a size read from an input
+# in the root's forward): it stands for the root module.
+_EMPTY_MODULE_STACK = "_empty_nn_module_stack_from_metadata_hook"
+
+
 def owning_module(node: fx.Node) -> tuple[str, str]:
     """(qualified name, class name) of the innermost module whose forward made ``node``."""
-    stack = node.meta.get("nn_module_stack")
+    stack = {key: entry for key, entry in (node.meta.get("nn_module_stack") or {}).items() if key != _EMPTY_MODULE_STACK}
     if not stack:
         return "", ""
     path, module_type = list(stack.values())[-1]

@@ -7,6 +7,10 @@ Vocabulary (one tensor-parallel group of ``tp`` ranks; the printed forms follow
                         (d is non-negative: S(-1) is normalised against the tensor's rank)
     R     Replicate()   every rank holds the whole tensor
     P     Partial()     every rank holds a whole-shaped tensor; the value is their sum
+    O(r)  Owned(r)      tp-rank r alone holds the whole tensor (a table-wise embedding
+                        table and its lookup): a parameter is absent from the other ranks;
+                        an activation is zeros there, so as a value O(r) is a P with one
+                        non-zero term, which the other ranks need not receive to use it
 
 A :class:`Strategy` is one way to run one operator: the layout each tensor input must
 arrive in, the layouts of its outputs, the share of the work one device does, the
@@ -17,8 +21,17 @@ every node also keeps ``replicate`` (all R), so a plan always exists.
     linear        column (x R, W S(0), b S(0) -> S(-1)); row (x S(-1), W S(1), b P -> P);
                   batch_parallel (x S(d), W R, b R -> S(d)) for each leading d; replicate
     matmul        batch dims, rows (S(-2)), columns (S(-1)), contraction (-> P); replicate
-    embedding     vocab_parallel (W S(0), masked lookup -> P); hidden_parallel (W S(1) ->
-                  S(-1)); batch_parallel over the indices; replicate
+    embedding     vocab_parallel (W S(0), masked lookup -> P; DLRM's row-wise sharding);
+    embedding_bag hidden_parallel (W S(1) -> S(-1)); batch_parallel over the indices;
+                  table_wise (W O(r) -> O(r): the whole table and its lookup on rank r, for
+                  a weight only embeddings read); replicate. embedding_bag: mode sum or
+                  mean over fixed-size bags (2-D indices, no offsets) for vocab_parallel
+    einsum        one strategy per index letter: S of that letter on every operand holding
+                  it (R on the others) gives S of it in the output, or P when the letter is
+                  summed out (expert parallelism: the stacked experts' letter); P through
+                  one operand with the others R
+    topk, sort, cumsum, one_hot
+                  follow S(d) of a dimension the operator does not work along
     attention     head_parallel (q, k, v S(heads) -> S(heads); query heads and k/v heads
                   must both divide); batch_parallel; replicate
     norms         follow S(d) of a dimension that is not normalised (sequence_parallel on
@@ -50,14 +63,19 @@ Resharding (:func:`reshard_cost`, ``S`` = bytes of the whole tensor)::
     S(a) -> S(b)  all-to-all(S / tp)       P -> S(d)   reduce-scatter(S)
     R -> S(d)     local slice, free        R -> P      keep on tp-rank 0, zeros elsewhere, free
     S(d) -> P     zero-pad locally, free   same -> same  free
+    O(r) -> R     broadcast(S)             O(r) -> P   free (the others hold zeros)
+    O(r) -> S(d)  reduce-scatter(S)        (as P: the others hold zeros)
 
 Gradients (used by the sharding ILP to price backward communication): the gradient of a
 value with forward layout L must reach its producer in ``adjoint(L)`` (S(d) for S(d),
-R for R and for P). A consumer contributes a gradient in :func:`grad_layout`: S(d) for
-an S(d) input, R for a P input, and for an R input R when the consumer computes
-redundantly (all its outputs R) or P when it computes a sharded part (a column-parallel
-linear's input: Megatron's identity-forward / all-reduce-backward). The backward
-collective is ``reshard(grad_layout, adjoint(L))``.
+R for R and for P, O(r) for O(r): the owner alone needs it). A consumer contributes a
+gradient in :func:`grad_layout`: S(d) for an S(d) input, R for a P input, O(r) for an
+O(r) input (only the owner computed with it), and for an R input R when the consumer
+computes redundantly (all its outputs R) or P when it computes a sharded part (a
+column-parallel linear's input: Megatron's identity-forward / all-reduce-backward). The
+backward collective is ``reshard(grad_layout, adjoint(L))``; into O(r): R is free (the
+owner keeps its copy), P an all-reduce, S(d) an all-gather (what runs; a reduce or gather
+to the owner alone would move as much through the owner's link).
 """
 
 from __future__ import annotations
@@ -77,6 +95,7 @@ __all__ = [
     "Shard",
     "Replicate",
     "Partial",
+    "Owned",
     "Layout",
     "R",
     "P",
@@ -144,7 +163,21 @@ class Partial:
     __repr__ = __str__
 
 
-Layout = Union[Shard, Replicate, Partial]
+@dataclass(frozen=True)
+class Owned:
+    """Tensor-parallel rank ``rank`` alone holds the whole tensor. A parameter so laid out
+    is absent from the other ranks (a table-wise embedding table); an activation is zeros
+    there (the table's lookup), so its value is that of a P."""
+
+    rank: int
+
+    def __str__(self) -> str:
+        return f"O({self.rank})"
+
+    __repr__ = __str__
+
+
+Layout = Union[Shard, Replicate, Partial, Owned]
 R = Replicate()
 P = Partial()
 
@@ -205,7 +238,7 @@ class Strategy:
 
 def adjoint(layout: Layout) -> Layout:
     """The layout a value's gradient must have at its producer."""
-    return layout if isinstance(layout, Shard) else R
+    return layout if isinstance(layout, (Shard, Owned)) else R
 
 
 def grad_layout(input_layout: Layout | None, strategy: Strategy) -> Layout | None:
@@ -213,7 +246,7 @@ def grad_layout(input_layout: Layout | None, strategy: Strategy) -> Layout | Non
     that arrives in ``input_layout`` (None: the input carries no gradient)."""
     if input_layout is None:
         return None
-    if isinstance(input_layout, Shard):
+    if isinstance(input_layout, (Shard, Owned)):
         return input_layout
     if isinstance(input_layout, Partial):
         return R
@@ -226,6 +259,12 @@ def transition(src: Layout, dst: Layout) -> str | None:
     """The operation that turns ``src`` into ``dst``: a collective, a local op, or None."""
     if src == dst:
         return None
+    if isinstance(dst, Owned):
+        # into the owner's hands (gradients of an owned value): R is there already
+        return None if isinstance(src, Replicate) else "all_reduce" if isinstance(src, Partial) else "all_gather" if isinstance(src, Shard) else "incompatible"
+    if isinstance(src, Owned):
+        # the other ranks hold zeros: a P whose sum the owner alone contributes
+        return "broadcast" if isinstance(dst, Replicate) else None if isinstance(dst, Partial) else "reduce_scatter"
     if isinstance(src, Shard):
         if isinstance(dst, Replicate):
             return "all_gather"
@@ -237,7 +276,7 @@ def transition(src: Layout, dst: Layout) -> str | None:
     return "slice" if isinstance(dst, Shard) else "partial"  # R -> S, R -> P
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
 
 
 def reshard_cost(src: Layout, dst: Layout, nbytes: float, cost_model, ranks: Sequence[int]) -> tuple[float, str | None]:
@@ -252,6 +291,10 @@ def reshard_cost(src: Layout, dst: Layout, nbytes: float, cost_model, ranks: Seq
         return cost_model.reduce_scatter(nbytes, ranks), op
     if op == "all_to_all":
         return cost_model.all_to_all(nbytes / max(len(ranks), 1), ranks), op
+    if op == "broadcast":
+        return cost_model.broadcast(nbytes, ranks), op
+    if op == "incompatible":
+        raise ValueError(f"no conversion from {src} to {dst}: an owned value moves to no other owner")
     return 0.0, None
 
 
@@ -271,6 +314,8 @@ def local_shard(tensor: torch.Tensor, layout: Layout, rank: int, tp: int, blocks
         return tensor
     if isinstance(layout, Partial):
         return tensor if rank == 0 else torch.zeros_like(tensor)
+    if isinstance(layout, Owned):
+        return tensor if rank == layout.rank else tensor.narrow(0, 0, 0)  # absent: an empty slice keeps the name
     pieces = tensor.chunk(blocks, dim=layout.dim)
     return torch.cat([p.chunk(tp, dim=layout.dim)[rank] for p in pieces], dim=layout.dim)
 
@@ -428,8 +473,11 @@ def op_rule(node: fx.Node, tp: int) -> OpRule | None:
         b.add("replicate", [], R)
         for d in range(len(shape)):
             b.add("shard", [], Shard(d))
+        if len(shape) == 2 and _owned_table_users(node):
+            for r in range(tp):
+                b.add("owned", [], Owned(r))
         return OpRule((), tuple(b.strategies))
-    handler = _HANDLERS.get(kind)
+    handler = _HANDLERS.get(kind) or _HANDLERS_BY_NAME.get(name)
     supported = handler is not None and handler(b, name) is not False
     if not supported:
         b.strategies.clear()
@@ -476,6 +524,8 @@ def _linear(b: _Builder, name: str):
 
 
 def _matmul(b: _Builder, name: str):
+    if name == "einsum":
+        return _einsum(b)
     if name not in ("matmul", "mm", "bmm") or len(b.inputs) != 2:
         return False
     a, m = b.in_shapes
@@ -496,11 +546,48 @@ def _matmul(b: _Builder, name: str):
         b.add("column_split", [R, Shard(len(m) - 1)], Shard(nd - 1))
 
 
+def _einsum(b: _Builder):
+    """One strategy per index letter of an explicit equation (see the module docstring)."""
+    equation = b.node.args[0] if b.node.args else None
+    if not isinstance(equation, str) or "->" not in equation or "." in equation:
+        return False
+    operands, result = equation.replace(" ", "").split("->")
+    operands = operands.split(",")
+    if len(operands) != len(b.inputs) or any(len(set(o)) != len(o) for o in operands + [result]):
+        return False  # a diagonal (repeated letter) or operands that are not plain tensors
+    for letter in sorted(set("".join(operands))):
+        ins = [Shard(o.index(letter)) if letter in o else R for o in operands]
+        out = Shard(result.index(letter)) if letter in result else P
+        b.add("contraction" if out == P else "follow", ins, out, memory_factor=1.0 if out == P else 1.0 / b.tp)
+    if b.out_values[0].dtype.is_floating_point:
+        for j in range(len(operands)):  # multilinear: a partial operand gives a partial result
+            b.add("partial", [P if i == j else R for i in range(len(operands))], P, compute_factor=1.0)
+
+
+def _owned_table_users(node: fx.Node) -> bool:
+    """A 2-D parameter that only embedding lookups read, as their table: table-wise sharding
+    may place it whole on one rank (nothing else would find it there)."""
+    if not node.users:
+        return False
+    for user in node.users:
+        if op_kind(user) != OpKind.EMBEDDING or isinstance(user.target, torch._ops.OpOverload) or _arg(user, 1, "weight") is not node:
+            return False
+    return True
+
+
 def _embedding(b: _Builder, name: str):
     aten = isinstance(b.node.target, torch._ops.OpOverload)
     iw, ii = (0, 1) if aten else (1, 0)
     if len(b.inputs) < 2 or len(b.in_shapes[iw]) != 2:
         return False
+    weight = b.inputs[iw].node
+    if not aten and weight.op == "get_attr" and _owned_table_users(weight):
+        for r in range(b.tp):  # the whole table and its lookup on rank r (DLRM's table-wise)
+            owned = [R] * len(b.inputs)
+            owned[iw] = Owned(r)
+            b.add("table_wise", owned, Owned(r), compute_factor=1.0, memory_factor=1.0)
+    if name == "embedding_bag":
+        return _embedding_bag(b, iw, ii)
     padding_idx = _arg(b.node, 2, "padding_idx")
     if not aten and (b.node.kwargs.get("max_norm") is not None):
         return False  # max_norm renormalises rows in place: keep whole
@@ -516,6 +603,42 @@ def _embedding(b: _Builder, name: str):
     b.add("hidden_parallel", layouts(R, Shard(1)), Shard(nd - 1))
     for d in range(len(b.in_shapes[ii])):
         b.add("batch_parallel", layouts(Shard(d), R), Shard(d))
+
+
+def _embedding_bag(b: _Builder, iw: int, ii: int):
+    """F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode,
+    sparse, per_sample_weights, include_last_offset, padding_idx): bags of a fixed size
+    (2-D indices [B, L], no offsets) pooled to [B, D]."""
+    node = b.node
+    if len(b.in_shapes[ii]) != 2 or len(b.inputs) != 2 or _arg(node, 3, "max_norm") is not None:
+        return False  # offsets, per-sample weights or in-place renormalisation: keep whole
+    layouts = [R, R]
+    mode = _arg(node, 6, "mode", "mean")
+    if mode in ("sum", "mean") and _arg(node, 10, "padding_idx") is None:
+        layouts[iw] = Shard(0)  # row-wise: a bag's masked lookups are partial sums of its pool
+        b.add("vocab_parallel", layouts, P, memory_factor=1.0)
+    layouts[iw] = Shard(1)
+    b.add("hidden_parallel", layouts, Shard(1))
+    layouts[iw], layouts[ii] = R, Shard(0)
+    b.add("batch_parallel", layouts, Shard(0))
+
+
+def _along_dim(b: _Builder, name: str):
+    """Operators that work along one dim (topk, sort, cumsum): follow a shard of any other
+    dim, every output alike. one_hot adds a trailing dim and follows any input dim."""
+    if not b.inputs or b.inputs[0].path != (0,) or len(b.inputs) != 1:
+        return False
+    x = b.in_shapes[0]
+    if name == "one_hot":
+        for d in range(len(x)):
+            b.add("follow", [Shard(d)], Shard(d))
+        return
+    dim = _arg(b.node, 2 if name == "topk" else 1, "dim", -1)
+    if not isinstance(dim, int) or not x:
+        return False
+    for d in range(len(x)):
+        if d != dim % len(x):
+            b.add("follow", [Shard(d)], [Shard(d)] * len(b.out_values))
 
 
 def _attention(b: _Builder, name: str):
@@ -1062,6 +1185,8 @@ _HANDLERS = {
     OpKind.CAT: _cat,
     OpKind.CONV: _conv,
 }
+# Operators of no OpKind (OpKind.OTHER) that still have a rule, by canonical name.
+_HANDLERS_BY_NAME = {name: _along_dim for name in ("topk", "sort", "argsort", "cumsum", "cumprod", "one_hot")}
 
 
 # Inputs an operator keeps for its backward pass (as passes/annotate.py counts them). A

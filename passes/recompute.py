@@ -10,7 +10,8 @@ per-layer recomputation the search prices with ``recompute=True``. Random operat
 (dropout) draw the same numbers the second time (checkpoint restores the RNG state), and
 a tensor-parallel layer's collectives run again in the recomputation, as in Megatron.
 
-Parameters stay where they were: the outer graph reads them (``get_attr``) and passes
+Parameters stay where they were: the outer graph reads them (``get_attr``), computes the
+values made of parameters alone (rotary tables sliced to the sequence length), and passes
 them to the layer as arguments, so the state-dict keys, FSDP2's parameter swap and the
 optimizer all see the module's own tensors. A GPT block reads::
 
@@ -30,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from partc.errors import PartcError
 from partc.passes.ir import error_context, node_info
+from partc.passes.split_stages import recomputable_nodes
 
 PASS_NAME = "recompute"
 _COMPUTE = ("call_function", "call_method", "call_module")
@@ -49,9 +51,12 @@ class CheckpointedLayer(nn.Module):
 def checkpoint_layers(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``gm`` in place so that each layer runs under activation checkpointing."""
     nodes = list(gm.graph.nodes)
+    # Values of parameters alone (a rotary table sliced to the sequence length) are cheap
+    # and were copied next to their readers by split_stages: they stay outside the layers.
+    hoisted = recomputable_nodes(gm)
     runs: dict[int, list[fx.Node]] = {}
     for n in nodes:
-        if n.op in _COMPUTE:
+        if n.op in _COMPUTE and n not in hoisted:
             runs.setdefault(node_info(n).layer, []).append(n)
     _check_contiguous(nodes, runs)
 
@@ -59,9 +64,8 @@ def checkpoint_layers(gm: fx.GraphModule) -> fx.GraphModule:
     env: dict[fx.Node, fx.Node] = {}
     done: set[int] = set()
     for n in nodes:
-        if n.op not in _COMPUTE:
-            if n not in env:  # a get_attr a layer already read sits before that layer's call
-                env[n] = graph.node_copy(n, lambda a: env[a])
+        if n.op not in _COMPUTE or n in hoisted:
+            _copy_before(graph, env, n)  # unless a layer call before needed it already
             continue
         layer = node_info(n).layer
         if layer in done:
@@ -83,9 +87,8 @@ def _emit_layer(gm: fx.GraphModule, graph: fx.Graph, env: dict[fx.Node, fx.Node]
             if arg not in inside and arg not in inputs:
                 inputs.append(arg)
     outputs = [n for n in run if any(user not in inside for user in n.users)]
-    for arg in inputs:
-        if arg not in env:  # get_attr nodes sit just before their first reader: read them before the call
-            env[arg] = graph.node_copy(arg, lambda a: env[a])
+    for arg in inputs:  # parameters and hoisted values sit just before their first reader: before the call
+        _copy_before(graph, env, arg)
 
     body = fx.Graph()
     local: dict[fx.Node, fx.Node] = {}
@@ -106,14 +109,25 @@ def _emit_layer(gm: fx.GraphModule, graph: fx.Graph, env: dict[fx.Node, fx.Node]
         env[n].meta = dict(n.meta)
 
 
+def _copy_before(graph: fx.Graph, env: dict[fx.Node, fx.Node], node: fx.Node) -> None:
+    """Copy ``node`` (a placeholder, parameter or hoisted value) and what it reads, once."""
+    if node in env:
+        return
+    for arg in node.all_input_nodes:
+        _copy_before(graph, env, arg)
+    env[node] = graph.node_copy(node, lambda a: env[a])
+
+
 def _check_contiguous(nodes: list[fx.Node], runs: dict[int, list[fx.Node]]) -> None:
     """Each layer's compute nodes must follow one another in graph order (captured graphs
     are emitted layer by layer; a rewrite that interleaved two layers would break this)."""
-    position = {n: i for i, n in enumerate(n for n in nodes if n.op in _COMPUTE)}
+    in_runs = [n for run in runs.values() for n in run]
+    order = [n for n in nodes if n in set(in_runs)]
+    position = {n: i for i, n in enumerate(order)}
     for layer, run in runs.items():
         first, last = position[run[0]], position[run[-1]]
         if last - first + 1 != len(run):
-            stray = next(n for n in nodes if n.op in _COMPUTE and first < position[n] < last and node_info(n).layer != layer)
+            stray = next(n for n in order[first:last] if node_info(n).layer != layer)
             raise PartcError(
                 f"layer {layer} is not contiguous in the graph: {stray.name} (layer {node_info(stray).layer}) sits inside it",
                 error_context(stray, PASS_NAME, fix="recompute needs each layer's operators in one run; this is a partc bug, please report it"),

@@ -30,6 +30,10 @@ Constraints (every one is named after its family and its node/edge)::
     reshard    y[u,a,t] >= sum_{b : t(E,a,b) = t} e[E,a,b]    for all E out of u, a, t
                                                                             _add_reshards
     memory     sum_v sum_s mem[v,s]·x[v,s] <= M                             _add_memory
+               (one row per rank r, with mem_r, when a strategy places a tensor on one
+               rank only: a table-wise embedding O(r) loads rank r alone)
+    ownership  x[u,a] + x[v,b] <= 1   for an edge whose pair (a, b) would move an owned
+               tensor to another owner, or an owned parameter anywhere       _add_edges
 
 Objective (seconds per training step on one device of the group)::
 
@@ -61,7 +65,10 @@ Objective (seconds per training step on one device of the group)::
 * ``mem[v,s]``: a parameter's weights, gradient and optimizer state
   (:func:`~partc.cost_model.training_memory`) times 1/tp when sharded; a node's saved
   activations times 1/tp when its output is sharded. ``M`` is ``memory_limit``
-  (default: the smallest device memory of the group; ``math.inf`` for none).
+  (default: the smallest device memory of the group; ``math.inf`` for none). A strategy
+  whose output is O(r) keeps its bytes on rank r and none elsewhere (``mem_r``); its
+  compute is charged whole, as the owner's time that the broadcast after it waits for
+  (tables owned by different ranks in fact look up side by side: a conservative price).
 
 Graph inputs are replicated, the graph's outputs must be replicated (the output node has
 one strategy needing R). Communication is not overlapped with compute here: the TP
@@ -112,6 +119,7 @@ budget raises :class:`~partc.InfeasiblePlanError` with the least memory any layo
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -125,6 +133,7 @@ import torch.fx as fx
 
 from partc.cost_model import ADAMW_BYTES_PER_PARAM, CostModel, MemoryBreakdown, training_memory
 from partc.errors import ErrorContext, InfeasiblePlanError, PartcError, SolverError
+from partc.passes import layouts as _layouts
 from partc.passes.ilp import solver_status
 from partc.passes.ir import META_KEY, OpKind, canonical_name, graph_info, node_info
 from partc.passes.layouts import (
@@ -133,6 +142,7 @@ from partc.passes.layouts import (
     InputRef,
     Layout,
     OpRule,
+    Owned,
     R,
     Shard,
     Strategy,
@@ -146,6 +156,7 @@ from partc.passes.layouts import (
     tensor_inputs,
     transition,
 )
+from partc.passes.plain_data import PlainDataError, from_plain, record_types, to_plain
 
 __all__ = [
     "plan_sharding",
@@ -164,6 +175,10 @@ __all__ = [
 # a tenth of a microsecond of optimizer time. The objective (not the reported times)
 # charges each call this much.
 COLLECTIVE_CALL_PENALTY = 1e-6  # seconds
+# CBC's absolute tolerances (its cutoff increment is about 1e-5) would swallow differences
+# of microseconds between plans of a small model if the objective were in seconds: CBC sees
+# it in microseconds, and the plan reports seconds.
+_OBJECTIVE_UNIT = 1e6
 _GiB = 2**30
 
 
@@ -292,6 +307,23 @@ class ShardingPlan:
     def step_time(self) -> float:
         return self.compute_time + self.communication_time
 
+    # -- plain JSON (plans are saved as JSON, never pickle) ---------------------------------------
+    TIMING_FIELDS = ("solve_seconds", "plan_seconds")  # wall times: saved, but they decide nothing
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON data, generically over the dataclass fields of the records
+        it holds (:mod:`partc.passes.plain_data`): new layout or strategy kinds need no code here."""
+        return to_plain(self, "ShardingPlan")
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> "ShardingPlan":
+        """The plan :meth:`to_dict` wrote. Only the records of this module and
+        :mod:`partc.passes.layouts` are rebuilt; anything else raises ``ValueError`` naming it."""
+        plan = from_plain(dict(data), _plan_record_types(), "ShardingPlan")
+        if not isinstance(plan, ShardingPlan):
+            raise PlainDataError(f"not a ShardingPlan: {type(plan).__name__}")
+        return plan
+
     def layout(self, node: str, output_index: int = 0) -> Layout:
         """The layout of a node's output value."""
         return self.strategies[node].outputs[output_index]
@@ -327,6 +359,12 @@ class ShardingPlan:
         if self.unsupported:
             lines.append(f"  {len(self.unsupported)} operator(s) without a sharding rule, replicated: {', '.join(self.unsupported[:10])}")
         return "\n".join(lines)
+
+
+def _plan_record_types() -> dict[str, type]:
+    """The classes a saved ShardingPlan may name: this module's records and every layout,
+    strategy and cost record of :mod:`partc.passes.layouts` (read now, so kinds added there count)."""
+    return record_types(_layouts, sys.modules[__name__])
 
 
 # -- the pass -------------------------------------------------------------------------------
@@ -381,6 +419,8 @@ class _Edge:
     ref: InputRef
     # (a, b) -> (transition key, cost); only pairs with a nonzero cost
     costs: dict[tuple[int, int], tuple[tuple, float]] = field(default_factory=dict)
+    # (a, b) pairs no conversion serves (an owned tensor to another layout): never chosen together
+    forbidden: list[tuple[int, int]] = field(default_factory=list)
 
 
 class _ShardingProblem:
@@ -406,6 +446,13 @@ class _ShardingProblem:
         self.reps = [n for n in self.nodes if n in self.rules]
         self.node_cost = {n: [self._node_time(n, s) for s in self.rules[n].strategies] for n in self.reps}
         self.node_memory = {n: [self._node_memory(n, s) for s in self.rules[n].strategies] for n in self.reps}
+        # Per-rank memory, needed only when some strategy places a tensor on one rank.
+        self.owned = any(_owner(s) is not None for n in self.reps for s in self.rules[n].strategies)
+        self.node_memory_on = (
+            {n: [[self._node_memory_breakdown(n, s, r).total for r in range(tp)] for s in self.rules[n].strategies] for n in self.reps}
+            if self.owned
+            else {}
+        )
         self.edges, self.groups = self._edges()
 
     def rep(self, node: fx.Node) -> fx.Node:
@@ -444,6 +491,7 @@ class _ShardingProblem:
             info = node_info(n)
             where = f" in {info.module}" if info.module else ""
             more = f" (and {len(copies) - 1} repeats)" if len(copies) > 1 else ""
+            where += f" ({info.source})" if info.source else ""
             warnings.warn(
                 f"partc sharding: no sharding rule for {canonical_name(n)} at node {n.name}{where}{more}; it is replicated "
                 f"on every tensor-parallel rank ({n.format_node()})",
@@ -506,13 +554,17 @@ class _ShardingProblem:
         buffers = max(info.param_bytes - info.param_numel * (info.dtype.itemsize if info.dtype else 4), 0)
         return weights + MemoryBreakdown(parameters=buffers, gradients=0.0, optimizer_state=0.0, activations=0.0)
 
-    def _node_memory_breakdown(self, node: fx.Node, s: Strategy) -> MemoryBreakdown:
+    def _node_memory_breakdown(self, node: fx.Node, s: Strategy, rank: int | None = None) -> MemoryBreakdown:
+        """Bytes ``node`` keeps on tensor-parallel rank ``rank`` under ``s``; rank None: the
+        mean over the ranks (the same on every rank unless ``s`` owns its output)."""
         info = node_info(node)
+        owner = _owner(s)
+        share = 1.0 if owner is None else (1.0 / self.tp if rank is None else float(rank == owner))
         if info.op == OpKind.PARAMETER:
             m = self.parameter_memory(info)
-            f = s.memory_factor
+            f = s.memory_factor * share
             return MemoryBreakdown(m.parameters * f, m.gradients * f, m.optimizer_state * f, 0.0)
-        activations = info.activation_bytes * self._scale(info) * s.memory_factor if self.training else 0.0
+        activations = info.activation_bytes * self._scale(info) * s.memory_factor * share if self.training else 0.0
         return MemoryBreakdown(0.0, 0.0, 0.0, activations)
 
     def _node_memory(self, node: fx.Node, s: Strategy) -> float:
@@ -577,6 +629,9 @@ class _ShardingProblem:
                 if key is None:
                     continue
                 src = a.outputs[k]
+                if _moves_owned(src, key[0], node_info(u).op == OpKind.PARAMETER):
+                    edge.forbidden.append((ia, ib))
+                    continue
                 if (src, key) not in cache:
                     calls = self.collective_calls(src, key)
                     cache[(src, key)] = sum(self.transition_cost(src, key, nbytes)) + calls * COLLECTIVE_CALL_PENALTY
@@ -589,17 +644,19 @@ class _ShardingProblem:
     def build_plan(self, choice, status, solve_seconds, objective, memory_limit, started, ilp) -> ShardingPlan:
         chosen = {n: self.rules[self.rep(n)].strategies[choice[self.rep(n)]] for n in self.nodes if self.rep(n) in self.rules}
         compute = 0.0
-        memory = MemoryBreakdown(0.0, 0.0, 0.0, 0.0)
+        per_rank = [MemoryBreakdown(0.0, 0.0, 0.0, 0.0) for _ in range(self.tp if self.owned else 1)]
         internal_fwd = internal_bwd = 0.0
         for n, s in chosen.items():
             rep = self.rep(n)
             compute += self.node_cost[rep][choice[rep]] - sum(self._comm(c) for c in s.comm)
-            memory = memory + self._node_memory_breakdown(rep, s)
+            for r in range(len(per_rank)):
+                per_rank[r] = per_rank[r] + self._node_memory_breakdown(rep, s, r if self.owned else None)
             for c in s.comm:
                 if c.phase == "forward":
                     internal_fwd += self._comm(c)
                 else:
                     internal_bwd += self._comm(c)
+        memory = max(per_rank, key=lambda m: m.total)  # the busiest rank's
 
         # conversions, one per (value, transition), in graph order
         grouped: dict[tuple, list[Use]] = defaultdict(list)
@@ -736,6 +793,17 @@ def _cbc(time_limit: float):
     return None
 
 
+def _owner(s: Strategy) -> int | None:
+    """The rank a strategy places its output on alone (an O(r) layout), else None."""
+    return s.outputs[0].rank if s.outputs and isinstance(s.outputs[0], Owned) else None
+
+
+def _moves_owned(src: Layout, dst: Layout, parameter: bool) -> bool:
+    """True when no conversion serves ``src -> dst``: into an owned layout from any other,
+    or an owned parameter (absent from the other ranks) out of its layout."""
+    return src != dst and (isinstance(dst, Owned) or (parameter and isinstance(src, Owned)))
+
+
 def _replace_blocks(r: Reshard, blocks: int) -> Reshard:
     return replace(r, blocks=blocks)
 
@@ -756,7 +824,8 @@ class _ShardingILP:
         self._add_edges()
         self._add_reshards()
         self._add_memory()
-        self.model += pulp.LpAffineExpression(list(self.objective_terms.items())) + self.constant
+        terms = [(var, seconds * _OBJECTIVE_UNIT) for var, seconds in self.objective_terms.items()]
+        self.model += pulp.LpAffineExpression(terms) + self.constant * _OBJECTIVE_UNIT
         self.num_variables = len(self.model.variables())
         self.num_constraints = self.model.numConstraints()
 
@@ -791,6 +860,9 @@ class _ShardingILP:
         """marginals: sum_b e[E,a,b] = x[u,a] and sum_a e[E,a,b] = x[v,b]."""
         p = self.p
         for j, (key, edge) in enumerate(p.edges.items()):
+            for a, b in edge.forbidden:
+                pair = [self._x(edge.u, a), self._x(edge.v, b)]
+                self.model += pulp.lpSum(pair) <= 1, f"ownership_{edge.u.name}_{edge.k}_to_{edge.v.name}_{edge.i}_{a}_{b}"
             if not edge.costs:
                 continue
             na, nb = len(self.x[edge.u]), len(self.x[edge.v])
@@ -829,7 +901,7 @@ class _ShardingILP:
                     continue
                 y = self._variable(f"y_{g}_{n}")
                 for m, terms in enumerate(sums):
-                    self.model += y >= pulp.lpSum(terms), f"reshard_{u.name}_{k}_{at[0]}_{n}_{m}"
+                    self.model += y >= pulp.lpSum(terms), f"reshard_{g}_{u.name}_{k}_{at[0]}_{n}_{m}"
                 self.objective_terms[y] += cost
 
     def _charge(self, term, cost: float) -> None:
@@ -843,19 +915,22 @@ class _ShardingILP:
         p = self.p
         if math.isinf(self.memory_limit):
             return
-        terms: dict[Any, float] = defaultdict(float)
-        constant = 0.0
-        for v in p.reps:
-            mult = p.multiplicity[v]
-            for s, mem in enumerate(p.node_memory[v]):
-                if isinstance(self.x[v][s], int):
-                    constant += mult * mem
-                elif mem:
-                    terms[self.x[v][s]] += mult * mem
-        self.model += pulp.LpAffineExpression(list(terms.items())) + constant <= self.memory_limit, "memory_budget"
+        for rank in range(p.tp) if p.owned else (None,):
+            terms: dict[Any, float] = defaultdict(float)
+            constant = 0.0
+            for v in p.reps:
+                mult = p.multiplicity[v]
+                for s, mem in enumerate(p.node_memory[v] if rank is None else [m[rank] for m in p.node_memory_on[v]]):
+                    if isinstance(self.x[v][s], int):
+                        constant += mult * mem
+                    elif mem:
+                        terms[self.x[v][s]] += mult * mem
+            name = "memory_budget" if rank is None else f"memory_budget_rank{rank}"
+            self.model += pulp.LpAffineExpression(list(terms.items())) + constant <= self.memory_limit, name
 
     def minimum_memory(self) -> float:
-        """The least memory any layout needs: memory is separable, so per node its cheapest."""
+        """The least memory any layout needs: memory is separable, so per node its cheapest.
+        With owned layouts it is the least mean over the ranks: a lower bound on the busiest."""
         p = self.p
         return sum(p.multiplicity[v] * min(p.node_memory[v]) for v in p.reps)
 
@@ -888,7 +963,7 @@ class _ShardingILP:
         for v, xs in self.x.items():
             values = [1.0 if isinstance(x, int) else (x.value() or 0.0) for x in xs]
             choice[v] = max(range(len(values)), key=values.__getitem__)
-        return choice, status, seconds, float(pulp.value(self.model.objective) or 0.0)
+        return choice, status, seconds, float(pulp.value(self.model.objective) or 0.0) / _OBJECTIVE_UNIT
 
     def _infeasible(self, least: float) -> None:
         p = self.p

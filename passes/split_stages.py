@@ -13,7 +13,9 @@ What crosses a cut
     inputs; the last stage returns the model's output. Python values that cross a cut
     (``B, T = x.size()`` computed in one stage, used in the next) cannot travel through
     ``torch.distributed.pipelining``; they are computed here for the microbatch shapes and
-    written into the consuming stage as constants.
+    written into the consuming stage as constants. A stage that writes one of its inputs
+    in place (``x.mul_(0.5)``) writes a copy: torch's pipeline stages receive their inputs
+    as leaf tensors that require grad, which autograd does not let an in-place op write.
 
 Parameters
     A stage holds the parameters its nodes read, under their original qualified names,
@@ -41,7 +43,8 @@ import torch
 import torch.fx as fx
 
 from partc.errors import PartcError
-from partc.passes.ir import TensorSpec, error_context, node_info
+from partc.passes.capture import copy_output_type
+from partc.passes.ir import TensorSpec, canonical_name, error_context, node_info
 from partc.passes.propagate import fake_values
 
 
@@ -171,12 +174,30 @@ def _stage_of_nodes(nodes: list[fx.Node], stage_of_layer: Sequence[int], num_sta
     return stage_of
 
 
+_IN_PLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "setitem"})
+
+
+def _written_in_place(value: fx.Node, stage_of: dict[fx.Node, int], s: int) -> bool:
+    """Whether a node of stage ``s`` writes ``value`` in place (``x.mul_(2)``, ``x += y``)."""
+    for user in value.users:
+        name = canonical_name(user)
+        in_place = name in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+        if stage_of.get(user) == s and in_place and user.args and user.args[0] is value:
+            return True
+    return False
+
+
 def _build_stage(gm, nodes, stage_of, s, inputs, outputs, values, num_stages, persistent_names, local) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in inputs:
         env[n] = graph.placeholder(n.name)
         env[n].meta = dict(n.meta)
+        if s > 0 and _written_in_place(n, stage_of, s):
+            # torch.distributed.pipelining hands a stage its inputs as leaf tensors that
+            # require grad, which an in-place op may not write: the stage writes a copy.
+            env[n] = graph.call_method("clone", (env[n],))
+            env[n].meta = dict(n.meta)
 
     def lookup(arg: fx.Node) -> Any:
         if arg in env:
@@ -199,6 +220,7 @@ def _build_stage(gm, nodes, stage_of, s, inputs, outputs, values, num_stages, pe
     if s == num_stages - 1:
         output = _output_node(nodes)
         graph.output(fx.node.map_arg(output.args[0], lookup))
+        copy_output_type(gm.graph, graph)  # an HF ModelOutput stays one
     else:
         graph.output(tuple(lookup(n) for n in outputs))
     graph.lint()

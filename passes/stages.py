@@ -175,6 +175,7 @@ class StageProblem:
     link_latency: tuple[float, ...] = ()  # per boundary i (between stage i and i+1), seconds (empty = 0)
     link_bandwidth: tuple[float, ...] = ()  # per boundary i, bytes/s (empty = free communication)
     time_limit: float = 30.0  # CBC seconds
+    reserved_bytes: float = 0.0  # per device, kept free of stages: one microbatch's transient buffers (the logits' workspace)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -199,6 +200,7 @@ class StageProblem:
         _require(all(0 <= a < math.inf for a in self.link_latency), f"link latencies must be finite and >= 0 s, got {self.link_latency}")
         _require(all(b > 0 for b in self.link_bandwidth), f"link bandwidths must be > 0 B/s, got {self.link_bandwidth}")
         _require(self.time_limit > 0, f"time_limit must be > 0 s, got {self.time_limit}")
+        _require(0 <= self.reserved_bytes < math.inf, f"reserved_bytes must be finite and >= 0, got {self.reserved_bytes}")
 
     @property
     def ranks(self) -> int:
@@ -272,7 +274,8 @@ class _ChainCosts:
         self.inflight = np.array([problem.inflight(i) for i in range(p)])
         budget = problem.memory_budget or (math.inf,) * p
         # A rank holds all its stages; its budget is the smallest its stages were given.
-        self.rank_budget = np.array([min(budget[i] for i in range(r, p, self.R)) for r in range(self.R)])
+        # (less what every device keeps for transient buffers)
+        self.rank_budget = np.array([min(budget[i] for i in range(r, p, self.R)) - problem.reserved_bytes for r in range(self.R)])
         self.has_budget = bool(problem.memory_budget)
 
     def transfer(self, boundary: int, last_layer: int) -> float:
@@ -765,8 +768,9 @@ def _check_memory_feasible(problem: StageProblem, costs: _ChainCosts) -> None:
 
 def _raise_memory_infeasible(problem: StageProblem, costs: _ChainCosts, bound: _MemoryBound) -> None:
     p, L = problem.stages, costs.L
-    binding = max(range(costs.R), key=lambda r: bound.memory[r] / costs.rank_budget[r])
-    needed, budget = bound.memory[binding], costs.rank_budget[binding]
+    binding = max(range(costs.R), key=lambda r: bound.memory[r] / max(costs.rank_budget[r], 1.0))
+    # what a device needs and has, the transient buffers included
+    needed, budget = bound.memory[binding] + problem.reserved_bytes, costs.rank_budget[binding] + problem.reserved_bytes
     uniform = len(set(costs.rank_budget.tolist())) == 1
     where = f"stage {binding}" if problem.virtual_stages == 1 else f"rank {binding} (stages {', '.join(map(str, range(binding, p, costs.R)))})"
     if uniform:
@@ -911,6 +915,7 @@ def stage_problem_from_graph(
     memory_limit: float | None = None,
     dp: int = 1,
     time_limit: float = 30.0,
+    reserved_bytes: float = 0.0,
 ) -> StageProblem:
     """The :class:`StageProblem` of the annotated ``gm`` on ``cost_model``'s cluster.
 
@@ -932,7 +937,8 @@ def stage_problem_from_graph(
     Stage i runs on ``ranks[i % R]`` (``R = stages / virtual_stages``, default ranks ``0..R-1``);
     boundary i uses ``cluster.link`` between the ranks of stages i and i+1 (free on one rank).
     ``memory_limit``: bytes per device; ``None`` = each stage's device memory; ``math.inf`` =
-    unlimited. Transient buffers (the logits' workspace) are not counted here.
+    unlimited. ``reserved_bytes``: memory every device keeps for one microbatch's transient
+    buffers (the logits' workspace), which the stages may not use.
     """
     cluster = cost_model.cluster
     _require(isinstance(stages, int) and stages >= 1, f"stages must be an integer >= 1, got {stages!r}")
@@ -1033,6 +1039,7 @@ def stage_problem_from_graph(
         link_latency=tuple(latency),
         link_bandwidth=tuple(bandwidth),
         time_limit=time_limit,
+        reserved_bytes=reserved_bytes,
     )
 
 

@@ -23,6 +23,8 @@ What changes, node by node
           (slice, all_gather | None)   scatter_to_tp
           (reduce_scatter, all_gather) reduce_scatter_to_tp
           (all_to_all, all_to_all)     all_to_all_tp
+          (broadcast, None)            broadcast_from_tp     O(r) -> R (a table-wise lookup)
+          (broadcast, all_reduce)      broadcast_from_tp, then copy_to_tp
           (partial, None)              to_partial            R -> P (a row-parallel bias)
           (pad, slice | None)          pad_to_partial        S -> P
 
@@ -30,7 +32,10 @@ What changes, node by node
       consumer: the consumer's saved copy of the gathered input is dropped and gathered
       again in backward (Megatron's sequence parallelism). A value laid out in blocks (GPT's fused qkv) passes ``blocks=``.
     * ``vocab_parallel`` embedding becomes ``vocab_parallel_embedding`` (masked lookup,
-      giving P); ``vocab_parallel`` cross entropy becomes ``vocab_parallel_cross_entropy``
+      giving P; ``vocab_parallel_embedding_bag`` for fixed-size bags); ``table_wise``
+      lookups become ``table_wise_embedding[_bag]`` (the owner looks up, the others give
+      zeros; their copy of the table is an empty [0, D] slice under the same name);
+      ``vocab_parallel`` cross entropy becomes ``vocab_parallel_cross_entropy``
       (Megatron's two all-reduces, local backward). A strategy's ``local_scale`` multiplies
       the node's result (a mean over a sharded dim).
     * ``plan.view_rewrites`` change hard-coded sizes (12 heads -> 12/tp) or divide a traced
@@ -70,6 +75,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from partc.errors import ErrorContext, PartcError, PlanMismatchError, UnsupportedOpError
+from partc.passes.capture import copy_output_type
 from partc.passes.ir import OpKind, canonical_name, error_context, op_kind
 from partc.passes.layouts import Shard, tensor_inputs
 from partc.passes.sharding import ParameterSharding, Reshard, ShardingPlan
@@ -167,6 +173,7 @@ def emit_tensor_parallel(
     _check(gm, plan, rank, tp)
     emitter = _Emitter(gm, plan, rank, tp)
     graph = emitter.build()
+    copy_output_type(gm.graph, graph)  # an HF ModelOutput stays one
     root, parameters = _tensors(gm, plan, rank)
     holder = TensorParallelGroup(rank, tp, name=group_name, group=group)
     root[emitter.holder_attr] = holder
@@ -365,6 +372,13 @@ class _Emitter:
     def _lower(self, node: fx.Node, strategy, args, kwargs) -> fx.Node | None:
         """Strategies whose local code is not the same operator on the shards."""
         kind = op_kind(node)
+        if kind == OpKind.EMBEDDING and canonical_name(node) == "embedding_bag" and strategy.name in ("vocab_parallel", "table_wise"):
+            return self._embedding_bag(node, strategy, args, kwargs)
+        if kind == OpKind.EMBEDDING and strategy.name == "table_wise":
+            bound = dict(zip(("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), args))
+            bound.update(kwargs)
+            indices, weight = bound.pop("input"), bound.pop("weight")
+            return self._copy(node, (indices, weight, self.tp_node, strategy.outputs[0].rank), bound, target=C.table_wise_embedding)
         if kind == OpKind.EMBEDDING and strategy.name == "vocab_parallel":
             return self._vocab_parallel_embedding(node, args, kwargs)
         if kind == OpKind.LOSS and strategy.name == "vocab_parallel":
@@ -388,6 +402,17 @@ class _Emitter:
             raise UnsupportedOpError("a vocabulary-parallel embedding takes no padding_idx or max_norm", error_context(node, PASS_NAME))
         new = self._copy(node, (bound["input"], bound["weight"], self.tp_node), extra, target=C.vocab_parallel_embedding)
         return new
+
+    def _embedding_bag(self, node, strategy, args, kwargs) -> fx.Node:
+        """F.embedding_bag(input, weight, ...) as a row-wise (vocab_parallel) or table-wise lookup."""
+        names = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+                 "per_sample_weights", "include_last_offset", "padding_idx")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        indices, weight = bound.pop("input"), bound.pop("weight")
+        if strategy.name == "table_wise":
+            return self._copy(node, (indices, weight, self.tp_node, strategy.outputs[0].rank), bound, target=C.table_wise_embedding_bag)
+        return self._copy(node, (indices, weight, self.tp_node), {"mode": bound.get("mode", "mean")}, target=C.vocab_parallel_embedding_bag)
 
     def _vocab_parallel_cross_entropy(self, node, args, kwargs) -> fx.Node:
         names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
@@ -465,6 +490,9 @@ class _Emitter:
                 C.all_to_all_tp, (value, r.src.dim, r.dst.dim, tp), "resharded",
                 src_blocks=self._blocks(r, r.src.dim), dst_blocks=self._blocks(r, r.dst.dim),
             )
+        if fwd == "broadcast" and bwd in (None, "all_reduce"):
+            sent = call(C.broadcast_from_tp, (value, r.src.rank, tp), "broadcast")
+            return sent if bwd is None else self._named(C.copy_to_tp, (sent, tp), f"{base}_copy", like=producer)
         if fwd == "partial" and bwd is None:
             return call(C.to_partial, (value, tp), "partial")
         if fwd == "pad" and bwd in (None, "slice"):

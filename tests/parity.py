@@ -19,23 +19,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_parity(cases: list[dict], nproc: int, timeout: float = 600, worker: Path = WORKER) -> dict[str, list[dict]]:
-    """Run every case in one torchrun launch of ``worker``; return {case key: [one verdict per rank]}."""
+def run_parity(cases: list[dict], nproc: int, timeout: float = 600, worker: Path = WORKER, nnodes: int = 1) -> dict[str, list[dict]]:
+    """Run every case in one torchrun launch of ``worker`` on ``nproc`` processes in all;
+    return {case key: [one verdict per rank]}. ``nnodes > 1`` starts that many torchrun
+    agents on 127.0.0.1 (``--nnodes``/``--node-rank``), each with ``nproc / nnodes`` processes,
+    as a multi-node job would be started on each machine."""
+    port = free_port()
     with tempfile.TemporaryDirectory() as reports:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-            str(worker), "--cases", json.dumps(cases), "--report-dir", reports,
-        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        agents = [
+            subprocess.Popen(
+                [
+                    sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node),
+                    "--nproc-per-node", str(nproc // nnodes), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                    str(worker), "--cases", json.dumps(cases), "--report-dir", reports,
+                ],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            )
+            for node in range(nnodes)
+        ]
+        try:
+            outputs = [agent.communicate(timeout=timeout) for agent in agents]
+        finally:
+            for agent in agents:
+                agent.kill()
         lines = [line for path in sorted(Path(reports).glob("*.jsonl")) for line in path.read_text().splitlines()]
     verdicts: dict[str, list[dict]] = {}
     for line in lines:
         verdict = json.loads(line)
         verdicts.setdefault(case_key(verdict["case"]), []).append(verdict)
     if not verdicts:
-        raise RuntimeError(f"{worker.name} reported nothing (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        codes = [agent.returncode for agent in agents]
+        raise RuntimeError(f"{worker.name} reported nothing (exit {codes}):\n{outputs[0][1][-4000:]}")
     return verdicts
 
 

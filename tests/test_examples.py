@@ -26,3 +26,12 @@ def test_plan_gpt_searches_a_plan_that_fits_for_a_meta_model():
     assert "blocks.0 .. blocks.3 (x4)" in out and "Predicted step time" in out
     # 7.9B parameters with AdamW state do not fit one 80 GB GPU: plain data parallelism loses.
     assert ": fits" in out and "Chosen by the search" in out and "why not chosen" in out
+
+
+def test_plan_large_plans_llama_70b_on_64_h100s_from_meta():
+    out = _run(str(EXAMPLES / "plan_large.py"))
+    assert "llama-70b: 69." in out and "on the meta device" in out  # ~70B parameters, none allocated
+    assert "8 node(s) x 8 H100" in out and "world size 64" in out
+    assert ": fits" in out and "Chosen by the search" in out and "why not chosen" in out
+    assert "layers.0 .. layers." in out  # the 80 identical blocks folded in the summary
+    assert re.search(r"plan hash [0-9a-f]{16}; planned in \d+\.\d s", out)

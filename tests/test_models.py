@@ -46,6 +46,8 @@ def test_registry_names():
     expected = [
         "gpt2", "gpt2-medium", "gpt3-1.3b", "gpt3-2.6b", "gpt3-6.7b", "gpt3-175b", "gpt-tiny",
         "llama-tiny", "llama-1b", "llama-7b", "llama-70b", "hf-tiny",
+        "resnet-tiny", "resnet50", "encdec-tiny", "t5-base-shaped",
+        "hf-gpt2", "hf-llama", "hf-bert", "dlrm-tiny", "dlrm-criteo", "moe-tiny", "moe-8x1b",
     ]  # fmt: skip
     assert names() == expected
     assert set(MODELS) == set(expected)

@@ -28,6 +28,12 @@ def _cases(world: int) -> list[dict]:
         {"model": "llama", "mesh": {"pp": world}, "schedule": "interleaved", "virtual_stages": 2, "microbatches": 4, "loss_in_graph": True},
     ]
     cases += [{"model": model, "mesh": {"dp": world}} for model in ("gpt-tied", "llama")]
+    # One plan everywhere: a rank whose model differs from rank 0's makes every rank fail, none hangs
+    cases += [{"model": "gpt", "mesh": {"pp": world}, "other_ranks_model": "llama"}]
+    # FSDP2 over the user's model: one unit per block, the tied embedding with the root
+    cases += [{"model": model, "mesh": {"dp": world}, "data_parallel": "fsdp"} for model in ("gpt-tied", "llama")]
+    # DDP communication hooks: close to the exact gradients, not equal (see parity_worker.compressed_gradients)
+    cases += [{"model": "gpt", "mesh": {"dp": world}, "gradient_compression": kind} for kind in ("fp16", "powersgd")] if world == 2 else []  # bf16 needs NCCL
     # Tensor parallel through partc.compile (the codegen's own matrix is tests/test_tp_parity.py).
     cases += [
         {"model": "gpt", "mesh": {"tp": world}, "cluster": "tp-test"},
@@ -40,6 +46,9 @@ def _cases(world: int) -> list[dict]:
             {"model": "llama", "mesh": {"pp": 2, "tp": 2}, "cluster": TP_PAYS, "schedule": "1f1b", "microbatches": 2},
             {"model": "gpt-tied", "mesh": {"pp": 2, "dp": 2}, "schedule": "1f1b", "microbatches": 2, "data_parallel": "fsdp"},
             {"model": "gpt-tied", "mesh": {"pp": 2, "dp": 2}, "schedule": "interleaved", "virtual_stages": 2, "microbatches": 2, "data_parallel": "ddp"},
+            # activation recomputation (each layer under torch.utils.checkpoint), with ZeRO-3 and tensor parallelism
+            {"model": "llama", "mesh": {"pp": 2, "dp": 2}, "schedule": "1f1b", "microbatches": 2, "recompute": True, "zero_stage": 3},
+            {"model": "gpt", "mesh": {"dp": 2, "tp": 2}, "cluster": TP_PAYS, "recompute": True, "zero_stage": 0},
         ]
     return cases
 
@@ -72,3 +81,22 @@ def test_parity(world, case, verdicts):
     assert len(ranks) == world, f"only {len(ranks)} of {world} ranks reported"
     failures = {r["rank"]: r["failures"] for r in ranks if r["failures"]}
     assert not failures, failures
+
+
+# Two torchrun agents on 127.0.0.1 (--nnodes 2 --nproc-per-node 2), as on two machines: the
+# cluster has 2 nodes of 2 devices with a slower link between them; tensor parallelism
+# must sit inside a node (the worker checks its group's torchrun node ranks).
+MULTI_NODE_CASES = [
+    {"model": "gpt-tied", "mesh": {"dp": 2, "tp": 2}, "cluster": TP_PAYS, "nodes": 2},
+    {"model": "llama", "mesh": {"pp": 2, "tp": 2}, "cluster": TP_PAYS, "nodes": 2, "schedule": "1f1b", "microbatches": 2},
+]
+
+
+@pytest.mark.slow
+def test_parity_across_two_torchrun_nodes():
+    verdicts = run_parity(MULTI_NODE_CASES, nproc=4, nnodes=2)
+    for case in MULTI_NODE_CASES:
+        ranks = verdicts.get(case_key(case), [])
+        assert len(ranks) == 4, f"{case}: only {len(ranks)} of 4 ranks reported"
+        failures = {r["rank"]: r["failures"] for r in ranks if r["failures"]}
+        assert not failures, (case, failures)

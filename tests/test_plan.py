@@ -1,5 +1,7 @@
-"""partc.plan: the data-parallel estimate by hand, the summary, JSON, DOT and bad input."""
+"""partc.plan: the data-parallel estimate by hand, the summary, JSON, DOT and bad input;
+the full plan in JSON (sharding included) and replan."""
 
+import dataclasses
 import pickle
 
 import pytest
@@ -169,3 +171,154 @@ def test_default_plan_is_searched_and_explained():
 def test_cluster_must_be_a_cluster():
     with pytest.raises(partc.PartcError, match="must be a partc.Cluster"):
         partc.plan(nn.Linear(4, 4), "h100", torch.randn(2, 4))
+
+
+# -- the full plan in JSON, and replan -----------------------------------------------------------
+def _tiny_gpt(batch_size: int = 4, n_layer: int = 2):
+    from partc.models import GPT
+    from partc.models.gpt import gpt_tiny
+
+    model = GPT(dataclasses.replace(gpt_tiny(), n_layer=n_layer))
+    return model, torch.randint(0, 128, (batch_size, 32))
+
+
+def _tp_plan():
+    model, tokens = _tiny_gpt()
+    return model, tokens, partc.plan(model, Cluster.preset("cpu", devices_per_node=2), tokens, mesh={"tp": 2})
+
+
+def test_sharding_plan_round_trips_through_plain_json():
+    import json
+
+    from partc.passes.sharding import ShardingPlan
+
+    from partc.models import GPT, GPTConfig
+
+    with torch.device("meta"):  # wide enough for Megatron's layouts on H100 links
+        model = GPT(GPTConfig(vocab_size=50304, block_size=256, n_layer=1, n_head=32, d_model=4096, bias=False))
+    tokens = torch.zeros(1, 256, dtype=torch.long)
+    plan = partc.plan(model, Cluster.preset("h100", devices_per_node=2), tokens, mesh={"tp": 2}, mixed_precision="bf16")
+    sharding = plan.sharding
+    assert plan.tensor_parallel["parameters"]["blocks.0.attn.qkv.weight"] == "S(0)"
+    assert sharding.parameters["blocks.0.attn.qkv.weight"].blocks == 3  # fused QKV sliced per block
+    assert sharding.reshards and sharding.view_rewrites  # collectives, and 32 heads -> 16 per rank
+    text = json.dumps(sharding.to_dict(), allow_nan=False)  # strict JSON: no pickle, no Infinity
+    again = ShardingPlan.from_dict(json.loads(text))
+    assert again == sharding
+    assert again.to_dict() == sharding.to_dict()
+    assert dict(again.strategies) == dict(sharding.strategies) and again.reshards == sharding.reshards
+    assert again.collectives_per_step() == sharding.collectives_per_step()
+    # The plan's JSON carries it, and the codegen reads the restored one like the original.
+    restored = partc.Plan.from_json(plan.to_json())
+    assert restored.sharding == sharding
+
+
+def test_new_layout_kinds_serialize_without_special_cases(monkeypatch):
+    """A layout kind added to passes/layouts.py (say, expert parallel) needs no serializer code."""
+    import json
+
+    from partc.passes import layouts
+    from partc.passes.sharding import ShardingPlan
+
+    @dataclasses.dataclass(frozen=True)
+    class ExpertShard:  # noqa: B903
+        dim: int
+        experts: tuple[int, ...]
+
+    monkeypatch.setattr(layouts, "ExpertShard", ExpertShard, raising=False)
+    _, _, plan = _tp_plan()
+    name = next(iter(plan.sharding.strategies))
+    strategy = dataclasses.replace(plan.sharding.strategies[name], outputs=(ExpertShard(0, (0, 1)),))
+    sharding = dataclasses.replace(plan.sharding, strategies={**plan.sharding.strategies, name: strategy}, memory_limit=float("inf"))
+    again = ShardingPlan.from_dict(json.loads(json.dumps(sharding.to_dict(), allow_nan=False)))
+    assert again.strategies[name].outputs == (ExpertShard(0, (0, 1)),) and again.memory_limit == float("inf")
+    # A class that is not a partc record is never instantiated from a file.
+    data = sharding.to_dict()
+    data["strategies"][name]["outputs"] = [{"$type": "Popen", "args": "rm -rf /"}]
+    with pytest.raises(ValueError, match="unknown record type 'Popen'"):
+        ShardingPlan.from_dict(data)
+    plan_data = json.loads(plan.to_json())
+    plan_data["sharding"] = data
+    with pytest.raises(partc.PlanMismatchError, match="sharding plan cannot be read: .*Popen"):
+        partc.Plan.from_dict(plan_data)
+
+
+def test_older_plan_versions_are_refused_with_the_reason():
+    _, _, plan = _tp_plan()
+    old = plan.to_dict() | {"version": 1}
+    with pytest.raises(partc.PlanMismatchError, match="version 1 .*older plans hold no sharding plan"):
+        partc.Plan.from_dict(old)
+
+
+def test_replan_attaches_graph_and_sharding_without_solving():
+    from partc.planner import replan
+
+    cluster = Cluster.preset("cpu", devices_per_node=2)
+    _, _, plan = _tp_plan()
+    model, inputs = _tiny_gpt()  # another process: fresh weights, same structure
+    again = replan(model, inputs, plan.to_json(), cluster=cluster, mesh={"tp": 2})
+    assert set(again.pass_times) == {"capture", "propagate", "annotate", "replan"}  # no search, no ILP
+    assert again.graph is not None and again.graph is not plan.graph and again.sharding == plan.sharding
+    assert again.hash == plan.hash and dataclasses.replace(again, pass_times=plan.pass_times) == plan
+    assert again.source(rank=1) == plan.source(rank=1)  # ready for codegen
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"batch_size": 8}, r"inputs: the plan was made for inputs int64\[4, 32\], these are int64\[8, 32\]"),
+        ({"n_layer": 3}, "graph: the graph's structure"),
+        ({"cluster": Cluster.preset("cpu", nodes=2, devices_per_node=1)}, "cluster: the plan is for 1 node"),
+        ({"options": {"mixed_precision": "bf16"}}, "options: mixed_precision was None when planned, now 'bfloat16'"),
+        ({"versions": {"torch": "1.0.0"}}, "versions: the plan was made with torch 1.0.0"),
+    ],
+)
+def test_replan_refuses_a_stale_or_foreign_plan(change, reason):
+    import json
+
+    from partc.planner import replan
+
+    _, _, plan = _tp_plan()
+    data = json.loads(plan.to_json())
+    if "versions" in change:
+        data["versions"].update(change["versions"])
+    model, inputs = _tiny_gpt(change.get("batch_size", 4), change.get("n_layer", 2))
+    cluster = change.get("cluster", Cluster.preset("cpu", devices_per_node=2))
+    with pytest.raises(partc.PlanMismatchError, match=reason) as error:
+        replan(model, inputs, json.dumps(data), cluster=cluster, mesh={"tp": 2}, **change.get("options", {}))
+    assert "plan this model again" in str(error.value)
+
+
+def test_replan_names_parameters_that_changed():
+    from partc.planner import replan
+
+    model, inputs, plan = _tp_plan()
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # untie: one more parameter
+    with pytest.raises(partc.PlanMismatchError, match="parameters: parameter names, shapes or dtypes differ"):
+        replan(model, inputs, plan, mesh={"tp": 2})
+
+
+@pytest.mark.parametrize("mesh", [{"dp": 2}, {"pp": 2}, {"tp": 2}, None], ids=["dp", "pp", "tp", "searched"])
+def test_cheap_stack_traces_change_no_plan(mesh, monkeypatch):
+    """Capture formats only the user's frames instead of fx's whole symbolized stack
+    (planning-time work): every plan, and every node's source line, is what it was."""
+    from partc.passes import capture as capture_pass
+    from partc.passes.ir import node_info
+
+    cluster = Cluster.preset("cpu", devices_per_node=2)
+
+    def planned(fx_stack_traces: bool):
+        tracer = capture_pass._TraceThroughModules
+        monkeypatch.setattr(capture_pass, "_TraceThroughModules", lambda: tracer(fx_stack_traces))
+        model, tokens = _tiny_gpt(batch_size=8)
+        result = partc.plan(model, cluster, tokens, mesh=mesh)
+        monkeypatch.undo()
+        return result
+
+    before, after = planned(True), planned(False)
+    assert after.mesh == before.mesh and after.stages == before.stages and after.schedule == before.schedule
+    assert after.predicted_step_time == pytest.approx(before.predicted_step_time, rel=1e-9)
+    assert after.hash == before.hash
+    sources = [node_info(n).source for n in after.graph.graph.nodes]
+    assert sources == [node_info(n).source for n in before.graph.graph.nodes]
+    assert any(s and "gpt.py" in s for s in sources)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from partc.errors import PartcError
-from partc.models import gpt, hf_style, llama
+from partc.models import cnn, dlrm, encdec, gpt, hf, hf_style, llama, moe
 from partc.models.gpt import GPT, GPTConfig, gpt3_shaped
 from partc.models.hf_style import HFStyleConfig, HFStyleModel
 from partc.models.llama import Llama, LlamaConfig
@@ -62,7 +62,7 @@ META_THRESHOLD = 2_000_000_000
 def language_model_loss(logits: Any, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy: ``targets`` are the inputs shifted by one.
     Accepts a logits tensor, or a dict / HF ``ModelOutput`` holding ``"logits"``."""
-    if not isinstance(logits, torch.Tensor):
+    if not isinstance(logits, (torch.Tensor, torch.fx.Proxy)):  # a Proxy: traced into the graph (attach_loss)
         logits = logits["logits"]
     return nn.functional.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
@@ -113,6 +113,56 @@ _ENTRIES = MappingProxyType(
             HFStyleModel,
             "max_position_embeddings",
         ),
+        # Images and class labels; BatchNorm statistics per microbatch (contract: partc/models/cnn.py).
+        "resnet-tiny": _Entry(
+            "tiny ResNet for tests (4 residual blocks, BatchNorm, 3x16x16 images)", cnn.resnet_tiny, cnn.ResNet, None, cnn.image_batch, cnn.classification_loss
+        ),
+        "resnet50": _Entry(
+            "ResNet-50 (bottleneck blocks 3-4-6-3, 25.6M parameters, 224x224 images)", cnn.resnet50, cnn.ResNet, None, cnn.image_batch, cnn.classification_loss
+        ),
+        # Two inputs (source and target tokens); cross-attention to the encoder's output.
+        "encdec-tiny": _Entry(
+            "tiny encoder-decoder transformer for tests (2 + 2 layers, cross-attention, two inputs)",
+            encdec.encdec_tiny,
+            encdec.EncoderDecoder,
+            "max_seq_len",
+            encdec.translation_batch,
+        ),
+        "t5-base-shaped": _Entry(
+            "encoder-decoder with T5-base's sizes (12 + 12 layers, d_model 768), 273M parameters",
+            encdec.t5_base_shaped,
+            encdec.EncoderDecoder,
+            "max_seq_len",
+            encdec.translation_batch,
+        ),
+        # Real HuggingFace transformers models from tiny configs (transformers imported on build).
+        "hf-gpt2": _Entry("HuggingFace GPT2LMHeadModel, tiny config (needs transformers)", hf.gpt2_config, hf.gpt2_lm, "n_positions", loss_fn=hf.logits_loss),
+        "hf-llama": _Entry(
+            "HuggingFace LlamaForCausalLM, tiny config (needs transformers)", hf.llama_config, hf.llama_lm, "max_position_embeddings", loss_fn=hf.logits_loss
+        ),
+        "hf-bert": _Entry(
+            "HuggingFace BertForMaskedLM, tiny config (needs transformers)",
+            hf.bert_config,
+            hf.bert_mlm,
+            "max_position_embeddings",
+            make_batch=hf.masked_lm_batch,
+            loss_fn=hf.logits_loss,
+        ),
+        # Recommendation (dense features + sparse ids -> click logit; partc/models/dlrm.py).
+        "dlrm-tiny": _Entry(
+            "tiny DLRM for tests (4 embedding bags of 24..4096 rows, D 16)", dlrm.dlrm_tiny, dlrm.DLRM, None, dlrm.click_batch, dlrm.click_loss
+        ),
+        "dlrm-criteo": _Entry(
+            "DLRM on Criteo Terabyte-sized tables (26 tables, D 128, 24B parameters; planning only)",
+            dlrm.dlrm_criteo,
+            dlrm.DLRM,
+            None,
+            dlrm.click_batch,
+            dlrm.click_loss,
+        ),
+        # Mixture of experts (top-2 routing, fixed capacity per sequence; partc/models/moe.py).
+        "moe-tiny": _Entry("tiny top-2 mixture-of-experts GPT for tests (4 experts, d_model 32)", moe.moe_tiny, moe.MoEGPT, "block_size"),
+        "moe-8x1b": _Entry("top-2 mixture-of-experts GPT, 8 experts, 24 layers, d_model 2048 (planning)", moe.moe_8x1b, moe.MoEGPT, "block_size"),
     }
 )
 

@@ -11,9 +11,11 @@ tensor-parallel module, or one pipeline stage) for the data-parallel group:
 * ZeRO stages 1 to 3: FSDP2 ``fully_shard`` over the "dp" sub-mesh: parameters, gradients
   and optimizer state are sharded; with stage 3 parameters are freed again after forward
   (``reshard_after_forward=True``), with 1 and 2 they stay gathered until backward has
-  run, as ZeRO-2 keeps them. The module is sharded as one unit, because generated
-  modules read parameters straight from the root (a per-layer unit would never see its
-  forward hook fire).
+  run, as ZeRO-2 keeps them. The user's own model is sharded layer by layer (``units``:
+  each layer's module is an FSDP unit, so one layer's all-gather overlaps the previous
+  layer's compute), then the root. A generated module (tensor-parallel, a pipeline stage)
+  is one unit: its code reads every parameter from the root, so a per-layer unit would
+  never see its forward hook fire.
 
 :class:`ReplicaRunner` runs a step of a plan without a pipeline: each replica takes its
 slice of the global batch (rank order along "dp") and runs forward, loss and backward;
@@ -70,17 +72,28 @@ def replicate_over_dp(
     zero_stage: int,
     gradient_compression: str | None,
     device: torch.device,
+    units: Sequence[str] = (),
 ) -> nn.Module:
     """``module`` moved to ``device`` and wrapped for the "dp" group (see the module doc).
-    Returned unchanged when there is one replica or nothing to train."""
+    Returned unchanged when there is one replica or nothing to train. ``units``: paths of
+    submodules FSDP2 shards as units of their own before the root."""
     module.to(device)
     if mesh.dp == 1 or not any(p.requires_grad for p in module.parameters()):
         return module
     if zero_stage > 0:
-        fully_shard_function()(module, mesh=mesh.submesh("dp"), reshard_after_forward=zero_stage == 3)
+        fully_shard = fully_shard_function()
+        for path in units:
+            fully_shard(module.get_submodule(path), mesh=mesh.submesh("dp"), reshard_after_forward=zero_stage == 3)
+        fully_shard(module, mesh=mesh.submesh("dp"), reshard_after_forward=zero_stage == 3)
         return module
     group = mesh.group("dp")
-    ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
+    # buffers are averaged after the step instead (average_buffers_over_dp)
+    ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, process_group=group, broadcast_buffers=False)
+    if gradient_compression == "bf16" and dist.get_backend(group) != "nccl":
+        raise PartcError(
+            f"bf16 gradient compression needs NCCL (torch's hook checks for it); this group runs on {dist.get_backend(group)}",
+            ErrorContext(pass_name="runtime", fix='use gradient_compression="fp16" on CPUs / gloo'),
+        )
     if gradient_compression in ("bf16", "fp16"):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -92,6 +105,42 @@ def replicate_over_dp(
         state = powerSGD_hook.PowerSGDState(process_group=group, matrix_approximation_rank=1, start_powerSGD_iter=2)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     return ddp
+
+
+def fsdp_units(model: nn.Module, layer_modules: Sequence[str]) -> list[str]:
+    """The layers' modules that can be FSDP units of their own: they exist in ``model``, hold
+    parameters, share none with another module (a tied embedding stays with the root),
+    and do not contain one another."""
+    owners: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), set()).add(name)
+    units: list[str] = []
+    for path in dict.fromkeys(layer_modules):
+        if not path or any(path == u or path.startswith(u + ".") or u.startswith(path + ".") for u in units):
+            continue
+        try:
+            sub = model.get_submodule(path)
+        except AttributeError:
+            continue
+        params = list(sub.named_parameters(prefix=path, remove_duplicate=False))
+        if params and all(owners[id(p)] == {name} for name, p in params):
+            units.append(path)
+    return units
+
+
+def average_buffers_over_dp(modules: Sequence[nn.Module], mesh: RankMesh) -> None:
+    """Average the persistent floating-point buffers (BatchNorm's running statistics) over
+    the replicas after a step: each replica updated them from its own slice of the batch,
+    and the replicas must stay identical. (DDP's own ``broadcast_buffers`` would instead
+    copy replica 0's statistics and drop the others'.)"""
+    if mesh.dp == 1:
+        return
+    for module in modules:
+        params = {id(p) for p in module.parameters()}
+        for tensor in module.state_dict(keep_vars=True).values():
+            if id(tensor) not in params and tensor.is_floating_point() and not hasattr(tensor, "full_tensor"):
+                dist.all_reduce(tensor.data, group=mesh.group("dp"))
+                tensor.data /= mesh.dp
 
 
 def replica_slice(value: Any, mesh: RankMesh) -> Any:
@@ -147,4 +196,5 @@ class ReplicaRunner:
         else:
             loss = self.loss_fn(self.module(*local_inputs), self._local(targets))
         (loss * self.mesh.dp if self.reduction == "sum" else loss).backward()
+        average_buffers_over_dp([self.module], self.mesh)
         return average_over_dp(loss, self.mesh, self.reduction)

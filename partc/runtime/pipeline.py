@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 
 from partc.errors import ErrorContext, PartcError
 from partc.passes.split_stages import StageModule
@@ -150,9 +151,10 @@ class PipelineRunner:
         self.local = [st for st in stages if self.stage_rank[st.index] == mesh.pp_index]
         # Shapes are known from the plan: giving them makes torch skip its shape inference,
         # which runs stages on uninitialised tensors (token ids out of range, for one).
+        last_stage = _TensorOutputs.wrap_if_structured(self.local[-1]) if self.local[-1].index == num_stages - 1 else None
         self._pipeline_stages = [
             pipelining.PipelineStage(
-                replicate(st.module),
+                replicate(last_stage if last_stage is not None and st is self.local[-1] else st.module),
                 st.index,
                 num_stages,
                 device,
@@ -169,6 +171,8 @@ class PipelineRunner:
             "zero_bubble": pipelining.ScheduleInterleavedZeroBubble,
         }[schedule]
         kwargs: dict[str, Any] = {"loss_fn": scaled_loss(loss_fn, microbatches, loss_reduction, mesh.dp)}
+        if last_stage is not None:
+            kwargs["loss_fn"] = last_stage.on_structured_output(kwargs["loss_fn"])
         if "scale_grads" in inspect.signature(schedule_class.__init__).parameters:
             kwargs["scale_grads"] = False  # partc scales the loss itself (see the module docstring)
         target = self._pipeline_stages[0] if virtual == 1 else self._pipeline_stages
@@ -187,7 +191,7 @@ class PipelineRunner:
         return named
 
     def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
-        from partc.runtime.data_parallel import average_over_dp, replica_slice
+        from partc.runtime.data_parallel import average_buffers_over_dp, average_over_dp, replica_slice
 
         inputs, targets = [replica_slice(x, self.mesh) for x in inputs], replica_slice(targets, self.mesh)
         for x in (*inputs, targets):
@@ -204,6 +208,7 @@ class PipelineRunner:
             kwargs["return_outputs"] = False  # the step only needs the losses
         self._schedule.step(*args, **kwargs)
         self._sync_tied_gradients()
+        average_buffers_over_dp([st.module for st in self.local], self.mesh)
         loss = torch.stack([l.detach() for l in losses]).sum() if self.holds_last else torch.zeros((), device=self.device)
         dist.broadcast(loss, src=self._last_rank_global, group=self.group)
         if self.reduction == "sum":
@@ -220,6 +225,36 @@ class PipelineRunner:
                 p.grad = torch.zeros_like(p)
             grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's shard
             dist.all_reduce(grad, group=group)
+
+
+class _TensorOutputs(torch.nn.Module):
+    """The last stage as torch.distributed.pipelining runs it when the model returns a
+    structure (a dict, an HF ``ModelOutput``): a tuple of tensors, as torch expects (it
+    detaches each output after backward). The loss gets the structure back, so loss_fn
+    sees what the single-device model returns."""
+
+    def __init__(self, stage: torch.nn.Module):
+        super().__init__()
+        self.stage = stage
+        self.structure: Any = None  # the pytree spec of the last output
+
+    @classmethod
+    def wrap_if_structured(cls, stage: StageModule) -> "_TensorOutputs | None":
+        output = next(n for n in reversed(stage.module.graph.nodes) if n.op == "output")
+        return None if isinstance(output.args[0], torch.fx.Node) else cls(stage.module)
+
+    def forward(self, *args: Any) -> tuple:
+        leaves, self.structure = pytree.tree_flatten(self.stage(*args))
+        return tuple(leaves)
+
+    def on_structured_output(self, loss_fn: Callable) -> Callable:
+        """loss_fn called on the structure of the microbatch just computed (torch runs the
+        loss right after the last stage's forward of that microbatch)."""
+
+        def loss_on_structure(output: tuple, target: Any) -> torch.Tensor:
+            return loss_fn(pytree.tree_unflatten(list(output), self.structure), target)
+
+        return loss_on_structure
 
 
 def _examples(specs, requires_grad: Sequence[bool], device: torch.device) -> tuple[torch.Tensor, ...]:

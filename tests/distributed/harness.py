@@ -56,19 +56,22 @@ def serve(run_case: Callable[[dict], list[str] | dict], *, cases_help: str, back
     return 1 if any_failed else 0
 
 
-def case_cluster(kind: str | None, world: int) -> partc.Cluster:
+def case_cluster(kind: str | None, world: int, nodes: int = 1) -> partc.Cluster:
     """The cluster a case plans on: ``"tp-test"`` has devices slow against their links, so
     that tensor parallelism pays at test sizes (on H100s these models would stay
     replicated); ``"tp-test:1e10"`` sets the devices' FLOP/s (the search prices layouts at
     one sample, where devices must be slower still for sharding to pay); anything else is
-    the ``cpu`` preset with ``world`` devices."""
+    the ``cpu`` preset. ``nodes``: the ``world`` devices split over that many nodes, joined
+    by a link 10x slower than the one inside a node."""
     if kind is not None and kind.startswith("tp-test"):
         from tp_worker import favourable_cluster  # tp_worker imports this module
 
         _, _, flops = kind.partition(":")
         slow = favourable_cluster(float(flops)) if flops else favourable_cluster()
-        return dataclasses.replace(slow, nodes=(dataclasses.replace(slow.nodes[0], devices=world),))
-    return partc.Cluster.preset("cpu", devices_per_node=world)
+        node = dataclasses.replace(slow.nodes[0], devices=world // nodes)
+        inter = dataclasses.replace(slow.inter_link, bandwidth=slow.inter_link.bandwidth / 10)
+        return dataclasses.replace(slow, nodes=(node,) * nodes, inter_link=inter)
+    return partc.Cluster.preset("cpu", nodes=nodes, devices_per_node=world // nodes)
 
 
 @dataclasses.dataclass
@@ -87,12 +90,13 @@ class Comparison:
         if got.shape != want.shape:
             self.failures.append(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
             return
-        error = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
-        self.max_abs_error = max(self.max_abs_error, error)
-        if not got.is_floating_point():
+        if not got.is_floating_point():  # counters (num_batches_tracked) must match exactly
             if not torch.equal(got, want):
                 self.failures.append(f"{what}: {got.flatten()[:4].tolist()}..., expected {want.flatten()[:4].tolist()}...")
-        elif not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+            return
+        error = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+        self.max_abs_error = max(self.max_abs_error, error)
+        if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
             self.failures.append(f"{what}: max abs diff {error:.3e}")
 
 
@@ -112,6 +116,7 @@ def train_and_compare(
     *,
     steps: int = 3,
     reference_step: Callable = whole_batch_step,
+    eps: float | None = None,
 ) -> Comparison:
     """Train ``pm`` and ``reference`` (a single-device copy of the model before compile)
     side by side for ``steps`` AdamW steps on the same global batch; return what differed.
@@ -121,7 +126,8 @@ def train_and_compare(
     after the steps (parameters and buffers, BatchNorm running statistics included), and,
     across ranks, that the union of the state-dict keys is the model's.
     ``reference_step(reference, inputs, targets, loss_fn) -> loss`` runs the reference's
-    forward and backward (by default on the whole batch).
+    forward and backward (by default on the whole batch). ``eps``: AdamW's (by default
+    1e-6 under tensor parallelism, 1e-8 otherwise; see below).
     """
     sharding = pm.plan.sharding
     world = dist.get_world_size()
@@ -152,7 +158,8 @@ def train_and_compare(
     held = list(pm.parameters())  # a stage may hold no parameters (the root's own code, say)
     # Tensor parallelism also reorders sums inside a layer; eps 1e-6 keeps AdamW from turning
     # the rounding of near-zero gradients (~1e-9) into parameter differences above ATOL.
-    eps = 1e-6 if sharding is not None else 1e-8
+    if eps is None:
+        eps = 1e-6 if sharding is not None else 1e-8
     optimizer = torch.optim.AdamW(held, lr=LR, eps=eps) if held else None
     reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR, eps=eps)
     result = Comparison()
@@ -172,9 +179,9 @@ def train_and_compare(
             optimizer.step()
         reference_optimizer.step()
     parameter_names = {name for name, _ in reference.named_parameters(remove_duplicate=False)}
-    for name, tensor in pm.state_dict().items():
+    for name, tensor in pm.state_dict().items():  # whole tensors (DTensors for slices and shards)
         what = "param" if name in parameter_names else "buffer"
-        result.check(f"{what} {name} after {steps} steps", tensor, local(name, reference_state[name]))
+        result.check(f"{what} {name} after {steps} steps", tensor, reference_state[name])
 
     keys: list = [None] * world
     dist.all_gather_object(keys, sorted(pm.state_dict()))

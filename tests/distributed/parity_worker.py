@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 
 import torch
@@ -26,7 +27,7 @@ from partc.models import GPT, GPTConfig, Llama
 from partc.models.llama import llama_tiny
 
 BATCH, SEQ, VOCAB = 8, 16, 128
-from harness import LR, case_cluster, serve, train_and_compare  # noqa: E402, F401 (LR: checkpoint_worker's)
+from harness import ATOL, LR, RTOL, case_cluster, serve, train_and_compare  # noqa: E402, F401 (LR: checkpoint_worker's)
 
 
 class SkipNet(nn.Module):
@@ -69,6 +70,8 @@ def loss_fn(logits, targets):
 
 def run_case(case: dict) -> list[str]:
     """Compile one case, train it beside the reference, return what differed."""
+    if "other_ranks_model" in case:
+        return ranks_disagree(case)
     torch.manual_seed(0)
     model = build(case["model"])
     reference = copy.deepcopy(model)
@@ -76,14 +79,67 @@ def run_case(case: dict) -> list[str]:
     inputs = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
     targets = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
 
-    options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages", "data_parallel", "gradient_compression") if key in case}
+    options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages", "recompute", "zero_stage", "data_parallel", "gradient_compression") if key in case}
     if case.get("loss_in_graph"):
         options["example_targets"] = targets
-    cluster = case_cluster(case.get("cluster"), dist.get_world_size())
+    cluster = case_cluster(case.get("cluster"), dist.get_world_size(), case.get("nodes", 1))
     pm = partc.compile(model, cluster, (inputs,), loss_fn=loss_fn, **options)
+    if case.get("nodes", 1) > 1 and pm.rank_mesh.tp > 1:
+        # torchrun's node of every rank in this tensor-parallel group: all the same one
+        nodes: list = [None] * pm.rank_mesh.tp
+        dist.all_gather_object(nodes, os.environ["GROUP_RANK"], group=pm.rank_mesh.group("tp"))
+        if len(set(nodes)) != 1:
+            return [f"the tensor-parallel group spans torchrun nodes {sorted(set(nodes))}"]
     if case["mesh"].get("tp", 1) > 1 and not any(str(p.layout) != "R" for p in pm.plan.sharding.parameters.values()):
         return ["the tensor-parallel plan shards nothing: the case would test nothing"]
+    if "gradient_compression" in case:
+        return compressed_gradients(pm, reference, inputs, targets, case["gradient_compression"])
     return train_and_compare(pm, reference, (inputs,), targets, loss_fn, steps=case.get("steps", 3)).failures
+
+
+def ranks_disagree(case: dict) -> list[str]:
+    """Rank 0 compiles ``model``, the others ``other_ranks_model``: every rank must raise
+    PlanMismatchError naming the ranks that differ (none may hang waiting for the others)."""
+    model = build(case["model"] if dist.get_rank() == 0 else case["other_ranks_model"])
+    inputs = torch.zeros(BATCH, SEQ, dtype=torch.long)
+    try:
+        partc.compile(model, case_cluster(None, dist.get_world_size()), (inputs,), loss_fn=loss_fn, mesh=case["mesh"])
+    except partc.PlanMismatchError as e:
+        expected = "ranks disagree on the plan"
+        return [] if expected in str(e) and "rank 1: error: PlanMismatchError" in str(e) else [f"unexpected message: {e}"]
+    return ["compile() accepted ranks that built different models"]
+
+
+def compressed_gradients(pm: partc.ParallelModule, reference: nn.Module, inputs, targets, kind: str) -> list[str]:
+    """DDP's compression hooks change the gradients, so exact parity cannot hold; what must:
+    the loss (computed before any communication) equals the reference's, and the averaged
+    gradients differ from the exact ones by about what the compression loses: bf16/fp16
+    rounding (relative 1e-2), nothing for PowerSGD's first 2 uncompressed steps, then a
+    rank-1 approximation (not equal, same sign of the inner product)."""
+    failures = []
+    reference_grads = []
+    for step in range(3):
+        for p in [*pm.parameters(), *reference.parameters()]:
+            p.grad = None
+        loss = pm.step((inputs,), targets)
+        reference_loss = loss_fn(reference(inputs), targets)
+        reference_loss.backward()
+        if not torch.allclose(loss, reference_loss.detach(), rtol=RTOL, atol=ATOL):
+            failures.append(f"step {step} loss {loss.item()} != {reference_loss.item()}")
+        want = dict(reference.named_parameters())
+        got = torch.cat([p.grad.flatten() for name, p in pm.named_parameters()])
+        exact = torch.cat([want[name].grad.flatten() for name, _ in pm.named_parameters()])
+        reference_grads.append(exact)
+        error = ((got - exact).norm() / exact.norm()).item()
+        if kind in ("bf16", "fp16") or step < 2:
+            bound = {"bf16": 1e-2, "fp16": 1e-3}.get(kind, 1e-6)
+            if error > bound:
+                failures.append(f"step {step}: gradients off by {error:.2e} relative (expected <= {bound:g} for {kind})")
+            if kind in ("bf16", "fp16") and error == 0.0:
+                failures.append(f"step {step}: gradients exactly equal: the {kind} hook did not run")
+        elif error < 1e-6 or torch.dot(got, exact) <= 0:
+            failures.append(f"step {step}: PowerSGD gradients off by {error:.2e} relative: not a low-rank approximation")
+    return failures
 
 
 def main() -> int:

@@ -1,0 +1,73 @@
+"""What partc's cost model predicts for each layout the benchmark runs (no GPU needed).
+
+Every prediction plans the model on the meta device, in bf16, with the loss traced into
+the graph, on the cluster the benchmark ran on (normally the one ``partc calibrate``
+wrote in the same run):
+
+* ``partc``: the prediction partc made for the plan it ran (recorded by the worker);
+* ``ddp``: ``partc.plan(mesh={"dp": N})``;
+* ``fsdp2``: the search pinned to dp = N, ZeRO-3, no recomputation, one microbatch;
+* ``tp``, ``partc-tp``: ``partc.plan(mesh={"tp": N})``: partc's own layouts, which need not
+  be the Megatron plan the hand-written ``tp`` runs (the report says which);
+* ``pp-m<M>``: ``partc.plan(mesh={"pp": N}, schedule="1f1b", microbatches=M)``, the time
+  and memory of its *equal-layer* split, the split the hand-written pipeline runs;
+* ``3d-tp<T>-pp<P>-m<M>``: ``partc.plan(mesh={"tp": T, "pp": P, "dp": D}, schedule="1f1b",
+  microbatches=M)`` (partc cuts the stages by its ILP; the hand-written one splits evenly).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+import partc
+from partc.cost_model import CostModel
+from partc.models import training_case
+from partc.passes.search import search
+
+from layouts import language_model_loss
+
+
+def _case(model: str, batch: int, seq: int):
+    case = training_case(model, batch_size=batch, seq_len=seq, device="meta")
+    case.model.to(torch.bfloat16)
+    return case
+
+
+def predict(model: str, batch: int, seq: int, cluster: partc.Cluster, layout: str) -> dict[str, Any]:
+    """{"step_time": s, "memory": bytes, "note": str} for one layout (or {"error": ...})."""
+    case = _case(model, batch, seq)
+    world = cluster.world_size
+
+    def plan(**options):
+        return partc.plan(case.model, cluster, case.inputs, loss_fn=language_model_loss, example_targets=case.targets, **options)
+
+    try:
+        if layout == "ddp":
+            p = plan(mesh={"dp": world})
+            return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "dp plan"}
+        if layout in ("tp", "partc-tp"):
+            p = plan(mesh={"tp": world})
+            return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "partc's tp layouts"}
+        if layout == "fsdp2":
+            p = plan(mesh={"dp": world})
+            result = search(
+                p.graph, cluster, CostModel(cluster), batch_size=batch, pinned={"dp": world, "tp": 1, "pp": 1},
+                zero_options=(3,), recompute_options=(False,), microbatch_options=(1,),
+            )
+            return {"step_time": result.best.predicted_step_time, "memory": result.best.memory.total, "note": "search pinned to dp, ZeRO-3"}
+        match = re.fullmatch(r"pp-m(\d+)", layout)
+        if match:
+            p = plan(mesh={"pp": world}, schedule="1f1b", microbatches=int(match.group(1)))
+            memory = max(stage.peak_memory for stage in p.equal_split_stages)
+            return {"step_time": p.equal_split_step_time, "memory": memory, "note": "equal-layer split"}
+        match = re.fullmatch(r"3d-tp(\d+)-pp(\d+)-m(\d+)", layout)
+        if match:
+            tp, pp, m = map(int, match.groups())
+            p = plan(mesh={"tp": tp, "pp": pp, "dp": world // (tp * pp)}, schedule="1f1b", microbatches=m)
+            return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "partc's stage cut (the run splits evenly)"}
+    except partc.PartcError as e:
+        return {"error": str(e).splitlines()[0][:300]}
+    return {"error": f"no prediction for layout {layout!r}"}

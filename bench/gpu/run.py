@@ -1,0 +1,234 @@
+"""The GPU benchmark: partc's chosen plan against hand-written torch layouts, on N GPUs.
+
+    python bench/gpu/run.py --gpus 2 --out results/        # calibrate, measure, predict, report
+    python bench/gpu/run.py --smoke                         # the same on CPU: gloo, 2 processes, tiny models
+
+What one run does:
+
+1. ``partc calibrate`` under torchrun on the N devices (matmul FLOP/s per dtype, memory
+   bandwidth, link alpha-beta) writes ``OUT/cluster.json``; its measured bf16 matmul rate
+   is the MFU ceiling, and partc plans on it (``--cluster`` skips this and uses a file or
+   a preset).
+2. For each model, one torchrun launch of ``worker.py`` trains every layout for a fixed
+   number of steps (see worker.py for the timing and memory rules). A launch that dies
+   (a layout out of memory on one rank while another waits) is started again with the
+   layouts it had not reached; the one it died in is reported as crashed.
+3. partc's cost model predicts each layout's step time and memory (``predict.py``, on
+   the meta device, in parallel with the runs).
+4. ``OUT/results.json`` holds everything; ``report.py`` prints the tables and draws the plot.
+
+Precision: bf16 parameters, activations and gradients with torch's AdamW, loss in fp32
+(layouts.py), the same for every layout. Model FLOPs per token: 6 x (parameters that
+take part in matmuls: every nn.Linear weight, the tied LM head counted once, embedding
+lookups not) + 12 x layers x sequence x d_model (attention scores and values, forward
+and backward, counted over the full square as Megatron and PaLM count MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import partc  # noqa: E402
+from partc.models import config as model_config, training_case  # noqa: E402
+
+# name -> (sequences per GPU, sequence length). gpt3-6.7b is the memory-bound model: at 16
+# sequences of 2048 per GPU plain DDP (and FSDP2, and tp over 2) runs out of an H200's memory.
+MODELS = {
+    "gpt2-medium": (8, 1024),
+    "gpt3-1.3b": (8, 2048),
+    "llama-1b": (8, 2048),
+    "gpt3-6.7b": (16, 2048),
+}
+MEMORY_BOUND = "gpt3-6.7b"
+SMOKE_MODELS = {"gpt-tiny": (4, 32), "llama-tiny": (4, 32)}
+PIPELINE_MICROBATCHES = (4, 8, 16)
+
+
+def layouts_for(world: int, batch: int, codegen: bool) -> list[str]:
+    """The layouts one model runs: partc's pick first, then the hand-written ones."""
+    names = ["partc"] + (["partc-tp"] if codegen else []) + ["ddp", "fsdp2", "tp"]
+    names += [f"pp-m{m}" for m in PIPELINE_MICROBATCHES if batch % m == 0]
+    if world >= 4:
+        for tp in (2, 4, 8):
+            for pp in (2, 4):
+                if tp <= min(world, 8) and world % (tp * pp) == 0 and tp * pp < world * 2:
+                    dp = world // (tp * pp)
+                    names += [f"3d-tp{tp}-pp{pp}-m{m}" for m in PIPELINE_MICROBATCHES if (batch // dp) % m == 0]
+    return names
+
+
+def model_flops_per_step(name: str, batch: int, seq: int) -> dict[str, Any]:
+    """Model FLOPs of one training step (see the module docstring for what is counted)."""
+    case = training_case(name, batch_size=1, seq_len=seq, device="meta")
+    seen, matmul_params = set(), 0
+    for module in case.model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            matmul_params += module.weight.numel()
+    cfg = model_config(name)
+    attention = 12 * cfg.n_layer * seq * cfg.d_model
+    tokens = batch * seq
+    return {
+        "matmul_params": matmul_params,
+        "params": sum(p.numel() for p in case.model.parameters()),
+        "flops_per_token": 6 * matmul_params + attention,
+        "flops_per_step": (6 * matmul_params + attention) * tokens,
+        "tokens_per_step": tokens,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+
+
+def calibrate(nproc: int, out: Path) -> Path:
+    path = out / "cluster.json"
+    command = _torchrun(nproc) + ["-m", "partc.calibrate", "--out", str(path)]
+    print("[run] " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    return path
+
+
+def run_model(name: str, batch: int, seq: int, layouts: list[str], args: argparse.Namespace, cluster: str, out: Path) -> dict[str, dict]:
+    """Every layout of one model; relaunches after a crash with the layouts not yet reached."""
+    jsonl = out / f"{name}.jsonl"
+    jsonl.unlink(missing_ok=True)
+    results: dict[str, dict] = {}
+    remaining = list(layouts)
+    while remaining:
+        command = _torchrun(args.gpus) + [
+            str(HERE / "worker.py"), "--model", name, "--batch", str(batch), "--seq", str(seq), "--layouts", json.dumps(remaining),
+            "--cluster", cluster, "--out", str(jsonl), "--steps", str(args.steps), "--warmup", str(args.warmup), "--timeout", str(args.collective_timeout),
+        ]
+        print(f"[run] {name}: {' '.join(remaining)}", flush=True)
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=args.launch_timeout, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
+            returncode, stderr = proc.returncode, proc.stderr
+            sys.stdout.write(proc.stdout)
+        except subprocess.TimeoutExpired as e:
+            returncode, stderr = -9, (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        started = None
+        for line in jsonl.read_text().splitlines() if jsonl.exists() else []:
+            record = json.loads(line)
+            if record["event"] == "start":
+                started = record["layout"]
+            elif record["layout"] not in results:
+                if record["layout"] not in layouts:
+                    layouts.append(record["layout"])  # partc-fallback, queued by the worker
+                results[record["layout"]] = record
+                started = None if started == record["layout"] else started
+        if returncode != 0:
+            crashed = started or next((l for l in remaining if l not in results), None)
+            tail = "\n".join(l for l in stderr.splitlines() if "Warning" not in l)[-3000:]
+            print(f"[run] {name}: launch failed (exit {returncode}) in {crashed}:\n{tail[-1500:]}", flush=True)
+            if crashed is not None:
+                results[crashed] = {"layout": crashed, "status": "crashed", "error": f"exit {returncode}", "traceback": tail}
+        remaining = [l for l in layouts if l not in results]
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="partc against hand-written torch layouts on N GPUs")
+    parser.add_argument("--gpus", type=int, default=None, help="processes (GPUs); default: every visible GPU, 2 with --smoke")
+    parser.add_argument("--out", default="bench-gpu-results", help="directory for cluster.json, results.json and the report")
+    parser.add_argument("--models", default=None, help="comma-separated model names (default: the four benchmark models)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--cluster", default=None, help="a cluster JSON or preset instead of calibrating")
+    parser.add_argument("--layouts", default=None, help="comma-separated layout names to run (default: all that apply)")
+    parser.add_argument("--no-codegen", action="store_true", help="skip partc-tp (the codegen-overhead comparison)")
+    parser.add_argument("--launch-timeout", type=float, default=900, help="seconds one model's launch may take")
+    parser.add_argument("--collective-timeout", type=float, default=240, help="seconds a collective may wait (a rank that died)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny models, 1 warm-up and 2 timed steps")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.gpus = args.gpus or 2
+        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+        args.cluster = args.cluster or f"cpu:1x{args.gpus}"
+    args.gpus = args.gpus or torch.cuda.device_count()
+    if args.gpus < 1:
+        parser.error("no GPUs visible: pass --gpus N, or --smoke for CPU")
+    catalogue = SMOKE_MODELS if args.smoke else MODELS
+    names = args.models.split(",") if args.models else list(catalogue)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    cluster_spec = args.cluster or str(calibrate(args.gpus, out))
+    cluster = partc.Cluster.parse(cluster_spec)
+    device = cluster.nodes[0].device
+    ceiling = device.flops("bfloat16")
+    summary: dict[str, Any] = {
+        "command": " ".join([os.path.basename(sys.executable), "bench/gpu/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "gpus": args.gpus,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cluster": cluster.to_dict(),
+        "cluster_source": "calibrated in this run" if args.cluster is None else args.cluster,
+        "ceiling_flops": ceiling,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "memory_bound_model": MEMORY_BOUND if MEMORY_BOUND in names else None,
+        "models": {},
+    }
+    from predict import predict
+
+    with concurrent.futures.ProcessPoolExecutor(max_workers=4) as pool:
+        pending = {}
+        for name in names:
+            per_gpu, seq = catalogue[name]
+            batch = per_gpu * args.gpus
+            layouts = layouts_for(args.gpus, batch, codegen=not args.no_codegen)
+            if args.layouts:
+                layouts = [l for l in layouts if l in args.layouts.split(",")]
+            for layout in layouts:
+                if layout != "partc":
+                    pending[(name, layout)] = pool.submit(predict, name, batch, seq, cluster, layout)
+            results = run_model(name, batch, seq, layouts, args, cluster_spec, out)
+            summary["models"][name] = {"batch": batch, "seq": seq, **model_flops_per_step(name, batch, seq), "layouts": results}
+        for (name, layout), future in pending.items():
+            result = summary["models"][name]["layouts"].get(layout)
+            if result is not None:
+                result["prediction"] = future.result()
+    for entry in summary["models"].values():
+        for partc_layout in ("partc", "partc-fallback"):
+            partc_result = entry["layouts"].get(partc_layout)
+            if not (partc_result and partc_result.get("status") == "ok"):
+                continue
+            d = partc_result["detail"]
+            partc_result["prediction"] = {"step_time": d["predicted_step_time"], "memory": d["predicted_memory"], "note": "the plan partc ran"}
+    summary["wall_seconds"] = time.time() - started
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    from report import render
+
+    print(render(summary, out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
