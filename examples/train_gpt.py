@@ -1,7 +1,8 @@
 """Train a small GPT with partc, under torchrun or in one process.
 
+    torchrun --nproc-per-node 8 examples/train_gpt.py --mesh pp=2,dp=2,tp=2 --schedule 1f1b
     torchrun --nproc-per-node 2 examples/train_gpt.py --mesh pp=2 --schedule 1f1b
-    torchrun --nproc-per-node 2 examples/train_gpt.py --mesh dp=2
+    torchrun --nproc-per-node 4 examples/train_gpt.py --mesh auto   # partc searches the layout
     python examples/train_gpt.py --mesh pp=2            # the same plan, stages run in this process
 
 Every rank builds the same model from the same seed; partc plans, splits and runs it
@@ -12,6 +13,7 @@ Every rank builds the same model from the same seed; partc plans, splits and run
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import partc
+from partc.cli import parse_mesh
 from partc.models import GPT, GPTConfig
 
 
@@ -26,17 +29,9 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    mesh = {}
-    for part in text.split(","):
-        name, _, degree = part.partition("=")
-        mesh[name.strip()] = int(degree)
-    return mesh
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mesh", default="dp=1", help="e.g. pp=2 or dp=2 (one kind of parallelism for now)")
+    parser.add_argument("--mesh", default="auto", help="e.g. pp=2, dp=2,tp=2 or pp=2,dp=2,tp=2; auto: partc searches")
     parser.add_argument("--schedule", default=None, help="gpipe, 1f1b, interleaved, zero_bubble (pipelines)")
     parser.add_argument("--microbatches", type=int, default=None)
     parser.add_argument("--steps", type=int, default=20)
@@ -47,8 +42,8 @@ def main() -> None:
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    mesh = parse_mesh(args.mesh)
-    devices = world if "WORLD_SIZE" in os.environ else max(mesh.values())
+    mesh = None if args.mesh == "auto" else parse_mesh(args.mesh)
+    devices = world if "WORLD_SIZE" in os.environ else math.prod((mesh or {"dp": 1}).values())
     kind = "h100" if torch.cuda.is_available() else "cpu"
     cluster = partc.Cluster.preset(kind, devices_per_node=devices)
 

@@ -98,7 +98,8 @@ def _load_model(args: argparse.Namespace):
     return result
 
 
-def _parse_mesh(text: str) -> dict[str, int]:
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"pp=2,dp=2,tp=2"`` -> ``{"pp": 2, "dp": 2, "tp": 2}``."""
     mesh = {}
     for part in text.split(","):
         name, _, degree = part.partition("=")
@@ -119,7 +120,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     model, inputs = _load_model(args)
     limit = args.memory_limit_gib * 2**30 if args.memory_limit_gib else None
     mixed = None if args.dtype == "fp32" else args.dtype
-    mesh = _parse_mesh(args.mesh) if args.mesh else None
+    mesh = parse_mesh(args.mesh) if args.mesh else None
     result = partc.plan(model, cluster, inputs, mesh=mesh, mixed_precision=mixed, memory_limit=limit, frontend=args.frontend, cache=args.cache, progress=_progress)
     print(result.summary(expand=args.expand))
     if args.json:

@@ -131,7 +131,7 @@ class Cluster:
         """A cluster from a CLI string: a JSON file, ``h100``, ``h100x8`` or ``h100:2x8``."""
         if os.path.exists(spec) or spec.endswith(".json"):
             return Cluster.from_json(spec)
-        match = re.fullmatch(r"([a-z]+\d*)(?::(\d+)x(\d+)|x(\d+))?", spec)
+        match = re.fullmatch(r"([a-z]+?\d*?)(?::(\d+)x(\d+)|x(\d+))?", spec)  # lazy: "cpux2" is cpu x 2
         if not match or match.group(1) not in PRESETS:
             raise ClusterError(
                 f"cannot read cluster {spec!r}: give a JSON file written by `partc calibrate`, "

@@ -228,7 +228,7 @@ def compile(
             program = cut(source, [0] * len(result.layers))[0].module  # one stage (layers checkpointed if recompute)
         loss_in_program = with_loss and program is not model  # the user's model computes no loss; the graphs do
         units = fsdp_units(model, [layer.name for layer in result.layers]) if program is model else ()
-        runner = ReplicaRunner(replicate(program, units=units), mesh=mesh, loss_fn=None if loss_in_program else loss_fn, loss_reduction=loss_reduction, device=device)
+        runner = ReplicaRunner(replicate(program, units=units), microbatches=result.microbatches, mesh=mesh, loss_fn=None if loss_in_program else loss_fn, loss_reduction=loss_reduction, device=device)
         modules = [program]
     return ParallelModule(result, runner, modules, model, mesh)
 

@@ -52,6 +52,7 @@ from partc.passes.ir import (
     OpKind,
     TensorSpec,
     canonical_name,
+    gc_paused,
     graph_info,
     op_kind,
     owning_module,
@@ -65,6 +66,7 @@ _ALIASING = frozenset({OpKind.VIEW, OpKind.SPLIT})
 _BACKWARD_RATIO = {OpKind.ATTENTION: 2.5}
 
 
+@gc_paused()
 def annotate(gm: fx.GraphModule) -> fx.GraphModule:
     """Write ``node.meta["partc"]`` on every node and the layers into ``gm.meta["partc"]``."""
     nodes = list(gm.graph.nodes)
@@ -75,10 +77,13 @@ def annotate(gm: fx.GraphModule) -> fx.GraphModule:
     param_numel, param_bytes = _parameter_sizes(gm, nodes)
     base = _storage_owners(nodes, kinds, specs)
     saved_extra, saved_by = _saved_for_backward(nodes, kinds, names, specs, requires_grad, base)
-    layer_of, layer_names = _assign_layers(nodes, kinds)
+    modules = {n: owning_module(n) for n in nodes}
+    layer_of, layer_names = _assign_layers(nodes, kinds, modules)
+    # Repeated blocks are traced from the same source lines: parse each stack trace once.
+    sources: dict[str | None, str | None] = {}
 
     for n in nodes:
-        kind, module = kinds[n], owning_module(n)
+        kind, module = kinds[n], modules[n]
         if kind == OpKind.PARAMETER:
             module = (n.target.rpartition(".")[0], "")
         fwd = _forward_flops(n, kind, names[n], specs)
@@ -97,7 +102,7 @@ def annotate(gm: fx.GraphModule) -> fx.GraphModule:
             module=module[0],
             module_type=module[1],
             layer=layer_of[n],
-            source=user_source(n),
+            source=sources[trace] if (trace := n.meta.get("stack_trace")) in sources else sources.setdefault(trace, user_source(n)),
         )
     layers = _summarise_layers(nodes, layer_of, layer_names, specs, base)
     inputs = tuple(s for n in nodes if kinds[n] == OpKind.INPUT for s in specs[n])
@@ -301,7 +306,7 @@ def _saved_for_backward(nodes, kinds, names, specs, requires_grad, base):
 
 
 # -- layers -------------------------------------------------------------------------------
-def _layer_key(module_path: str) -> str | None:
+def layer_key(module_path: str) -> str | None:
     """'blocks.3.attn.qkv' -> 'blocks.3'; 'lm_head' -> 'lm_head'; '' -> None."""
     if not module_path:
         return None
@@ -312,14 +317,14 @@ def _layer_key(module_path: str) -> str | None:
     return parts[0]
 
 
-def _assign_layers(nodes, kinds) -> tuple[dict[fx.Node, int], list[str]]:
+def _assign_layers(nodes, kinds, modules) -> tuple[dict[fx.Node, int], list[str]]:
     layer_of: dict[fx.Node, int] = {}
     layer_names: list[str] = []
     current_key: str | None = None
     for n in nodes:
         if kinds[n] in (OpKind.INPUT, OpKind.PARAMETER, OpKind.OUTPUT):
             continue
-        key = _layer_key(owning_module(n)[0])
+        key = layer_key(modules[n][0])
         if not layer_names or (key is not None and key != current_key):
             layer_names.append(key or "<root>")
             current_key = key

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from partc.errors import ErrorContext, TraceError
-from partc.passes.ir import META_KEY, GraphInfo, is_library_file
+from partc.passes.ir import META_KEY, GraphInfo, error_context, gc_paused, is_library_file
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -116,6 +116,7 @@ def _user_stack_trace() -> str:
     )
 
 
+@gc_paused()
 def capture(model: nn.Module, example_inputs: Sequence[Any], *, frontend: str = "auto") -> fx.GraphModule:
     """Capture ``model`` called on ``example_inputs`` into an fx GraphModule.
 
@@ -301,7 +302,9 @@ def _copy_node(owner: fx.GraphModule, node: fx.Node, graph: fx.Graph, env: dict[
 
 def _wrapped_region(owner: fx.GraphModule, node: fx.Node) -> tuple[fx.GraphModule, tuple, bool] | None:
     """(region code, its arguments, whether it computes gradients) when ``node`` is a
-    higher-order op that only wraps a region in a grad or autocast mode; None otherwise."""
+    higher-order op that only wraps a region in a grad mode (or in autocast switched off);
+    None when it is no higher-order op. Any other higher-order op (an autocast region,
+    ``torch.cond``) changes what the region computes: TraceError."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
         return None
     name = node.target.name()
@@ -312,10 +315,11 @@ def _wrapped_region(owner: fx.GraphModule, node: fx.Node) -> tuple[fx.GraphModul
         _device_type, _dtype, enabled, _cache, body, *args = node.args
         if not enabled:  # autocast switched off: the region runs in the dtypes it names
             return getattr(owner, body.target), tuple(args), True
-    raise TraceError(
-        f"torch.export wrapped part of forward in {name!r}, which partc cannot run as plain operators",
-        ErrorContext(pass_name="capture", node=node.format_node(), fix="remove torch.autocast / torch.cond / other region wrappers from forward(); partc applies mixed precision itself"),
-    )
+    # The wrapper node has no source of its own: blame the region's first operator.
+    bodies = [getattr(owner, a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+    inside = [n for body in bodies if isinstance(body, fx.GraphModule) for n in body.graph.nodes if n.op == "call_function"]
+    context = error_context(inside[0] if inside else node, "capture", fix="remove torch.autocast, torch.cond and other region wrappers from forward()")
+    raise TraceError(f"torch.export wrapped part of forward in {name!r}, which partc cannot run as plain operators", replace(context, node=node.format_node()))
 
 
 def _detached(graph: fx.Graph, value: Any) -> Any:
@@ -459,6 +463,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+@gc_paused()
 def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.GraphModule:
     """Append ``loss_fn(output, targets)`` to the captured graph, with ``targets`` a new last input.
 

@@ -16,7 +16,9 @@ refines them uses :func:`dataclasses.replace` and writes the new value back.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import gc
 import operator
 import os
 import re
@@ -265,3 +267,20 @@ def error_context(node: fx.Node, pass_name: str, fix: str | None = None) -> Erro
     """Everything an error message should say about ``node``."""
     module, _ = owning_module(node)
     return ErrorContext(pass_name=pass_name, node=node.format_node(), module=module, source=user_source(node), fix=fix)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off for a pass (a context manager or a decorator).
+
+    Passes allocate hundreds of thousands of small objects (fx nodes, fake tensors, cost
+    records); each full collection walks every live one, and a large model's graph makes
+    them frequent and slow (0.6 s of 4.5 s planning a 96-layer GPT-3, nothing at 12 layers).
+    Objects freed by reference counting are freed as usual; cycles wait until the pass ends."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

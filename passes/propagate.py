@@ -7,51 +7,118 @@ under ``torch.device("meta")`` plans exactly like a real one. Each node's result
 written to ``node.meta["val"]`` (the convention torch.export uses); nothing else changes.
 
 Tied parameters stay tied: one fake per distinct tensor object.
+
+Repeated blocks
+    Dispatching one operator to a fake tensor costs about half a millisecond, and a 96-layer
+    transformer has thousands of them, nearly all in blocks that repeat. A *block* is a run
+    of consecutive nodes called inside one element of an indexed container (``blocks.3``,
+    :func:`~partc.passes.annotate.layer_key`). Two blocks whose nodes have the same targets,
+    the same constants and the same argument structure (each argument a node of the block
+    at the same position, or the k-th value the block reads from outside), and whose outside
+    values (and parameters) have the same metadata (shape, stride, dtype, storage offset and
+    size, device, which of them are the same object and which share storage) produce values
+    of the same metadata, since fake tensors carry nothing else. So the first block of each
+    kind runs; every later one of the same kind is rebuilt from a record of it
+    (:class:`_BlockRecord`) without dispatching an operator: a tensor that owns its storage
+    becomes a fresh fake of the same size and strides, a view of it a view of the new fake
+    at the same offset, a view of an outside value a view of that value (so storage sharing
+    is what the operators give), the same object where the record has the same object, and
+    Python values (sizes) are copied as they are. Blocks that do anything the record cannot
+    reproduce run as usual: a target that is not a torch operator or method (a user function
+    could read state), a constant that is not a plain value, fakes that carry a constant or a
+    gradient requirement, outputs whose storage starts before them, or an operator that
+    changes the metadata of a value from outside. Rebuilt views are plain fakes that share
+    their base's storage: ``_base`` is not set on them (nothing in partc reads it; aliasing is
+    ``torch._C._is_alias_of``, storage and offsets are exact). ``memoize=False`` runs every node.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 from partc.errors import TraceError
-from partc.passes.ir import error_context
+from partc.passes.annotate import layer_key
+from partc.passes.ir import error_context, gc_paused, owning_module
 
 
+_CPU = torch.device("cpu")
 _ASSERT_METADATA = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
 _ASSERT_METADATA = getattr(_ASSERT_METADATA, "default", None)
 
+# Python values a record copies as they are (immutable, compared by type and repr).
+_PLAIN_TYPES = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout, slice, type(Ellipsis))
+# Modules of the call_function targets whose result depends only on their arguments.
+_OPERATOR_MODULES = ("torch", "_operator", "operator", "math", "builtins", "_functools")
+
+
+class _NotReplayable(Exception):
+    """A block that must run operator by operator (see the module doc)."""
+
 
 class _FakePropagator(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, memoize: bool = True):
         super().__init__(gm)
         self.mode = mode
         self._fake_of: dict[int, torch.Tensor] = {}
+        self._meta_of: dict[int, torch.Tensor] = {}  # id(fake made here) -> the meta tensor it wraps
         self.values: dict[fx.Node, Any] = {}
+        self._blocks = _repeatable_blocks(gm) if memoize else {}
+        self._records: dict[tuple, _BlockRecord | None] = {}  # (structure, outside metadata) -> record
+        self._rebuilt: dict[fx.Node, Any] = {}  # values of the block being rebuilt
+        self._recording: tuple[_Block, tuple, tuple] | None = None  # (block, key, outside values) being run for a record
+        self.rebuilt_blocks = 0
+
+    def wrap(self, meta: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A fake of ``meta`` (a meta tensor) on ``device``, without dispatching an operator."""
+        fake = FakeTensor(self.mode, meta, device)  # as the mode wraps its operators' results
+        self._meta_of[id(fake)] = meta
+        return fake
 
     def fake(self, value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
         key = id(value)
         if key not in self._fake_of:
-            with self.mode:
-                self._fake_of[key] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu")
+            with unset_fake_temporarily():  # a meta tensor, not an operator dispatched to fakes
+                meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+            self._fake_of[key] = self.wrap(meta, _CPU)
         return self._fake_of[key]
 
     def get_attr(self, target, args, kwargs):
         return self.fake(super().get_attr(target, args, kwargs))
 
+    def call_function(self, target, args, kwargs):
+        # torch.export writes the device it traced on into the graph (a rotary table moved
+        # with .to(device) in an HF model on the meta device); every fake lives on the CPU.
+        args, kwargs = pytree.tree_map_only(torch.device, lambda _: _CPU, (args, kwargs))
+        return super().call_function(target, args, kwargs)
+
     def run_node(self, node: fx.Node) -> Any:
+        block = self._blocks.get(node)
+        if block is not None and block.nodes[0] is node:
+            self._enter(block)
+        if node in self._rebuilt:
+            result = self._rebuilt.pop(node)
+        else:
+            result = self._run(node)
+        self.values[node] = result
+        if self._recording is not None and self._recording[0].nodes[-1] is node:
+            self._finish_record()
+        return result
+
+    def _run(self, node: fx.Node) -> Any:
         if node.target is _ASSERT_METADATA:
             # export's checks pin the device it traced on (meta for a meta model); every
             # fake here lives on the CPU, and the dtype/shape facts are already in the graph.
-            self.values[node] = None
             return None
         try:
-            result = super().run_node(node)
+            return super().run_node(node)
         except Exception as e:  # noqa: BLE001 - re-raised with the node that failed
             raise TraceError(
                 f"shape propagation failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
@@ -62,22 +129,287 @@ class _FakePropagator(fx.Interpreter):
                     "operators whose output shape depends on tensor values (nonzero, .item()) are not supported yet",
                 ),
             ) from e
-        self.values[node] = result
-        return result
+
+    # -- repeated blocks ---------------------------------------------------------------------------
+    def _outside_values(self, block: "_Block") -> tuple:
+        """What ``block`` reads from outside, in order: earlier nodes' values, then its parameters."""
+        return tuple(self.values[n] for n in block.outside) + tuple(self.get_attr(n.target, (), {}) for n in block.attrs)
+
+    def _enter(self, block: "_Block") -> None:
+        outside = self._outside_values(block)
+        try:
+            key = (block.structure, _outside_metadata(outside))
+        except _NotReplayable:
+            return
+        if key not in self._records:
+            self._recording = (block, key, outside)  # run it, and record it after its last node
+            return
+        record = self._records[key]
+        if record is not None:
+            with unset_fake_temporarily():  # meta tensors only; the record's outside views enter the mode themselves
+                self._rebuilt = dict(zip(block.nodes, record.rebuild(self, outside)))
+            self.rebuilt_blocks += 1
+
+    def _finish_record(self) -> None:
+        block, key, outside = self._recording
+        self._recording = None
+        try:
+            if _outside_metadata(outside) != key[1]:
+                raise _NotReplayable("the block changed the metadata of a value from outside")
+            self._records[key] = _BlockRecord.of([self.values[n] for n in block.nodes], outside)
+        except _NotReplayable:
+            self._records[key] = None
 
 
-def fake_values(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, Any]:
-    """Every node's value (fake tensors, or Python values such as sizes) for these inputs."""
+# -- blocks -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Block:
+    nodes: tuple[fx.Node, ...]
+    outside: tuple[fx.Node, ...]  # nodes before the block that it reads, in first-read order
+    attrs: tuple[fx.Node, ...]  # its get_attr nodes (their fakes count as values from outside)
+    structure: tuple  # targets, constants and argument structure; equal for identical blocks
+
+
+def _repeatable_blocks(gm: fx.GraphModule) -> dict[fx.Node, _Block]:
+    """Every node of a block that may repeat (two or more nodes, all describable) -> its block."""
+    runs: list[list[fx.Node]] = []
+    current = None
+    for node in gm.graph.nodes:
+        key = layer_key(owning_module(node)[0]) if node.op not in ("placeholder", "output") else None
+        if key is None or key != current:
+            runs.append([])
+        current = key
+        if key is not None:
+            runs[-1].append(node)
+    blocks: dict[fx.Node, _Block] = {}
+    for nodes in runs:
+        if len(nodes) < 2:
+            continue
+        try:
+            block = _describe_block(nodes)
+        except _NotReplayable:
+            continue
+        for node in nodes:
+            blocks[node] = block
+    return blocks
+
+
+def _describe_block(nodes: list[fx.Node]) -> _Block:
+    position = {n: i for i, n in enumerate(nodes)}
+    attrs = [n for n in nodes if n.op == "get_attr"]
+    attr_position = {n: i for i, n in enumerate(attrs)}
+    outside: dict[fx.Node, int] = {}
+
+    def describe(arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            if arg in attr_position:
+                return ("attr", attr_position[arg])
+            if arg in position:
+                return ("node", position[arg])
+            return ("outside", outside.setdefault(arg, len(outside)))
+        if isinstance(arg, (tuple, list)):
+            return (type(arg).__name__, tuple(describe(a) for a in arg))
+        if isinstance(arg, dict):
+            return ("dict", tuple((k, describe(v)) for k, v in arg.items()))
+        if isinstance(arg, torch.Size):
+            return ("size", tuple(arg))
+        if not isinstance(arg, _PLAIN_TYPES):
+            raise _NotReplayable(f"constant of type {type(arg).__name__}")
+        return (type(arg).__name__, repr(arg))
+
+    structure = []
+    for n in nodes:
+        if n.op == "get_attr":
+            structure.append(("get_attr",))
+        elif n.op == "call_method" or (n.op == "call_function" and _is_operator(n.target)):
+            structure.append((n.op, n.target, describe(n.args), describe(n.kwargs)))
+        else:
+            raise _NotReplayable(f"{n.op} {n.target!r}")
+    return _Block(tuple(nodes), tuple(outside), tuple(attrs), tuple(structure))
+
+
+def _is_operator(target: Any) -> bool:
+    """A torch operator or function, or a Python builtin: its result depends only on its arguments."""
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return True
+    module = getattr(target, "__module__", None) or ""
+    return callable(target) and module.split(".")[0] in _OPERATOR_MODULES
+
+
+# -- metadata of fakes --------------------------------------------------------------------------------
+def _tensors(value: Any, found: list, keep: bool = False) -> Any:
+    """``value`` with every tensor replaced by ("tensor", its index in ``found``), appending it;
+    Python values as ("py", type name, repr), or ("py", the value) with ``keep``."""
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+        return ("tensor", len(found) - 1)
+    if isinstance(value, torch.Size):
+        return ("size", tuple(value))
+    if type(value) in (tuple, list):
+        return (type(value).__name__, tuple(_tensors(v, found, keep) for v in value))
+    if isinstance(value, _PLAIN_TYPES):
+        return ("py", value) if keep else ("py", type(value).__name__, repr(value))
+    raise _NotReplayable(f"value of type {type(value).__name__}")
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _tensor_metadata(t: torch.Tensor) -> tuple:
+    if getattr(t, "constant", None) is not None or t.requires_grad or not all(type(d) is int for d in (*t.shape, *t.stride())):
+        raise _NotReplayable("a fake with a constant, a gradient or symbolic sizes")
+    return (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.device, t.untyped_storage().nbytes(), type(t))
+
+
+def _outside_metadata(outside: tuple) -> tuple:
+    """Everything about the values a block reads that its operators' results can depend on."""
+    tensors: list[torch.Tensor] = []
+    structure = tuple(_tensors(v, tensors) for v in outside)
+    first_object: dict[int, int] = {}
+    first_storage: dict[int, int] = {}
+    described = []
+    for k, t in enumerate(tensors):
+        described.append((_tensor_metadata(t), first_object.setdefault(id(t), k), first_storage.setdefault(_storage(t), k)))
+    return structure, tuple(described)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """How to make one tensor of a rebuilt block."""
+
+    kind: str  # "outside" (the k-th outside tensor itself), "fresh", "view" (of slot ``ref``), "outside_view" (of outside tensor ``ref``)
+    ref: int
+    shape: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    offset: int = 0
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+
+
+@dataclass(frozen=True)
+class _BlockRecord:
+    """The values of one block, as slots to rebuild for another block of the same kind."""
+
+    slots: tuple[_Slot, ...]
+    values: tuple  # per node: its value with tensors as ("tensor", slot index)
+
+    @staticmethod
+    def of(values: list[Any], outside: tuple) -> "_BlockRecord":
+        outside_tensors: list[torch.Tensor] = []
+        for v in outside:
+            _tensors(v, outside_tensors)
+        slot_of: dict[int, int] = {}  # id(tensor) -> slot
+        slots: list[_Slot] = []
+        for k, t in enumerate(outside_tensors):
+            if id(t) not in slot_of:
+                slot_of[id(t)] = len(slots)
+                slots.append(_Slot("outside", k))
+        outside_storage = {}
+        for k, t in enumerate(outside_tensors):
+            outside_storage.setdefault(_storage(t), k)
+        owner_of: dict[int, int] = {}  # storage made in the block -> the slot that owns it
+        described = []
+        for value in values:
+            tensors: list[torch.Tensor] = []
+            shape = _tensors(value, tensors, keep=True)
+            for t in tensors:
+                if id(t) in slot_of:
+                    continue
+                size, stride, offset, dtype, device, nbytes, kind = _tensor_metadata(t)
+                storage = _storage(t)
+                if kind is not FakeTensor:
+                    raise _NotReplayable(f"a value of type {kind.__name__}")
+                if storage in outside_storage:
+                    slot = _Slot("outside_view", outside_storage[storage], size, stride, offset, dtype, device)
+                elif storage in owner_of:
+                    if slots[owner_of[storage]].dtype != dtype:
+                        raise _NotReplayable("a view with another dtype")
+                    slot = _Slot("view", owner_of[storage], size, stride, offset, dtype, device)
+                else:
+                    if offset != 0 or nbytes != _fresh_nbytes(size, stride, dtype):
+                        raise _NotReplayable("a value that does not own its storage from its start")
+                    owner_of[storage] = len(slots)
+                    slot = _Slot("fresh", -1, size, stride, 0, dtype, device)
+                slot_of[id(t)] = len(slots)
+                slots.append(slot)
+            described.append(_renumber(shape, [slot_of[id(t)] for t in tensors]))
+        return _BlockRecord(tuple(slots), tuple(described))
+
+    def rebuild(self, propagator: _FakePropagator, outside: tuple) -> list[Any]:
+        outside_tensors: list[torch.Tensor] = []
+        for v in outside:
+            _tensors(v, outside_tensors)
+        made: list[torch.Tensor] = []
+        metas: list[torch.Tensor | None] = []
+        for slot in self.slots:
+            meta = None
+            if slot.kind == "outside":
+                tensor = outside_tensors[slot.ref]
+            elif slot.kind == "fresh":
+                meta = torch.empty_strided(slot.shape, slot.stride, dtype=slot.dtype, device="meta")
+                tensor = propagator.wrap(meta, slot.device)
+            elif slot.kind == "view":
+                meta = metas[slot.ref].as_strided(slot.shape, slot.stride, slot.offset)
+                tensor = propagator.wrap(meta, slot.device)
+            else:  # a view of a value from outside
+                base = outside_tensors[slot.ref]
+                base_meta = propagator._meta_of.get(id(base))
+                if base_meta is not None:
+                    meta = base_meta.as_strided(slot.shape, slot.stride, slot.offset)
+                    tensor = propagator.wrap(meta, slot.device)
+                else:
+                    with propagator.mode:
+                        tensor = base.as_strided(slot.shape, slot.stride, slot.offset)
+            made.append(tensor)
+            metas.append(meta)
+        return [_materialise(v, made) for v in self.values]
+
+
+def _fresh_nbytes(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The storage size a new tensor of this shape and stride gets."""
+    if any(d == 0 for d in shape):
+        return 0
+    return (1 + sum((d - 1) * s for d, s in zip(shape, stride))) * dtype.itemsize
+
+
+def _renumber(shape: Any, slots: list[int]) -> Any:
+    """``shape`` (from :func:`_tensors`) with tensor indices replaced by slot indices."""
+    kind, content = shape[0], shape[1]
+    if kind == "tensor":
+        return ("tensor", slots[content])
+    if kind in ("tuple", "list"):
+        return (kind, tuple(_renumber(v, slots) for v in content))
+    return shape
+
+
+def _materialise(shape: Any, made: list[torch.Tensor]) -> Any:
+    kind, content = shape[0], shape[1]
+    if kind == "tensor":
+        return made[content]
+    if kind == "tuple":
+        return tuple(_materialise(v, made) for v in content)
+    if kind == "list":
+        return [_materialise(v, made) for v in content]
+    if kind == "size":
+        return torch.Size(content)
+    return content  # a Python value, as it was
+
+
+@gc_paused()
+def fake_values(gm: fx.GraphModule, example_inputs: Sequence[Any], *, memoize: bool = True) -> dict[fx.Node, Any]:
+    """Every node's value (fake tensors, or Python values such as sizes) for these inputs.
+    ``memoize``: rebuild repeated blocks from the first of their kind (module doc)."""
     mode = FakeTensorMode(allow_non_fake_inputs=False)
-    interpreter = _FakePropagator(gm, mode)
+    interpreter = _FakePropagator(gm, mode, memoize)
     fake_inputs = [interpreter.fake(x) for x in example_inputs]
     with mode, torch.no_grad():
         interpreter.run(*fake_inputs)
     return interpreter.values
 
 
-def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any], *, memoize: bool = True) -> fx.GraphModule:
     """Write ``node.meta["val"]`` (a fake tensor, or a tuple of them) on every node of ``gm``."""
-    for node, value in fake_values(gm, example_inputs).items():
+    for node, value in fake_values(gm, example_inputs, memoize=memoize).items():
         node.meta["val"] = value
     return gm

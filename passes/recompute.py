@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from partc.errors import PartcError
+from partc.passes.capture import copy_output_type
 from partc.passes.ir import error_context, node_info
 from partc.passes.split_stages import recomputable_nodes
 
@@ -73,6 +74,7 @@ def checkpoint_layers(gm: fx.GraphModule) -> fx.GraphModule:
         done.add(layer)
         _emit_layer(gm, graph, env, layer, runs[layer])
     graph.lint()
+    copy_output_type(gm.graph, graph)  # an HF ModelOutput stays one
     gm.graph = graph
     gm.recompile()
     return gm

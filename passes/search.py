@@ -108,6 +108,10 @@ all-gather on the group's ranks (hierarchical across nodes); ``bucket`` = DDP's 
     ZeRO-3  ZeRO-2 without the post-step gather + m (max(0, AG(P) - f) + max(0, AG(P) - b))
                                         (FSDP: weights gathered before each forward and
                                         backward, prefetched behind the previous layer)
+    one FSDP unit  RS(G) + AG(P) (ZeRO-1/2) or + 2m AG(P) (ZeRO-3), nothing hidden: the
+                                        runtime shards a generated module (pipeline stage,
+                                        tensor-parallel module, recomputed or exported graph)
+                                        as one unit, so only the user's own model overlaps
     exposed = max over pipeline ranks
 
 Optimizer: ``max_r`` local parameters (``/ dp`` with ZeRO >= 1) x ``ADAMW_BYTES_PER_PARAM`` /
@@ -157,7 +161,7 @@ import torch
 import torch.fx as fx
 from partc.passes.annotate import annotate
 from partc.passes.estimate import DDP_BUCKET_BYTES, _parameter_dtype
-from partc.passes.ir import META_KEY, OpKind, graph_info, node_info
+from partc.passes.ir import META_KEY, OpKind, gc_paused, graph_info, node_info
 from partc.passes.layouts import Shard, adjoint, reshard_cost
 from partc.passes.propagate import propagate
 from partc.passes.sharding import ShardingPlan, plan_sharding
@@ -180,6 +184,11 @@ from partc.cost_model import (
     training_memory,
 )
 from partc.errors import ErrorContext, InfeasiblePlanError, PartcError
+
+try:  # torch >= 2.3: a GraphModule that generates its code when first run, not when made
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _UncompiledGraphModule
+except ImportError:  # pragma: no cover
+    _UncompiledGraphModule = fx.GraphModule
 
 __all__ = [
     "search",
@@ -627,7 +636,7 @@ def _one_sample_graph(gm: fx.GraphModule) -> fx.GraphModule:
     if found is not None:
         value, old_output = found
         graph.output(value, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
-    one = fx.GraphModule(gm, graph)
+    one = _UncompiledGraphModule(gm, graph)  # only read here: its Python code is never needed
     one.meta[META_KEY] = graph_info(gm)
     inputs = []
     for n in one.graph.nodes:
@@ -659,6 +668,7 @@ def _batch_dependent(nodes: Sequence[fx.Node], infos) -> set[fx.Node]:
 
 
 # -- the search -----------------------------------------------------------------------------------
+@gc_paused()
 def search(
     gm: fx.GraphModule,
     cluster: Cluster,
@@ -715,6 +725,7 @@ def search(
     feasible = sorted(runner.feasible, key=lambda c: runner.sort_key(c))
     if not feasible:
         raise runner.infeasible_error()
+    feasible = _simplest_first_among_ties(feasible)
     kept = tuple(runner.finish(c) for c in feasible[:top_k])
     best = kept[0]
     rejected = list(runner.rejected)
@@ -909,6 +920,12 @@ class _Search:
             self.collective_cache[key] = found
         return found
 
+    def _one_fsdp_unit(self, spec: _Spec) -> bool:
+        """Whether the runtime runs a generated module (a pipeline stage, a tensor-parallel
+        module, checkpointed layers, an exported graph), which FSDP2 shards as one unit; the
+        user's own fx-traced model is sharded block by block (partc.runtime.data_parallel)."""
+        return spec.pp > 1 or spec.tp > 1 or spec.recompute or graph_info(self.ctx.gm).frontend != "fx.symbolic_trace"
+
     def _dp_exposed(self, spec: _Spec, r: int, weight_bytes: float, forward: float, backward: float, window: float) -> float:
         """Exposed dp traffic of pipeline rank ``r`` (module doc, "Data-parallel synchronisation")."""
         if spec.dp == 1:
@@ -923,6 +940,11 @@ class _Search:
         z, m = spec.zero_stage, spec.microbatches
         if z == 0:
             return max(cost("all_reduce", grads) - window, cost("all_reduce", bucket))
+        if self._one_fsdp_unit(spec):
+            # FSDP2 shards a generated module as one unit: it gathers every weight before the
+            # (each, with ZeRO-3: forward and backward of every microbatch) and reduce-scatters
+            # after the last backward, overlapping nothing
+            return cost("reduce_scatter", grads) + (1 if z <= 2 else 2 * m) * cost("all_gather", weight_bytes)
         exposed = max(cost("reduce_scatter", grads) - window, cost("reduce_scatter", bucket))
         if z >= 2:
             exposed += (m - 1) * max(0.0, cost("reduce_scatter", grads) - (forward + backward))
@@ -948,7 +970,7 @@ class _Search:
                 # (without a pipeline the bound is the price: priced below, exact)
                 self.rejected.append(_spec_rejection(spec, "memory", f"over memory by at least {_gib(bound_memory - self.limit)} ({_gib(bound_memory)} of {_gib(self.limit)} per device)", bound_time, bound_memory))
                 continue
-            if len(kth) >= self.top_k and bound_time > kth[self.top_k - 1] * (1 + _REL) and (spec.pp > 1 or bound_memory <= self.limit):
+            if len(kth) >= self.top_k and bound_time > max(kth[self.top_k - 1], kth[0] * (1 + TIE_WITHIN)) * (1 + _REL) and (spec.pp > 1 or bound_memory <= self.limit):
                 best = kth[0]
                 self.rejected.append(_spec_rejection(spec, "slower", f"slower: at least {_percent(bound_time, best)} (lower bound {_ms(bound_time)} vs {_ms(best)}; not priced)", bound_time, None))
                 continue
@@ -1528,7 +1550,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def _percent(value: float, best: float) -> str:
-    return f"+{(value / best - 1) * 100:.1f}%" if best > 0 else "+inf%"
+    return f"{(value / best - 1) * 100:+.1f}%" if best > 0 else "+inf%"
 
 
 def _ms(seconds: float) -> str:
@@ -1623,8 +1645,34 @@ def explain(result: SearchResult, *, alternatives: int = 8, rejections: int = 3)
     return "\n".join(lines)
 
 
+# Predicted times closer than this are a tie: the cost model is not that precise (measured
+# step times differ from the predictions by tens of percent; docs/benchmarks.md), and the
+# simpler plan is the safer bet: DDP before ZeRO (FSDP2's gathers are less hidden than the
+# formulas assume: GPT-2 350M on 2 H200s ran 94 ms with ZeRO-1 against DDP's 74 ms, where
+# the model predicted ZeRO-1 3% faster), no recomputation, fewer pipeline and
+# tensor-parallel ranks, fewer microbatches.
+TIE_WITHIN = 0.05
+
+
+def _simplicity(c: Candidate) -> tuple:
+    return (c.zero_stage, c.recompute, c.mesh["pp"], c.mesh["tp"], c.microbatches)
+
+
+def _simplest_first_among_ties(feasible: list[Candidate]) -> list[Candidate]:
+    """``feasible`` (fastest first) with the simplest candidate within TIE_WITHIN of the
+    fastest moved to the front."""
+    fastest = feasible[0].predicted_step_time
+    ties = [c for c in feasible if c.predicted_step_time <= fastest * (1 + TIE_WITHIN)]
+    chosen = min(ties, key=lambda c: (_simplicity(c), c.predicted_step_time))
+    return [chosen] + [c for c in feasible if c is not chosen]
+
+
 def _why_slower(c: Candidate, best: Candidate) -> str:
     """The parts of the step where ``c`` loses most against the best."""
+    if c.predicted_step_time <= best.predicted_step_time * (1 + TIE_WITHIN):
+        if c.predicted_step_time < best.predicted_step_time:
+            return f"a tie (within {TIE_WITHIN:.0%}): the chosen plan is simpler"
+        return f"a tie (within {TIE_WITHIN:.0%}), not simpler"
     names = {
         "compute": "compute", "recompute": "recompute", "tp_communication": "tp comm", "pipeline_transfer": "pp transfers",
         "pipeline_bubble": "pp bubble", "dp_sync_exposed": "dp sync", "optimizer": "optimizer",

@@ -187,6 +187,18 @@ def _written_in_place(value: fx.Node, stage_of: dict[fx.Node, int], s: int) -> b
     return False
 
 
+def _not_a_view(graph: fx.Graph, node: fx.Node, value: Any) -> fx.Node:
+    """``node`` as a stage output: a copy when its value is a view of another tensor (the
+    ``[:, -n:]`` slice that ends an HF model's body), because torch's zero-bubble schedules
+    detach a stage's outputs in place after the input backward, which autograd refuses for
+    a view. The next stage receives its own tensor either way."""
+    if not (isinstance(value, torch.Tensor) and value._is_view()):
+        return node
+    copy = graph.call_method("clone", (node,))
+    copy.meta = dict(node.meta)
+    return copy
+
+
 def _build_stage(gm, nodes, stage_of, s, inputs, outputs, values, num_stages, persistent_names, local) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -222,7 +234,7 @@ def _build_stage(gm, nodes, stage_of, s, inputs, outputs, values, num_stages, pe
         graph.output(fx.node.map_arg(output.args[0], lookup))
         copy_output_type(gm.graph, graph)  # an HF ModelOutput stays one
     else:
-        graph.output(tuple(lookup(n) for n in outputs))
+        graph.output(tuple(_not_a_view(graph, lookup(n), values[n]) for n in outputs))
     graph.lint()
 
     tensors = {n.target: operator.attrgetter(n.target)(gm) for n in graph.nodes if n.op == "get_attr"}

@@ -156,6 +156,7 @@ def test_parse_bare_preset():
 def test_parse_kind_x_gpus():
     cluster = Cluster.parse("h100x4")
     assert (cluster.num_nodes, cluster.world_size) == (1, 4)
+    assert Cluster.parse("cpux2") == Cluster.preset("cpu", nodes=1, devices_per_node=2)  # a preset name without digits
 
 
 def test_parse_nodes_x_gpus():

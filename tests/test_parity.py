@@ -32,6 +32,8 @@ def _cases(world: int) -> list[dict]:
     cases += [{"model": "gpt", "mesh": {"pp": world}, "other_ranks_model": "llama"}]
     # FSDP2 over the user's model: one unit per block, the tied embedding with the root
     cases += [{"model": model, "mesh": {"dp": world}, "data_parallel": "fsdp"} for model in ("gpt-tied", "llama")]
+    # gradient accumulation without a pipeline: 2 microbatches per replica, one gradient sync (DDP, FSDP2)
+    cases += [{"model": "gpt-tied", "mesh": {"dp": world}, "microbatches": 2, "zero_stage": zero} for zero in (0, 3)] if world == 2 else []
     # DDP communication hooks: close to the exact gradients, not equal (see parity_worker.compressed_gradients)
     cases += [{"model": "gpt", "mesh": {"dp": world}, "gradient_compression": kind} for kind in ("fp16", "powersgd")] if world == 2 else []  # bf16 needs NCCL
     # Tensor parallel through partc.compile (the codegen's own matrix is tests/test_tp_parity.py).

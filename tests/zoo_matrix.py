@@ -79,6 +79,9 @@ ROWS: list[dict] = [
             {"model": model, "mesh": {"tp": 2}, "cluster": "tp-test"},
         )
     ),
+    # GPT-2's body ends in a slice (a view) that a 4-stage cut sends on; zero-bubble
+    # schedules detach stage outputs in place, so split_stages sends a copy.
+    {"model": "hf-gpt2", "mesh": {"pp": 2}, "schedule": "zero_bubble", "virtual_stages": 2, "microbatches": 4},
 ]
 
 

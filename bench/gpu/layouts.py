@@ -24,13 +24,14 @@ dtype), the loss in fp32 from bf16 logits (:func:`language_model_loss`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from partc.models import GPT, Llama, TrainingCase
 

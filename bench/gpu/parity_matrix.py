@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from parity import case_key, run_parity  # noqa: E402
-from test_parity import CASES  # noqa: E402
+from parity import case_key, run_parity
+from test_parity import CASES
 
 OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 

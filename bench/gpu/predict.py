@@ -21,13 +21,12 @@ import re
 from typing import Any
 
 import torch
+from layouts import language_model_loss
+from partc.passes.search import search
 
 import partc
 from partc.cost_model import CostModel
 from partc.models import training_case
-from partc.passes.search import search
-
-from layouts import language_model_loss
 
 
 def _case(model: str, batch: int, seq: int):
@@ -60,9 +59,15 @@ def predict(model: str, batch: int, seq: int, cluster: partc.Cluster, layout: st
             return {"step_time": result.best.predicted_step_time, "memory": result.best.memory.total, "note": "search pinned to dp, ZeRO-3"}
         match = re.fullmatch(r"pp-m(\d+)", layout)
         if match:
-            p = plan(mesh={"pp": world}, schedule="1f1b", microbatches=int(match.group(1)))
+            options = dict(mesh={"pp": world}, schedule="1f1b", microbatches=int(match.group(1)))
+            note = "equal-layer split"
+            try:
+                p = plan(**options)
+            except partc.PartcError:  # torch < 2.13: no cut may carry the targets; price the loss-free graph
+                p = partc.plan(case.model, cluster, case.inputs, **options)
+                note += ", loss not priced"
             memory = max(stage.peak_memory for stage in p.equal_split_stages)
-            return {"step_time": p.equal_split_step_time, "memory": memory, "note": "equal-layer split"}
+            return {"step_time": p.equal_split_step_time, "memory": memory, "note": note}
         match = re.fullmatch(r"3d-tp(\d+)-pp(\d+)-m(\d+)", layout)
         if match:
             tp, pp, m = map(int, match.groups())

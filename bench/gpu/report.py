@@ -89,8 +89,10 @@ def throughput_table(name: str, entry: dict, ceiling: float, gpus: int) -> list[
     layouts = entry["layouts"]
     best = best_manual(layouts)
     lines = [
-        f"#### {name}: global batch {entry['batch']} x {entry['seq']} tokens, {entry['params'] / 1e9:.2f} B parameters "
-        f"({entry['flops_per_token'] / 1e9:.2f} GFLOP per token)",
+        (
+            f"#### {name}: global batch {entry['batch']} x {entry['seq']} tokens, {entry['params'] / 1e9:.2f} B parameters "
+            f"({entry['flops_per_token'] / 1e9:.2f} GFLOP per token)"
+        ),
         "",
         "| layout | step (ms) | tokens/s | TFLOP/s per GPU | MFU | peak memory (GiB) | vs best hand-written |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -44,8 +44,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import partc  # noqa: E402
-from partc.models import config as model_config, training_case  # noqa: E402
+import partc
+from partc.models import config as model_config
+from partc.models import training_case
 
 # name -> (sequences per GPU, sequence length). gpt3-6.7b is the memory-bound model: at 16
 # sequences of 2048 per GPU plain DDP (and FSDP2, and tp over 2) runs out of an H200's memory.
@@ -124,7 +125,7 @@ def run_model(name: str, batch: int, seq: int, layouts: list[str], args: argpars
         ]
         print(f"[run] {name}: {' '.join(remaining)}", flush=True)
         try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=args.launch_timeout, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
+            proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=args.launch_timeout, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
             returncode, stderr = proc.returncode, proc.stderr
             sys.stdout.write(proc.stdout)
         except subprocess.TimeoutExpired as e:

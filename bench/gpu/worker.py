@@ -34,17 +34,18 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import layouts  # noqa: E402
+import layouts
 
-import partc  # noqa: E402
-from partc.models import training_case  # noqa: E402
+import partc
+from partc.models import training_case
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +82,7 @@ def partc_trainer(setup: layouts.Setup, cluster: partc.Cluster, mesh: dict[str, 
     case = setup.build()
     tokens, targets = case.inputs[0], case.targets
     attempts: list[tuple[str, dict[str, Any]]] = [
-        ("loss in graph", dict(example_targets=targets)),
+        ("loss in graph", {"example_targets": targets}),
         ("loss after the graph", {}),
     ]
     refusals: list[str] = []
@@ -251,7 +252,7 @@ def combine(layout: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

@@ -2,8 +2,11 @@
 
 These are the models users bring: ``GPT2LMHeadModel``, ``LlamaForCausalLM`` and
 ``BertForMaskedLM`` as ``transformers`` writes them. ``torch.fx`` symbolic tracing fails
-on all three (their forwards branch on shapes, build masks with Python control flow and
-return ``ModelOutput`` objects), so partc captures them through ``torch.export``.
+on all three (with transformers 5.23 at once: their ``forward`` is wrapped in a
+``(*args, **kwargs)`` decorator, and fx raises ``ValueError: code: co_varnames is too
+small`` re-creating it for the traced arguments; behind it, masks are built with Python
+control flow on shapes), so partc captures them through ``torch.export``. They return
+``ModelOutput`` objects, which reach the user's loss function as such (``out.logits``).
 
 The configs are tiny (2 layers, hidden 64, 4 heads, vocabulary 128, 32 positions) and
 made for exact parity tests:
@@ -34,7 +37,17 @@ MAX_POSITIONS = 32
 HIDDEN = 64
 LAYERS = 2
 HEADS = 4
-ATTENTION = "eager"
+# Every config: no KV cache, eager attention (see the module docstring).
+_TRAINING = {"use_cache": False, "attn_implementation": "eager"}
+# Llama's and BERT's sizes under the names most HF configs use (GPT-2 has its own).
+_SIZES = {
+    "vocab_size": VOCAB_SIZE,
+    "max_position_embeddings": MAX_POSITIONS,
+    "hidden_size": HIDDEN,
+    "intermediate_size": 4 * HIDDEN,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+}
 # BertForMaskedLM reads [MASK] tokens; the tiny vocabulary has no tokenizer, so one id is it.
 MASK_TOKEN_ID = VOCAB_SIZE - 1
 MASKED_FRACTION = 0.15
@@ -65,8 +78,7 @@ def gpt2_config() -> Any:
         summary_first_dropout=0.0,
         bos_token_id=0,
         eos_token_id=0,
-        use_cache=False,
-        attn_implementation=ATTENTION,
+        **_TRAINING,
     )
 
 
@@ -74,19 +86,13 @@ def llama_config() -> Any:
     """A 2-layer Llama (``LlamaConfig``): RMSNorm, rotary positions, SwiGLU, grouped-query
     attention (4 query heads, 2 key/value heads), untied LM head."""
     return _transformers().LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=MAX_POSITIONS,
-        hidden_size=HIDDEN,
-        intermediate_size=4 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+        **_SIZES,
         num_key_value_heads=HEADS // 2,
         attention_dropout=0.0,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=None,
-        use_cache=False,
-        attn_implementation=ATTENTION,
+        **_TRAINING,
     )
 
 
@@ -94,17 +100,11 @@ def bert_config() -> Any:
     """A 2-layer BERT (``BertConfig``): post-LN encoder, bidirectional attention, the MLM
     decoder tied to the word embeddings."""
     return _transformers().BertConfig(
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=MAX_POSITIONS,
-        hidden_size=HIDDEN,
-        intermediate_size=4 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+        **_SIZES,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         pad_token_id=0,
-        use_cache=False,
-        attn_implementation=ATTENTION,
+        **_TRAINING,
     )
 
 

@@ -27,6 +27,7 @@ the averaged gradients are those of the summed loss, and the returned loss is th
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -87,8 +88,9 @@ def replicate_over_dp(
         fully_shard(module, mesh=mesh.submesh("dp"), reshard_after_forward=zero_stage == 3)
         return module
     group = mesh.group("dp")
-    # buffers are averaged after the step instead (average_buffers_over_dp)
-    ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, process_group=group, broadcast_buffers=False)
+    # buffers are averaged after the step instead (average_buffers_over_dp); gradients live in
+    # the all-reduce buckets (no second copy of every gradient)
+    ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, process_group=group, broadcast_buffers=False, gradient_as_bucket_view=True)
     if gradient_compression == "bf16" and dist.get_backend(group) != "nccl":
         raise PartcError(
             f"bf16 gradient compression needs NCCL (torch's hook checks for it); this group runs on {dist.get_backend(group)}",
@@ -161,9 +163,11 @@ def average_over_dp(loss: torch.Tensor, mesh: RankMesh, reduction: str) -> torch
 
 class ReplicaRunner:
     """A plan without a pipeline: the whole model (or this rank's tensor-parallel shard of
-    it) on this replica's slice of the batch."""
+    it) on this replica's slice of the batch, in ``microbatches`` chunks whose gradients
+    accumulate (the plan's memory counts one chunk's activations); gradients are
+    synchronised over "dp" once, in the last chunk's backward."""
 
-    def __init__(self, module: nn.Module, *, mesh: RankMesh, loss_fn: Callable | None, loss_reduction: str, device: torch.device):
+    def __init__(self, module: nn.Module, *, mesh: RankMesh, loss_fn: Callable | None, loss_reduction: str, device: torch.device, microbatches: int = 1):
         """module: already wrapped by :func:`replicate_over_dp`. loss_fn: applied to the
         output; None when the module's graph ends in the loss (targets are its last input)."""
         if loss_reduction not in ("mean", "sum"):
@@ -171,6 +175,7 @@ class ReplicaRunner:
         self.module, self.mesh, self.device = module, mesh, device
         self.loss_fn, self.reduction = loss_fn, loss_reduction
         self.loss_in_graph = loss_fn is None
+        self.microbatches = microbatches
 
     def _local(self, value: Any) -> Any:
         value = replica_slice(value, self.mesh)
@@ -190,11 +195,29 @@ class ReplicaRunner:
         return pytree.tree_map_only(torch.Tensor, gather, local)
 
     def step(self, inputs: Sequence[Any], targets: Any) -> torch.Tensor:
-        local_inputs = [self._local(x) for x in inputs]
-        if self.loss_in_graph:
-            loss = self.module(*local_inputs, self._local(targets))
-        else:
-            loss = self.loss_fn(self.module(*local_inputs), self._local(targets))
-        (loss * self.mesh.dp if self.reduction == "sum" else loss).backward()
+        m = self.microbatches
+        chunks = [split_microbatches(self._local(x), m, what="the replica's batch") for x in (*inputs, targets)]
+        total = torch.zeros((), device=self.device)
+        for i in range(m):
+            *chunk_inputs, chunk_targets = (c[i] for c in chunks)
+            with self._gradient_sync(last=i == m - 1):
+                if self.loss_in_graph:
+                    loss = self.module(*chunk_inputs, chunk_targets)
+                else:
+                    loss = self.loss_fn(self.module(*chunk_inputs), chunk_targets)
+                loss = loss / m if self.reduction == "mean" else loss
+                (loss * self.mesh.dp if self.reduction == "sum" else loss).backward()
+            total += loss.detach()
         average_buffers_over_dp([self.module], self.mesh)
-        return average_over_dp(loss, self.mesh, self.reduction)
+        return average_over_dp(total, self.mesh, self.reduction)
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, *, last: bool):
+        """DDP and FSDP2 synchronise gradients in the last chunk's backward only."""
+        if isinstance(self.module, DistributedDataParallel) and not last:
+            with self.module.no_sync():
+                yield
+            return
+        if hasattr(self.module, "set_requires_gradient_sync"):  # an FSDP2 module
+            self.module.set_requires_gradient_sync(last)
+        yield

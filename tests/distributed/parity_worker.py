@@ -118,6 +118,9 @@ def compressed_gradients(pm: partc.ParallelModule, reference: nn.Module, inputs,
     rank-1 approximation (not equal, same sign of the inner product)."""
     failures = []
     reference_grads = []
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    reference.to(device)
+    inputs, targets = inputs.to(device), targets.to(device)
     for step in range(3):
         for p in [*pm.parameters(), *reference.parameters()]:
             p.grad = None

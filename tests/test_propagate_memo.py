@@ -1,0 +1,172 @@
+"""The propagate pass rebuilds repeated blocks from the first of their kind (passes/propagate.py,
+"Repeated blocks"): every value, every NodeInfo and the plan must be what running every
+operator gives."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import partc
+from partc.models import GPT, gpt3_shaped
+from partc.passes import propagate as propagate_pass
+from partc.passes.annotate import annotate
+from partc.passes.capture import attach_loss, capture
+from partc.passes.ir import node_info
+from partc.passes.propagate import fake_values, propagate
+
+
+def _loss(logits, targets):
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def _gpt3_graph(layers: int, batch: int) -> tuple[fx.GraphModule, tuple]:
+    with torch.device("meta"):
+        model = GPT(gpt3_shaped(layers))
+        idx = torch.zeros(batch, 2048, dtype=torch.long)
+        targets = torch.zeros(batch, 2048, dtype=torch.long)
+    return attach_loss(capture(model, (idx,)), _loss), (idx, targets)
+
+
+def _metadata(values: dict[fx.Node, object]) -> list:
+    """Per node: its value with every tensor as (shape, dtype, stride, storage offset,
+    storage size, device, which storage, which object), storages and objects numbered in
+    first-seen order, so two propagations compare equal exactly when they alias alike."""
+    storages: dict[int, int] = {}
+    objects: dict[int, int] = {}
+
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            storage = storages.setdefault(value.untyped_storage()._cdata, len(storages))
+            obj = objects.setdefault(id(value), len(objects))
+            return (tuple(value.shape), value.dtype, value.stride(), value.storage_offset(), value.untyped_storage().nbytes(), value.device, storage, obj)
+        if isinstance(value, (tuple, list)):
+            return (type(value).__name__, tuple(describe(v) for v in value))
+        return (type(value).__name__, repr(value))
+
+    return [(node.name, describe(value)) for node, value in values.items()]
+
+
+def test_gpt3_shaped_24_layers_same_values_and_node_infos():
+    gm, inputs = _gpt3_graph(24, batch=2)
+    real = fake_values(gm, inputs, memoize=False)
+    rebuilt = fake_values(gm, inputs, memoize=True)
+    assert list(real) == list(rebuilt) == list(gm.graph.nodes)
+    assert _metadata(rebuilt) == _metadata(real)
+    # views share their base's storage; blocks do not share storage with each other
+    first, second = (gm.graph.find_nodes(op="call_method", target="transpose")[k] for k in (0, 4))
+    assert torch._C._is_alias_of(rebuilt[first], rebuilt[first.args[0]])
+    assert not torch._C._is_alias_of(rebuilt[first], rebuilt[second])
+
+    annotate(propagate(gm, inputs, memoize=False))
+    expected = {n.name: node_info(n) for n in gm.graph.nodes}
+    layers = gm.meta["partc"].layers
+    annotate(propagate(gm, inputs, memoize=True))
+    assert {n.name: node_info(n) for n in gm.graph.nodes} == expected
+    assert gm.meta["partc"].layers == layers
+
+
+def test_gpt3_shaped_24_layers_rebuilds_every_block_but_the_first():
+    gm, inputs = _gpt3_graph(24, batch=1)
+    assert _run(gm, inputs).rebuilt_blocks == 23
+
+
+def test_gpt3_shaped_24_layers_same_plan(monkeypatch):
+    with torch.device("meta"):
+        model = GPT(gpt3_shaped(24))
+        idx = torch.zeros(16, 2048, dtype=torch.long)
+        targets = torch.zeros(16, 2048, dtype=torch.long)
+    cluster = partc.Cluster.preset("h100", nodes=2, devices_per_node=8)
+    options = dict(loss_fn=_loss, example_targets=targets, mixed_precision="bf16", cache=False)
+    memoized = partc.plan(model, cluster, (idx,), **options)
+    monkeypatch.setattr(propagate_pass, "_repeatable_blocks", lambda gm: {})  # every operator runs
+    every_operator = partc.plan(model, cluster, (idx,), **options)
+    assert memoized.hash == every_operator.hash
+    assert memoized.search is not None
+    timeless = {"seconds", "explain"}  # wall times, and the text that prints them
+    assert {k: v for k, v in memoized.search.items() if k not in timeless} == {k: v for k, v in every_operator.search.items() if k not in timeless}
+
+
+class _Shifted(nn.Module):
+    """Blocks of one structure whose inputs have the same shape: the second reads a view
+    at an offset (other strides and storage), so it must run; the third is like the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        y = self.blocks[0](x)  # x: [4, 8, 8]
+        wide = torch.cat([y, y[:, :4]], dim=1)  # [4, 12, 8]
+        z = self.blocks[1](wide[:, 4:])  # [4, 8, 8] at offset 32, strides (96, 8, 1)
+        return self.blocks[2](z.relu()).transpose(1, 2).contiguous()
+
+
+def _run(gm: fx.GraphModule, inputs: tuple) -> propagate_pass._FakePropagator:
+    mode = propagate_pass.FakeTensorMode(allow_non_fake_inputs=False)
+    interpreter = propagate_pass._FakePropagator(gm, mode, memoize=True)
+    with mode, torch.no_grad():
+        interpreter.run(*[interpreter.fake(x) for x in inputs])
+    return interpreter
+
+
+def test_blocks_whose_inputs_differ_run_their_operators():
+    x = torch.randn(4, 8, 8)
+    gm = capture(_Shifted(), (x,))
+    interpreter = _run(gm, (x,))
+    assert interpreter.rebuilt_blocks == 1  # blocks.2, from blocks.0
+    assert _metadata(interpreter.values) == _metadata(fake_values(gm, (x,), memoize=False))
+
+
+class _Heads(nn.Module):
+    """Views of its input (a value from outside the block) and of its own results."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        heads = x.view(2, 3, 4, 4).transpose(1, 2)  # views of the input
+        first, second = self.norm(x).chunk(2, dim=-1)  # views of a result of the block
+        return x + torch.cat([second, first], dim=-1) + heads.transpose(1, 2).reshape(2, 3, 16)
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_Heads() for _ in range(4))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_views_of_values_from_outside_and_inside_share_storage():
+    x = torch.randn(2, 3, 16)
+    gm = capture(_Stack(), (x,))
+    interpreter = _run(gm, (x,))
+    assert interpreter.rebuilt_blocks == 3
+    assert _metadata(interpreter.values) == _metadata(fake_values(gm, (x,), memoize=False))
+    views = gm.graph.find_nodes(op="call_method", target="transpose")
+    assert len(views) == 8
+    for view in views[::2]:  # x.view(...).transpose(1, 2) shares the block input's storage
+        source = view.args[0].args[0]
+        assert torch._C._is_alias_of(interpreter.values[view], interpreter.values[source])
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_small_gpt_both_frontends(frontend):
+    from partc.models import build
+
+    model, inputs = build("gpt-tiny", batch_size=2)
+    gm = capture(model, inputs, frontend=frontend)
+    real, rebuilt = fake_values(gm, inputs, memoize=False), fake_values(gm, inputs, memoize=True)
+    assert _metadata(rebuilt) == _metadata(real)
+    annotate(propagate(gm, inputs, memoize=False))
+    expected = [dataclasses.astuple(node_info(n)) for n in gm.graph.nodes]
+    annotate(propagate(gm, inputs, memoize=True))
+    assert [dataclasses.astuple(node_info(n)) for n in gm.graph.nodes] == expected
