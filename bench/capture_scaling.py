@@ -30,6 +30,7 @@ def measure(n_layer: int, batch: int, seq: int) -> dict[str, float]:
         model = GPT(gpt3_shaped(n_layer))
         idx = torch.zeros(batch, seq, dtype=torch.long)
     times = {"build (excluded)": time.perf_counter() - start}
+    cpu = time.process_time()
     start = time.perf_counter()
     gm = capture(model, (idx,))
     times["capture"] = time.perf_counter() - start
@@ -40,6 +41,7 @@ def measure(n_layer: int, batch: int, seq: int) -> dict[str, float]:
     annotate(gm)
     times["annotate"] = time.perf_counter() - start
     times["total"] = times["capture"] + times["propagate"] + times["annotate"]
+    times["cpu"] = time.process_time() - cpu  # the same three passes in CPU seconds (a shared machine waits)
     times["nodes"] = len(gm.graph.nodes)
     times["layers"] = len(graph_info(gm).layers)
     return times
@@ -54,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}")
     measure(2, args.batch, args.seq)  # warm-up: first-call costs of fx and fake tensors
-    header = f"{'layers':>6} {'nodes':>6} {'build':>7} {'capture':>8} {'propagate':>10} {'annotate':>9} {'total':>7} {'ms/layer':>9}"
+    header = f"{'layers':>6} {'nodes':>6} {'build':>7} {'capture':>8} {'propagate':>10} {'annotate':>9} {'total':>7} {'ms/layer':>9} {'CPU':>6}"
     print(header)
     print("-" * len(header))
     totals = {}
@@ -64,7 +66,7 @@ def main() -> None:
         totals[n_layer] = med["total"]
         print(
             f"{n_layer:>6} {int(med['nodes']):>6} {med['build (excluded)']:>6.2f}s {med['capture']:>7.2f}s "
-            f"{med['propagate']:>9.2f}s {med['annotate']:>8.2f}s {med['total']:>6.2f}s {1e3 * med['total'] / n_layer:>9.1f}"
+            f"{med['propagate']:>9.2f}s {med['annotate']:>8.2f}s {med['total']:>6.2f}s {1e3 * med['total'] / n_layer:>9.1f} {med['cpu']:>5.2f}s"
         )
     if len(totals) > 1:
         lo, hi = min(totals), max(totals)

@@ -41,6 +41,7 @@ from partc.passes.tp_codegen import emit_tensor_parallel
 from partc.runtime.data_parallel import ReplicaRunner, check_data_parallel_options, fsdp_units, replicate_over_dp
 from partc.runtime.checkpoint import load_whole_tensor_state, whole_tensor_state
 from partc.runtime.mesh import RankMesh, build_rank_mesh
+from partc.runtime.mixed_precision import cast_outputs_to_trace, compute_dtype
 from partc.runtime.pipeline import LocalPipelineRunner, PipelineRunner
 
 
@@ -188,16 +189,19 @@ def compile(
     persistent = set(model.state_dict().keys())
 
     recompute = bool(result.search and result.search["recompute"])
+    precision = compute_dtype(result.options)
 
     def cut(source: fx.GraphModule, stage_of_layer: list[int]) -> list[StageModule]:
         stages = split_stages(source, stage_of_layer, _microbatch_inputs(graph_inputs, dp * result.microbatches), persistent_names=persistent)
         for st in stages if recompute else ():
             checkpoint_layers(st.module)
+        for st in stages[:-1] if precision is not None else ():
+            cast_outputs_to_trace(st.module, [spec.dtype for spec in st.output_specs])  # what the next stage expects
         return stages
 
     if not distributed:
         stages = cut(result.graph, result.stage_of_layer())
-        runner = LocalPipelineRunner(stages, microbatches=result.microbatches * dp, loss_fn=None if with_loss else loss_fn, loss_reduction=loss_reduction)
+        runner = LocalPipelineRunner(stages, microbatches=result.microbatches * dp, loss_fn=None if with_loss else loss_fn, loss_reduction=loss_reduction, autocast_dtype=precision)
         return ParallelModule(result, runner, [st.module for st in stages], model)
 
     mesh = build_rank_mesh(pp, dp, tp, device.type)
@@ -219,6 +223,7 @@ def compile(
             loss_reduction=loss_reduction,
             device=device,
             replicate=replicate,
+            autocast_dtype=precision,
         )
         modules = [st.module for st in runner.local]
     else:
@@ -228,7 +233,7 @@ def compile(
             program = cut(source, [0] * len(result.layers))[0].module  # one stage (layers checkpointed if recompute)
         loss_in_program = with_loss and program is not model  # the user's model computes no loss; the graphs do
         units = fsdp_units(model, [layer.name for layer in result.layers]) if program is model else ()
-        runner = ReplicaRunner(replicate(program, units=units), microbatches=result.microbatches, mesh=mesh, loss_fn=None if loss_in_program else loss_fn, loss_reduction=loss_reduction, device=device)
+        runner = ReplicaRunner(replicate(program, units=units), microbatches=result.microbatches, mesh=mesh, loss_fn=None if loss_in_program else loss_fn, loss_reduction=loss_reduction, device=device, autocast_dtype=precision)
         modules = [program]
     return ParallelModule(result, runner, modules, model, mesh)
 

@@ -51,6 +51,9 @@ def _cases(world: int) -> list[dict]:
             # activation recomputation (each layer under torch.utils.checkpoint), with ZeRO-3 and tensor parallelism
             {"model": "llama", "mesh": {"pp": 2, "dp": 2}, "schedule": "1f1b", "microbatches": 2, "recompute": True, "zero_stage": 3},
             {"model": "gpt", "mesh": {"dp": 2, "tp": 2}, "cluster": TP_PAYS, "recompute": True, "zero_stage": 0},
+            # mixed precision: forward and loss under bf16 autocast, fp32 weights (bf16 tolerances)
+            {"model": "gpt", "mesh": {"pp": 2, "dp": 2}, "schedule": "1f1b", "microbatches": 2, "mixed_precision": "bf16"},
+            {"model": "gpt", "mesh": {"dp": 2, "tp": 2}, "cluster": TP_PAYS, "mixed_precision": "bf16"},
         ]
     return cases
 

@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from partc.errors import ErrorContext, PartcError
 from partc.runtime.mesh import RankMesh
+from partc.runtime.mixed_precision import autocast
 from partc.runtime.pipeline import split_microbatches
 
 GRADIENT_COMPRESSION = ("bf16", "fp16", "powersgd")
@@ -167,7 +168,17 @@ class ReplicaRunner:
     accumulate (the plan's memory counts one chunk's activations); gradients are
     synchronised over "dp" once, in the last chunk's backward."""
 
-    def __init__(self, module: nn.Module, *, mesh: RankMesh, loss_fn: Callable | None, loss_reduction: str, device: torch.device, microbatches: int = 1):
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        mesh: RankMesh,
+        loss_fn: Callable | None,
+        loss_reduction: str,
+        device: torch.device,
+        microbatches: int = 1,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         """module: already wrapped by :func:`replicate_over_dp`. loss_fn: applied to the
         output; None when the module's graph ends in the loss (targets are its last input)."""
         if loss_reduction not in ("mean", "sum"):
@@ -176,6 +187,7 @@ class ReplicaRunner:
         self.loss_fn, self.reduction = loss_fn, loss_reduction
         self.loss_in_graph = loss_fn is None
         self.microbatches = microbatches
+        self.autocast_dtype = autocast_dtype  # mixed precision: forward and loss under autocast
 
     def _local(self, value: Any) -> Any:
         value = replica_slice(value, self.mesh)
@@ -183,7 +195,8 @@ class ReplicaRunner:
 
     def forward(self, *inputs: Any) -> Any:
         """The whole output: every replica's slice, gathered in "dp" order."""
-        local = self.module(*(self._local(x) for x in inputs))
+        with autocast(self.device, self.autocast_dtype):
+            local = self.module(*(self._local(x) for x in inputs))
         if self.mesh.dp == 1:
             return local
 
@@ -201,10 +214,11 @@ class ReplicaRunner:
         for i in range(m):
             *chunk_inputs, chunk_targets = (c[i] for c in chunks)
             with self._gradient_sync(last=i == m - 1):
-                if self.loss_in_graph:
-                    loss = self.module(*chunk_inputs, chunk_targets)
-                else:
-                    loss = self.loss_fn(self.module(*chunk_inputs), chunk_targets)
+                with autocast(self.device, self.autocast_dtype):
+                    if self.loss_in_graph:
+                        loss = self.module(*chunk_inputs, chunk_targets)
+                    else:
+                        loss = self.loss_fn(self.module(*chunk_inputs), chunk_targets)
                 loss = loss / m if self.reduction == "mean" else loss
                 (loss * self.mesh.dp if self.reduction == "sum" else loss).backward()
             total += loss.detach()

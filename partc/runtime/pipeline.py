@@ -42,6 +42,7 @@ import torch.utils._pytree as pytree
 from partc.errors import ErrorContext, PartcError
 from partc.passes.split_stages import StageModule
 from partc.runtime.mesh import RankMesh
+from partc.runtime.mixed_precision import autocast
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 
@@ -67,6 +68,10 @@ def scaled_loss(loss_fn: Callable | None, microbatches: int, reduction: str, rep
     return microbatch_loss
 
 
+def _device_of(values: Sequence[Any]) -> torch.device:
+    return next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
 def split_microbatches(value: Any, microbatches: int, *, what: str) -> list[Any]:
     """Split a batch along dim 0 into equal microbatches (refusing a remainder)."""
     if not isinstance(value, torch.Tensor):
@@ -82,19 +87,21 @@ def split_microbatches(value: Any, microbatches: int, *, what: str) -> list[Any]
 class LocalPipelineRunner:
     """All stages in this process, microbatch by microbatch (GPipe order)."""
 
-    def __init__(self, stages: Sequence[StageModule], *, microbatches: int, loss_fn: Callable | None, loss_reduction: str = "mean"):
+    def __init__(self, stages: Sequence[StageModule], *, microbatches: int, loss_fn: Callable | None, loss_reduction: str = "mean", autocast_dtype: torch.dtype | None = None):
         """loss_fn: applied to the last stage's output; None when the graph computes the
         loss itself (then the targets are the stages' last input)."""
         self.stages = list(stages)
         self.microbatches = microbatches
         self.loss_in_graph = loss_fn is None
         self.loss_fn = scaled_loss(loss_fn, microbatches, loss_reduction)
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         values: tuple = inputs
-        for stage in self.stages:
-            out = stage.module(*values)
-            values = out if isinstance(out, tuple) and stage is not self.stages[-1] else (out,)
+        with autocast(_device_of(inputs), self.autocast_dtype):
+            for stage in self.stages:
+                out = stage.module(*values)
+                values = out if isinstance(out, tuple) and stage is not self.stages[-1] else (out,)
         return values[0]
 
     def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
@@ -103,7 +110,9 @@ class LocalPipelineRunner:
         target_chunks = split_microbatches(targets, self.microbatches, what="targets")
         total = torch.zeros(())
         for i in range(self.microbatches):
-            loss = self.loss_fn(self.forward(*(c[i] for c in chunks)), target_chunks[i])
+            microbatch = [c[i] for c in chunks]
+            with autocast(_device_of(microbatch), self.autocast_dtype):
+                loss = self.loss_fn(self.forward(*microbatch), target_chunks[i])
             loss.backward()
             total = total + loss.detach()
         return total
@@ -123,6 +132,7 @@ class PipelineRunner:
         loss_reduction: str,
         device: torch.device,
         replicate: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module,
+        autocast_dtype: torch.dtype | None = None,
     ):
         """loss_fn: applied to the last stage's output; None when the graph computes the
         loss itself (the targets then enter at stage 0 and are routed to the loss).
@@ -143,6 +153,7 @@ class PipelineRunner:
             raise PartcError(f"schedule {schedule!r} needs at least 2 stages per rank, the plan has {virtual}", ErrorContext(fix="plan with virtual_stages >= 2"))
 
         self.mesh, self.device = mesh, device
+        self.autocast_dtype = autocast_dtype  # mixed precision: forwards and the loss under autocast
         self.group = mesh.group("pp")
         self.microbatches = microbatches
         self.reduction = loss_reduction
@@ -206,7 +217,8 @@ class PipelineRunner:
             kwargs = {"target": target, "losses": losses}
         if self._can_skip_outputs:
             kwargs["return_outputs"] = False  # the step only needs the losses
-        self._schedule.step(*args, **kwargs)
+        with autocast(self.device, self.autocast_dtype):  # backward follows the dtypes forward recorded
+            self._schedule.step(*args, **kwargs)
         self._sync_tied_gradients()
         average_buffers_over_dp([st.module for st in self.local], self.mesh)
         loss = torch.stack([l.detach() for l in losses]).sum() if self.holds_last else torch.zeros((), device=self.device)

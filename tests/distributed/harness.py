@@ -81,9 +81,12 @@ class Comparison:
 
     failures: list[str] = dataclasses.field(default_factory=list)
     max_abs_error: float = 0.0
+    rtol: float = RTOL
+    atol: float = ATOL
+    losses: list[float] = dataclasses.field(default_factory=list)  # the compiled module's, step by step
 
     def check(self, what: str, got: torch.Tensor, want: torch.Tensor) -> None:
-        """Record a failure unless ``got`` matches ``want`` (floats to RTOL/ATOL, integers exactly)."""
+        """Record a failure unless ``got`` matches ``want`` (floats to rtol/atol, integers exactly)."""
         if hasattr(got, "full_tensor"):  # a DTensor (FSDP2 shards over "dp"): compare the whole
             got = got.full_tensor()
         got, want = got.detach().cpu(), want.detach().cpu()
@@ -96,7 +99,7 @@ class Comparison:
             return
         error = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
         self.max_abs_error = max(self.max_abs_error, error)
-        if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+        if not torch.allclose(got, want, rtol=self.rtol, atol=self.atol):
             self.failures.append(f"{what}: max abs diff {error:.3e}")
 
 
@@ -117,6 +120,7 @@ def train_and_compare(
     steps: int = 3,
     reference_step: Callable = whole_batch_step,
     eps: float | None = None,
+    tolerance: tuple[float, float] = (RTOL, ATOL),
 ) -> Comparison:
     """Train ``pm`` and ``reference`` (a single-device copy of the model before compile)
     side by side for ``steps`` AdamW steps on the same global batch; return what differed.
@@ -162,11 +166,12 @@ def train_and_compare(
         eps = 1e-6 if sharding is not None else 1e-8
     optimizer = torch.optim.AdamW(held, lr=LR, eps=eps) if held else None
     reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR, eps=eps)
-    result = Comparison()
+    result = Comparison(rtol=tolerance[0], atol=tolerance[1])
     for step in range(steps):
         if optimizer:
             optimizer.zero_grad()
         loss = pm.step(inputs, targets)
+        result.losses.append(loss.item())
         reference_optimizer.zero_grad()
         reference_loss = reference_step(reference, reference_inputs, reference_targets, loss_fn)
         result.check(f"step {step} loss", loss, reference_loss)
