@@ -91,19 +91,21 @@ class _Settings:
     message_sizes: tuple[int, ...]  # bytes, the collective sweep
     warmup: int
     repeats: int
+    attention_tokens: int  # sequence length of the timed attention (batch x heads fill the device)
+    attention_rows: int  # batch x heads of the timed attention
 
 
 def _settings(cuda: bool, quick: bool) -> _Settings:
     if cuda:
         if quick:
-            return _Settings(2048, 0.5, 0.01, 256 * MiB, _sweep(4 * KiB, 64 * MiB, 16), 2, 5)
-        return _Settings(8192, 2.0, 0.05, 1 * GiB, _sweep(4 * KiB, 64 * MiB, 4), 3, 10)
+            return _Settings(2048, 0.5, 0.01, 256 * MiB, _sweep(4 * KiB, 64 * MiB, 16), 2, 5, 1024, 64)
+        return _Settings(8192, 2.0, 0.05, 1 * GiB, _sweep(4 * KiB, 64 * MiB, 4), 3, 10, 2048, 128)
     # CPU collectives are cheap (~0.1-10 ms) but noisy: gloo's threads share the cores with
     # the other ranks, and single timings jump by a scheduler time slice (~3 ms on a
     # 2-core VM). More repeats keep the median on the common case.
     if quick:
-        return _Settings(512, 0.05, 0.005, 32 * MiB, (4 * KiB, 64 * KiB, 1 * MiB), 2, 7)
-    return _Settings(1024, 0.25, 0.05, 256 * MiB, _sweep(4 * KiB, 4 * MiB, 4), 3, 21)
+        return _Settings(512, 0.05, 0.005, 32 * MiB, (4 * KiB, 64 * KiB, 1 * MiB), 2, 7, 64, 2)
+    return _Settings(1024, 0.25, 0.05, 256 * MiB, _sweep(4 * KiB, 4 * MiB, 4), 3, 21, 256, 8)
 
 
 def _sweep(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -229,6 +231,81 @@ def _memory_bandwidth(device: torch.device, s: _Settings) -> float:
     return 2 * s.copy_bytes / seconds
 
 
+ATTENTION_HEAD_DIMS = (64, 128)
+KERNEL_OVERHEAD_OPS = 2000  # back-to-back tiny kernels per timing
+
+
+def _kernel_overhead(device: torch.device, s: _Settings) -> float:
+    """Seconds per eager kernel when the kernels themselves are tiny: one-element in-place
+    adds issued back to back from Python, synchronised once at the end. That is the
+    dispatch-and-launch floor under every kernel a training step runs eagerly."""
+    x = torch.zeros(1, device=device)
+
+    def burst() -> None:
+        for _ in range(KERNEL_OVERHEAD_OPS):
+            x.add_(1.0)
+
+    for _ in range(s.warmup):
+        burst()
+    samples = []
+    for _ in range(s.repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        burst()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) / KERNEL_OVERHEAD_OPS)
+    return statistics.median(samples)
+
+
+def attention_flops(batch_heads: int, tokens: int, head_dim: int) -> float:
+    """FLOPs of one causal attention forward + backward as the annotate pass counts them:
+    QK^T and PV over the causal half of the square (``4·BH·L²·E / 2``), backward 2.5x."""
+    return 3.5 * 2 * batch_heads * tokens * tokens * head_dim
+
+
+def _attention_efficiency(device: torch.device, s: _Settings, matmul_rates: dict[str, float]) -> dict[str, float]:
+    """Fused causal attention (``scaled_dot_product_attention``, forward + backward) FLOP/s
+    over the matmul rate of the same dtype, per head dimension: flash kernels run below the
+    rate of a large matmul, the more so at small head dimensions."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    matmul = matmul_rates.get(str(dtype).removeprefix("torch."))
+    if not matmul:
+        return {}
+    result = {}
+    for head_dim in ATTENTION_HEAD_DIMS:
+        shape = (s.attention_rows, 1, s.attention_tokens, head_dim)  # heads folded into the batch
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad = torch.randn(shape, device=device, dtype=dtype)
+
+        def step(q=q, k=k, v=v, grad=grad) -> None:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out.backward(grad)
+
+        seconds = _median_time(step, device, warmup=s.warmup, repeats=s.repeats, min_time=s.matmul_min_time_s)
+        result[str(head_dim)] = attention_flops(s.attention_rows, s.attention_tokens, head_dim) / seconds / matmul
+    return result
+
+
+def _misaligned_matmul_efficiency(device: torch.device, s: _Settings, matmul_rates: dict[str, float]) -> float:
+    """A linear layer's forward + backward FLOP/s when one dimension is not a multiple of 16
+    bytes (``n x n`` inputs, ``n + 1`` outputs: a 50257-token LM head is such a layer) over
+    the matmul rate of the same dtype, at most 1. GPUs fall back to slower kernels there."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    matmul = matmul_rates.get(str(dtype).removeprefix("torch."))
+    if not matmul:
+        return 1.0
+    n = s.matmul_size // 2
+    x = torch.randn(n, n, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(n + 1, n, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(n, n + 1, device=device, dtype=dtype)
+
+    def step() -> None:
+        torch.nn.functional.linear(x, weight).backward(grad)
+
+    seconds = _median_time(step, device, warmup=s.warmup, repeats=s.repeats, min_time=s.matmul_min_time_s)
+    return min(1.0, 3 * 2 * n * n * (n + 1) / seconds / matmul)
+
+
 def _measure_device(device: torch.device, s: _Settings, local_world_size: int, log: _Log) -> dict[str, Any]:
     """This process's device: name, FLOP/s per dtype, memory bandwidth, memory."""
     name = _device_name(device)
@@ -244,9 +321,19 @@ def _measure_device(device: torch.device, s: _Settings, local_world_size: int, l
         log(f"matmul {dname:9} {n}x{n}: {rate / 1e12:.3f} TFLOP/s (rank 0)")
     bandwidth = _memory_bandwidth(device, s)
     log(f"memory bandwidth copy {_fmt_bytes(s.copy_bytes)}: {bandwidth / 1e9:.1f} GB/s (rank 0)")
+    overhead = _kernel_overhead(device, s)
+    log(f"kernel overhead: {overhead * 1e6:.2f} us per eager kernel (rank 0)")
+    attention = _attention_efficiency(device, s, flops)
+    for head_dim, ratio in attention.items():
+        log(f"attention head dim {head_dim:>3}, {s.attention_tokens} tokens: {ratio:.1%} of the matmul rate (rank 0)")
+    misaligned = _misaligned_matmul_efficiency(device, s, flops)
+    log(f"matmul with a dimension not a multiple of 16 bytes: {misaligned:.1%} of the matmul rate (rank 0)")
     memory, note = _device_memory(device, local_world_size)
     log(f"memory: {memory / GiB:.1f} GiB usable per process" + (f" ({note})" if note else ""))
-    return {"name": name, "peak_flops": flops, "memory_bandwidth": bandwidth, "memory": memory, "notes": [note] if note else []}
+    return {
+        "name": name, "peak_flops": flops, "memory_bandwidth": bandwidth, "memory": memory, "notes": [note] if note else [],
+        "kernel_overhead": overhead, "attention_efficiency": attention, "misaligned_matmul_efficiency": misaligned,
+    }
 
 
 def _median_device(records: Sequence[dict[str, Any]]) -> tuple[DeviceSpec, list[str]]:
@@ -267,6 +354,12 @@ def _median_device(records: Sequence[dict[str, Any]]) -> tuple[DeviceSpec, list[
         memory=statistics.median(r["memory"] for r in records),
         memory_bandwidth=statistics.median(r["memory_bandwidth"] for r in records),
         matmul_efficiency=1.0,
+        kernel_overhead=statistics.median(r["kernel_overhead"] for r in records),
+        misaligned_matmul_efficiency=statistics.median(r["misaligned_matmul_efficiency"] for r in records),
+        attention_efficiency={
+            d: statistics.median(r["attention_efficiency"][d] for r in records)
+            for d in set.intersection(*(set(r["attention_efficiency"]) for r in records))
+        },
     )
     return device, sorted(set(notes))
 

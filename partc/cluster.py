@@ -55,6 +55,13 @@ class DeviceSpec:
     memory: float  # bytes usable by one process
     memory_bandwidth: float  # bytes per second
     matmul_efficiency: float = 0.75  # fraction of peak_flops large matmuls reach
+    # Measured by ``partc calibrate`` (the defaults price as before: no overhead, every
+    # matmul-like kernel at the matmul rate): seconds one eager kernel costs at least
+    # (dispatch and launch); fused attention's FLOP/s over the matmul rate, by head
+    # dimension ("64": 0.5); a matmul's with a dimension not a multiple of 16 bytes.
+    kernel_overhead: float = 0.0
+    attention_efficiency: Mapping[str, float] = field(default_factory=dict)
+    misaligned_matmul_efficiency: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "peak_flops", dict(sorted(self.peak_flops.items())))
@@ -65,9 +72,14 @@ class DeviceSpec:
         _require(self.memory > 0, f"device {self.name!r}: memory must be > 0 bytes, got {self.memory}")
         _require(self.memory_bandwidth > 0, f"device {self.name!r}: memory bandwidth must be > 0, got {self.memory_bandwidth}")
         _require(0 < self.matmul_efficiency <= 1, f"device {self.name!r}: matmul_efficiency must be in (0, 1], got {self.matmul_efficiency}")
+        _require(0 < self.misaligned_matmul_efficiency <= 1, f"device {self.name!r}: misaligned_matmul_efficiency must be in (0, 1], got {self.misaligned_matmul_efficiency}")
+        _require(self.kernel_overhead >= 0, f"device {self.name!r}: kernel_overhead must be >= 0 s, got {self.kernel_overhead}")
+        for head_dim, ratio in self.attention_efficiency.items():
+            _require(str(head_dim).isdigit() and ratio > 0, f"device {self.name!r}: attention_efficiency maps head dims to ratios > 0, got {head_dim!r}: {ratio!r}")
+        object.__setattr__(self, "attention_efficiency", {str(d): float(r) for d, r in sorted(self.attention_efficiency.items(), key=lambda kv: int(kv[0]))})
 
     def __hash__(self) -> int:  # peak_flops is a dict; hash its items
-        return hash((self.name, tuple(self.peak_flops.items()), self.memory, self.memory_bandwidth, self.matmul_efficiency))
+        return hash((self.name, tuple(self.peak_flops.items()), self.memory, self.memory_bandwidth, self.matmul_efficiency, self.kernel_overhead, tuple(self.attention_efficiency.items()), self.misaligned_matmul_efficiency))
 
     def flops(self, dtype: torch.dtype | str) -> float:
         """Achievable FLOP/s for matmuls in ``dtype`` (peak x efficiency)."""
@@ -199,7 +211,7 @@ class Cluster:
             "name": self.name,
             "inter_link": asdict(self.inter_link),
             "nodes": [
-                {"device": {**asdict(n.device), "peak_flops": dict(n.device.peak_flops)}, "devices": n.devices, "intra_link": asdict(n.intra_link)}
+                {"device": {**asdict(n.device), "peak_flops": dict(n.device.peak_flops), "attention_efficiency": dict(n.device.attention_efficiency)}, "devices": n.devices, "intra_link": asdict(n.intra_link)}
                 for n in self.nodes
             ],
         }

@@ -6,9 +6,15 @@ plain so that a predicted step time can be checked by hand.
 Notation: ``n`` ranks in a group, ``S`` bytes, ``alpha`` = link latency (s),
 ``beta`` = 1 / link bandwidth (s/B).
 
-Compute (roofline)::
+Compute (roofline, one kernel)::
 
-    time = max(FLOPs / (peak x matmul_efficiency), bytes_moved / memory_bandwidth)
+    time = max(FLOPs / (peak x matmul_efficiency x e), bytes_moved / memory_bandwidth, kernel_overhead)
+
+``e`` is the kernel's rate relative to a large aligned matmul (1 unless the caller knows
+better: fused attention and matmuls with a dimension that is not a multiple of 16 bytes
+run far below it; :func:`partc.passes.estimate.kernel_efficiency`). ``kernel_overhead``
+is the measured floor of one eager kernel (dispatch and launch): short kernels cost it
+whatever their FLOPs and bytes. Both come from ``partc calibrate`` (presets: 1 and 0).
 
 Collectives inside one node (ring algorithms on that node's intra link)::
 
@@ -43,6 +49,10 @@ Memory per device (:func:`training_memory`), with ``N`` parameters of itemsize `
                                         / dp if ZeRO >= 1   (0 for inference)
     + activations in flight + transient buffers (given by the caller)
 
+The optimizer step (:func:`optimizer_step_bytes`) is memory-bound: torch's default AdamW
+(the foreach implementation) makes eight passes over the parameters, 20 element accesses
+per parameter in the dtype of its state (the parameters' own; fp32 under mixed precision).
+
 Pipelines (:func:`pipeline_step_time`), ``p`` stages, ``m`` microbatches, stage times
 ``t_i`` per microbatch (forward + backward), ``v`` virtual stages per rank::
 
@@ -57,12 +67,13 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from partc.cluster import Cluster, DeviceSpec, Link
 from partc.errors import PartcError
 
-__all__ = ["CostModel", "MemoryBreakdown", "training_memory", "pipeline_step_time", "bubble_fraction"]
+__all__ = ["CostModel", "MemoryBreakdown", "training_memory", "pipeline_step_time", "bubble_fraction", "roofline", "optimizer_step_bytes"]
 
 
 class CostModel:
@@ -72,9 +83,12 @@ class CostModel:
         self.cluster = cluster
 
     # -- compute --------------------------------------------------------------------------
-    def compute_time(self, flops: float, bytes_moved: float, dtype: torch.dtype, device: DeviceSpec) -> float:
-        """Roofline time: the slower of doing the math and moving the bytes through memory."""
-        return max(flops / device.flops(dtype), bytes_moved / device.memory_bandwidth)
+    def compute_time(self, flops: float, bytes_moved: float, dtype: torch.dtype, device: DeviceSpec, efficiency: float = 1.0) -> float:
+        """Roofline time of one kernel: the slower of doing the math (at ``efficiency`` of
+        the matmul rate) and moving the bytes, and never less than the kernel overhead."""
+        if not (flops or bytes_moved):
+            return 0.0
+        return float(roofline(flops, bytes_moved, device.flops(dtype) * efficiency, device.memory_bandwidth, device.kernel_overhead))
 
     # -- collectives ----------------------------------------------------------------------
     def all_reduce(self, nbytes: float, ranks: Sequence[int]) -> float:
@@ -164,6 +178,13 @@ class CostModel:
         return _GroupShape(size=len(ranks), nodes=len(per_node), ranks_per_node=counts.pop(), intra_link=intra)
 
 
+def roofline(flops, bytes_moved, rate, bandwidth: float, overhead: float):
+    """Seconds of kernels doing ``flops`` at ``rate`` and moving ``bytes_moved`` at
+    ``bandwidth``, each at least ``overhead``: numbers or numpy arrays (the search prices
+    every node of a graph at once)."""
+    return np.maximum(np.maximum(np.divide(flops, rate), np.divide(bytes_moved, bandwidth)), overhead)
+
+
 @dataclass(frozen=True)
 class _GroupShape:
     """How a process group sits on the cluster's nodes."""
@@ -193,10 +214,29 @@ def _ring_gather(link: Link, n: int, nbytes: float) -> float:
     return _alpha_beta(link, steps=n - 1, fraction=(n - 1) / n, nbytes=nbytes)
 
 
+# -- the optimizer step -----------------------------------------------------------------------
+# torch.optim.AdamW's default (foreach) step, per parameter, in element accesses:
+# p *= 1 - lr·wd (2), m.lerp_(g) (3), v *= beta2 (2), v.addcmul_(g, g) (3), s = sqrt(v) (2),
+# s /= bias correction (2), s += eps (2), p.addcdiv_(m, s) (4).
+ADAMW_ACCESSES_PER_PARAM = 20
+_OPTIMIZER_ACCESSES = {"adamw": ADAMW_ACCESSES_PER_PARAM, "adam": ADAMW_ACCESSES_PER_PARAM, "sgd": 0}
+
+
+def optimizer_step_bytes(optimizer: str, param_dtype: torch.dtype, mixed_precision: bool = False) -> float:
+    """Bytes one parameter's optimizer step reads and writes. The state is in the
+    parameters' dtype (torch keeps the moments like the weights), fp32 under mixed
+    precision, where the step also writes the ``param_dtype`` copy the model computes with."""
+    if optimizer not in _OPTIMIZER_ACCESSES:
+        raise PartcError(f"unknown optimizer {optimizer!r}; accepted: {', '.join(sorted(_OPTIMIZER_ACCESSES))}")
+    accesses = _OPTIMIZER_ACCESSES[optimizer]
+    if not accesses:
+        return 0.0
+    if mixed_precision:
+        return accesses * 4 + param_dtype.itemsize
+    return accesses * param_dtype.itemsize
+
+
 # -- memory -----------------------------------------------------------------------------------
-# An AdamW step reads parameter, gradient and two moments and writes three of them back:
-# 7 fp32 accesses per parameter; the step is bound by memory bandwidth.
-ADAMW_BYTES_PER_PARAM = 28
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ import torch.nn as nn
 
 from partc.cluster import Cluster
 from partc.cost_model import (
-    ADAMW_BYTES_PER_PARAM,
     CostModel,
     MemoryBreakdown,
+    optimizer_step_bytes,
     training_memory,
 )
 from partc.errors import ErrorContext, PartcError, PlanMismatchError
@@ -493,7 +493,7 @@ def _pipeline_memory(estimate, partition, pipeline, cluster, compute_dtype, opti
         transient=estimate.memory.transient / pipeline.microbatches,
     )
     device = cluster.slowest_device(range(pipeline.stages))
-    optimizer_time = max(per_rank_params) * ADAMW_BYTES_PER_PARAM / device.memory_bandwidth if optimizer != "sgd" else 0.0
+    optimizer_time = max(per_rank_params) * optimizer_step_bytes(optimizer, dtype, compute_dtype is not None) / device.memory_bandwidth
     return memory, optimizer_time
 
 

@@ -7,13 +7,17 @@ bytes scale by ``1 / dp`` (the graph was traced at the global batch). Per node::
     forward  = roofline(fwd_flops / dp, bytes_moved / dp)
     backward = roofline(bwd_flops / dp, 2 * bytes_moved / dp)   (0 if nothing needs grads)
 
+at the matmul rate x :func:`kernel_efficiency` (fused attention and matmuls with a
+dimension that is not a multiple of 16 bytes run below a large aligned matmul) and never
+below the device's kernel overhead (:meth:`~partc.cost_model.CostModel.compute_time`).
+
 Gradients are all-reduced over the replicas by DDP in buckets during backward; only the
 part that outlasts backward is exposed, and the last bucket is always exposed::
 
     exposed = max(all_reduce(grad_bytes) - backward, all_reduce(min(bucket, grad_bytes)))
 
-The optimizer step is memory-bound: AdamW reads and writes about 28 bytes per fp32
-parameter (parameter, gradient, two moments: 4 reads + 3 writes of 4 bytes).
+The optimizer step is memory-bound: torch's foreach AdamW makes 20 element accesses per
+parameter (:func:`~partc.cost_model.optimizer_step_bytes`).
 
 Memory per device = parameters + gradients + optimizer state (:func:`training_memory`)
 + the activations one replica keeps for backward + the largest single output
@@ -25,14 +29,21 @@ for the slowest one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-
-from partc.cost_model import ADAMW_BYTES_PER_PARAM, CostModel, MemoryBreakdown, training_memory
-from partc.errors import ErrorContext, InfeasiblePlanError
 from partc.passes.ir import NodeInfo, OpKind, graph_info, node_info
+
+from partc.cluster import DeviceSpec
+from partc.cost_model import (
+    CostModel,
+    MemoryBreakdown,
+    optimizer_step_bytes,
+    training_memory,
+)
+from partc.errors import ErrorContext, InfeasiblePlanError
 
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
 
@@ -126,7 +137,7 @@ def estimate_data_parallel(
     sync = cost_model.all_reduce(grad_bytes, ranks)
     last_bucket = cost_model.all_reduce(min(DDP_BUCKET_BYTES, grad_bytes), ranks)
     exposed = max(CostModel.exposed(sync, backward_total), last_bucket) if grad_bytes else 0.0
-    optimizer_time = param_numel * ADAMW_BYTES_PER_PARAM / device.memory_bandwidth if training and optimizer != "sgd" else 0.0
+    optimizer_time = param_numel * optimizer_step_bytes(optimizer, param_dtype, mixed) / device.memory_bandwidth if training else 0.0
 
     largest_output = max((s.nbytes for i in nodes if i.op not in (OpKind.PARAMETER, OpKind.INPUT) for s in i.outputs), default=0)
     memory = training_memory(
@@ -159,7 +170,32 @@ def roofline_time(cost_model: CostModel, info: NodeInfo, flops: float, bytes_mov
         return 0.0
     floating = info.dtype is not None and info.dtype.is_floating_point
     dtype = compute_dtype if (compute_dtype is not None and floating) else (info.dtype or torch.float32)
-    return cost_model.compute_time(flops, bytes_moved, dtype, device)
+    return cost_model.compute_time(flops, bytes_moved, dtype, device, kernel_efficiency(info, device, dtype))
+
+
+# Tensor cores read operands in 16-byte pieces: a matmul whose leading dimensions are not
+# multiples of 16 bytes cannot use the fast kernels (cuBLAS falls back to older, unaligned ones).
+MATMUL_ALIGNMENT_BYTES = 16
+
+
+def kernel_efficiency(info: NodeInfo, device: DeviceSpec, dtype: torch.dtype) -> float:
+    """The node's FLOP rate as a fraction of a large aligned matmul's, from the device's
+    calibration: fused attention at its head dimension (the nearest one measured), a
+    matmul with a dimension that is not a multiple of 16 bytes (a 50257-token vocabulary)
+    at the misaligned rate, everything else 1."""
+    if not info.outputs or not info.outputs[0].shape:
+        return 1.0
+    if info.op == OpKind.ATTENTION and device.attention_efficiency:
+        head_dim = info.outputs[0].shape[-1]
+        nearest = min(device.attention_efficiency, key=lambda d: (abs(math.log2(int(d) / max(head_dim, 1))), int(d)))
+        return device.attention_efficiency[nearest]
+    if info.op in (OpKind.LINEAR, OpKind.MATMUL) and info.fwd_flops:
+        out = info.outputs[0]
+        inner = info.fwd_flops // (2 * out.numel)  # K: linear and matmul FLOPs are 2·out·K (+ out for a bias)
+        aligned = max(1, MATMUL_ALIGNMENT_BYTES // dtype.itemsize)
+        if out.shape[-1] % aligned or inner % aligned:
+            return device.misaligned_matmul_efficiency
+    return 1.0
 
 
 def batch_size(gm: fx.GraphModule) -> int:

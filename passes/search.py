@@ -21,22 +21,26 @@ microbatches: ``B % (dp * m) == 0``.
 Layer costs under tensor parallelism
 ------------------------------------
 Costs are read from a graph at one sample: a graph traced at a larger batch is copied and
-propagated and annotated again at batch 1 (:func:`_one_sample_graph`; about 1.2 s for a
-96-layer GPT-3, nothing when the planner traces at one sample), because the sharding ILP
-picks layouts for the shapes it sees, and at the global batch it may shard the batch
-dimension across the tensor-parallel group (data parallelism inside it, weights
-gathered), which a microbatch of fewer samples than ``tp`` cannot run and which
-duplicates the dp dimension. :func:`~partc.passes.sharding.plan_sharding` runs on it once
-per ``tp`` with no memory budget (memory is checked here, per pipeline rank, with ZeRO and
-the schedule's in-flight microbatches that the sharding ILP does not see); every candidate
-with that ``tp`` reuses its layouts. ``tp = 1`` needs no plan. The sharding plan reports
+propagated and annotated again at batch 1 (:func:`_one_sample_graph`; about 0.3 s for a
+96-layer GPT-3 whose repeated blocks are rebuilt, not propagated; nothing when the
+planner traces at one sample), because the sharding ILP picks layouts for the shapes it
+sees, and at the global batch it may shard the batch dimension across the
+tensor-parallel group (data parallelism inside it, weights gathered), which a microbatch
+of fewer samples than ``tp`` cannot run and which duplicates the dp dimension.
+:func:`~partc.passes.sharding.plan_sharding` runs on it once per ``tp`` with no memory
+budget (memory is checked here, per pipeline rank, with ZeRO and the schedule's in-flight
+microbatches that the sharding ILP does not see); every candidate with that ``tp`` reuses
+its layouts. ``tp = 1`` needs no plan. The sharding plan reports
 step totals, so the per-layer figures are recomputed from its layouts with the formulas
 the sharding pass prices with (no new cost rules). With ``f`` = samples per microbatch,
 ``c`` / ``k`` the compute / memory factor of the node's chosen strategy, ``F`` its FLOPs,
 ``M`` its bytes moved and ``W`` the weight bytes among them (both in the compute dtype)::
 
-    forward  = max(c F_fwd f / rate, c (W + (M - W) f) / bandwidth)
-    backward = max(c F_bwd f / rate, 2 c (W + (M - W) f) / bandwidth)     (nodes with a backward)
+    forward  = max(c F_fwd f / rate, c (W + (M - W) f) / bandwidth, overhead)
+    backward = max(c F_bwd f / rate, 2 c (W + (M - W) f) / bandwidth, overhead)     (nodes with a backward)
+
+(``rate`` is the matmul rate x the node's :func:`~partc.passes.estimate.kernel_efficiency`,
+``overhead`` the device's kernel overhead: :func:`~partc.cost_model.roofline`.)
 
 A microbatch reads the whole weight again, so ``W`` does not shrink with it (unlike the
 data-parallel and pipeline-only estimates, which scale every byte by ``f``); at ``f = 1``
@@ -114,7 +118,7 @@ all-gather on the group's ranks (hierarchical across nodes); ``bucket`` = DDP's 
                                         as one unit, so only the user's own model overlaps
     exposed = max over pipeline ranks
 
-Optimizer: ``max_r`` local parameters (``/ dp`` with ZeRO >= 1) x ``ADAMW_BYTES_PER_PARAM`` /
+Optimizer: ``max_r`` local parameters (``/ dp`` with ZeRO >= 1) x ``optimizer_step_bytes`` /
 memory bandwidth (0 for SGD).
 
 Step and memory
@@ -160,7 +164,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from partc.passes.annotate import annotate
-from partc.passes.estimate import DDP_BUCKET_BYTES, _parameter_dtype
+from partc.passes.estimate import DDP_BUCKET_BYTES, _parameter_dtype, kernel_efficiency
 from partc.passes.ir import META_KEY, OpKind, gc_paused, graph_info, node_info
 from partc.passes.layouts import Shard, adjoint, reshard_cost
 from partc.passes.propagate import propagate
@@ -178,9 +182,10 @@ from partc.passes.stages import (
 
 from partc.cluster import Cluster, GiB
 from partc.cost_model import (
-    ADAMW_BYTES_PER_PARAM,
     CostModel,
     MemoryBreakdown,
+    optimizer_step_bytes,
+    roofline,
     training_memory,
 )
 from partc.errors import ErrorContext, InfeasiblePlanError, PartcError
@@ -397,7 +402,7 @@ class _LayerPrices:
                 weights = min(weights, moved)
                 layer_of.append(info.layer)
                 dtype = compute_dtype if (compute_dtype is not None and info.dtype is not None and info.dtype.is_floating_point) else (info.dtype or torch.float32)
-                rate.append(ctx.device.flops(dtype))
+                rate.append(ctx.device.flops(dtype) * kernel_efficiency(info, ctx.device, dtype))
                 f_fwd.append(info.fwd_flops * cf)
                 f_bwd.append(info.bwd_flops * cf)
                 m_batch.append(moved - weights)
@@ -491,8 +496,9 @@ class _LayerPrices:
         L, bw = self.ctx.num_layers, self.ctx.device.memory_bandwidth
         scale = np.where(self._dep, f, 1.0)
         moved = self._m_fixed + self._m_batch * scale
-        fwd = np.maximum(self._f_fwd * scale / self._rate, moved / bw)
-        bwd = np.where(self._backward, np.maximum(self._f_bwd * scale / self._rate, 2 * moved / bw), 0.0)
+        overhead = self.ctx.device.kernel_overhead
+        fwd = roofline(self._f_fwd * scale, moved, self._rate, bw, overhead)
+        bwd = np.where(self._backward, roofline(self._f_bwd * scale, 2 * moved, self._rate, bw, overhead), 0.0)
         return np.bincount(self._layer, fwd, minlength=L), np.bincount(self._layer, bwd, minlength=L)
 
     def communication_times(self, f: float) -> tuple[np.ndarray, np.ndarray]:
@@ -905,7 +911,7 @@ class _Search:
         if self.ctx.optimizer == "sgd":
             return 0.0
         local = numel / spec.dp if spec.zero_stage >= 1 else numel
-        return local * ADAMW_BYTES_PER_PARAM / self.ctx.device.memory_bandwidth
+        return local * optimizer_step_bytes(self.ctx.optimizer, self.ctx.param_dtype, self.ctx.mixed) / self.ctx.device.memory_bandwidth
 
     def _collective(self, op: str, spec: _Spec, pipeline_rank: int) -> tuple[float, float]:
         """(seconds at 0 bytes, seconds per byte) of ``op`` over the dp group of a pipeline
@@ -1647,15 +1653,16 @@ def explain(result: SearchResult, *, alternatives: int = 8, rejections: int = 3)
 
 # Predicted times closer than this are a tie: the cost model is not that precise (measured
 # step times differ from the predictions by tens of percent; docs/benchmarks.md), and the
-# simpler plan is the safer bet: DDP before ZeRO (FSDP2's gathers are less hidden than the
-# formulas assume: GPT-2 350M on 2 H200s ran 94 ms with ZeRO-1 against DDP's 74 ms, where
-# the model predicted ZeRO-1 3% faster), no recomputation, fewer pipeline and
-# tensor-parallel ranks, fewer microbatches.
+# simpler plan is the safer bet: no recomputation, fewer pipeline and tensor-parallel ranks,
+# DDP before ZeRO (FSDP2's gathers are less hidden than the formulas assume: GPT-2 350M on
+# 2 H200s ran 94 ms with ZeRO-1 against DDP's 74 ms, where the model predicted ZeRO-1 3%
+# faster), fewer microbatches.
 TIE_WITHIN = 0.05
 
 
 def _simplicity(c: Candidate) -> tuple:
-    return (c.zero_stage, c.recompute, c.mesh["pp"], c.mesh["tp"], c.microbatches)
+    """Smaller is simpler: no recomputation, fewer model-parallel ranks, DDP before ZeRO."""
+    return (c.recompute, c.mesh["pp"] * c.mesh["tp"], c.zero_stage, c.mesh["pp"], c.microbatches)
 
 
 def _simplest_first_among_ties(feasible: list[Candidate]) -> list[Candidate]:

@@ -131,7 +131,8 @@ import pulp
 import torch
 import torch.fx as fx
 
-from partc.cost_model import ADAMW_BYTES_PER_PARAM, CostModel, MemoryBreakdown, training_memory
+from partc.cost_model import CostModel, MemoryBreakdown, optimizer_step_bytes, training_memory
+from partc.passes.estimate import kernel_efficiency
 from partc.errors import ErrorContext, InfeasiblePlanError, PartcError, SolverError
 from partc.passes import layouts as _layouts
 from partc.passes.ilp import solver_status
@@ -525,15 +526,15 @@ class _ShardingProblem:
         seconds = sum(self._comm(c) for c in s.comm)
         if info.op == OpKind.PARAMETER:
             if self.training and info.param_numel and self.optimizer != "sgd":
-                seconds += info.param_numel * ADAMW_BYTES_PER_PARAM * s.memory_factor / self.device.memory_bandwidth
+                seconds += info.param_numel * optimizer_step_bytes(self.optimizer, self.compute_dtype or self.weight_dtype, self.compute_dtype is not None) * s.memory_factor / self.device.memory_bandwidth
             return seconds
         floating = info.dtype is not None and info.dtype.is_floating_point
         dtype = self.compute_dtype if (self.compute_dtype is not None and floating) else (info.dtype or torch.float32)
         moved = info.bytes_moved * self._scale(info) * s.compute_factor
         if info.fwd_flops or moved:
-            seconds += self.cost_model.compute_time(info.fwd_flops * s.compute_factor, moved, dtype, self.device)
+            seconds += self.cost_model.compute_time(info.fwd_flops * s.compute_factor, moved, dtype, self.device, kernel_efficiency(info, self.device, dtype))
         if self.training and info.bwd_flops:
-            seconds += self.cost_model.compute_time(info.bwd_flops * s.compute_factor, 2 * moved, dtype, self.device)
+            seconds += self.cost_model.compute_time(info.bwd_flops * s.compute_factor, 2 * moved, dtype, self.device, kernel_efficiency(info, self.device, dtype))
         return seconds
 
     def _comm(self, c) -> float:

@@ -82,7 +82,13 @@ def test_single_process_quick(tmp_path, monkeypatch, capsys):
     device = loaded.nodes[0].device
     assert device.peak_flops["float32"] > 0 and device.matmul_efficiency == 1.0
     assert device.memory > 0 and device.memory_bandwidth > 0
+    # the kernel terms the cost model prices with: measured, in range, and written out
+    assert 0 < device.kernel_overhead < 1e-2
+    assert set(device.attention_efficiency) == {str(d) for d in cal.ATTENTION_HEAD_DIMS}
+    assert all(r > 0 for r in device.attention_efficiency.values())
+    assert 0 < device.misaligned_matmul_efficiency <= 1
     printed = capsys.readouterr().out
+    assert "kernel overhead" in printed and "attention head dim" in printed and "not a multiple of 16 bytes" in printed
     assert "links not measured" in printed and "float32 TFLOP/s" in printed
     assert list(tmp_path.iterdir()) == [out]  # the atomic write leaves no temporary behind
 
@@ -127,3 +133,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert "single node: inter-node link not measured, copied from intra-node" in proc.stdout
     for collective in ("all_reduce", "all_gather", "p2p"):
         assert f"intra fit {collective}" in proc.stdout
+
+
+def test_attention_flops_count_as_annotate_does():
+    # 2 x (4·BH·L²·E) / 2 causal = 4·BH·L²·E forward ... : 2·2·3·16·16·8 = 12288 forward, x 3.5 with backward
+    assert cal.attention_flops(batch_heads=3, tokens=16, head_dim=8) == pytest.approx(3.5 * 2 * 3 * 16 * 16 * 8)

@@ -5,11 +5,20 @@ The toy cluster uses round numbers so each expected value can be checked on pape
 alpha = 10 us, 1 GB/s (beta = 1e-9 s/B). Ranks 0-3 live on node 0, ranks 4-7 on node 1.
 """
 
+import numpy as np
 import pytest
 import torch
 
 from partc.cluster import Cluster, DeviceSpec, Link, NodeSpec
-from partc.cost_model import CostModel, MemoryBreakdown, bubble_fraction, pipeline_step_time, training_memory
+from partc.cost_model import (
+    CostModel,
+    MemoryBreakdown,
+    bubble_fraction,
+    optimizer_step_bytes,
+    pipeline_step_time,
+    roofline,
+    training_memory,
+)
 from partc.errors import ClusterError, PartcError
 
 S = 8e6  # bytes; 8e6 * 1e-10 = 8e-4 s intra, 8e6 * 1e-9 = 8e-3 s inter
@@ -263,3 +272,91 @@ def test_bad_pipeline_arguments_raise(args, kwargs, message):
 def test_bad_bubble_arguments_raise():
     with pytest.raises(PartcError, match=r"microbatches must be >= 1, got 0"):
         bubble_fraction(2, 0)
+
+
+# -- kernel terms from the calibration ---------------------------------------------------------
+def _toy_with(**terms) -> DeviceSpec:
+    return DeviceSpec(name="toy", peak_flops={"float32": 1e12, "bfloat16": 4e12}, memory=1e10, memory_bandwidth=1e11, matmul_efficiency=0.5, **terms)
+
+
+def test_kernel_overhead_floors_a_short_kernel(model):
+    device = _toy_with(kernel_overhead=1e-5)
+    # 1e6 FLOP / 5e11 = 2e-6 s and 1e3 B / 1e11 = 1e-8 s: the 10 us launch floor wins
+    assert model.compute_time(1e6, 1e3, torch.float32, device) == pytest.approx(1e-5)
+    # a long kernel is not touched by it; a node that does nothing costs nothing
+    assert model.compute_time(1e12, 0, torch.float32, device) == pytest.approx(2.0)
+    assert model.compute_time(0, 0, torch.float32, device) == 0.0
+
+
+def test_efficiency_scales_the_matmul_rate(model):
+    # 1e12 FLOP at 1e12 x 0.5 (device) x 0.25 (kernel) = 8 s
+    assert model.compute_time(1e12, 0, torch.float32, TOY_DEVICE, efficiency=0.25) == pytest.approx(8.0)
+
+
+def test_roofline_prices_arrays_like_numbers():
+    flops, moved = np.array([1e12, 1e6, 0.0]), np.array([0.0, 1e3, 1e10])
+    seconds = roofline(flops, moved, np.array([1e12, 1e12, 1e12]), 1e11, 1e-5)
+    assert seconds == pytest.approx([1.0, 1e-5, 0.1])
+    assert roofline(1e12, 0.0, 1e12, 1e11, 0.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "mixed", "expected"),
+    [(torch.bfloat16, False, 40), (torch.float32, False, 80), (torch.bfloat16, True, 20 * 4 + 2)],
+)
+def test_optimizer_step_bytes_count_torch_foreach_adamw(dtype, mixed, expected):
+    # 20 element accesses in the state's dtype (bf16 moments for a bf16 model), plus the
+    # compute copy under mixed precision
+    assert optimizer_step_bytes("adamw", dtype, mixed) == expected
+
+
+def test_optimizer_step_bytes_sgd_and_unknown():
+    assert optimizer_step_bytes("sgd", torch.float32) == 0.0
+    with pytest.raises(PartcError, match="unknown optimizer"):
+        optimizer_step_bytes("lion", torch.float32)
+
+
+def test_device_kernel_terms_round_trip_and_default(tmp_path):
+    device = _toy_with(kernel_overhead=6e-6, attention_efficiency={"128": 0.54, "64": 0.43}, misaligned_matmul_efficiency=0.17)
+    cluster = Cluster(nodes=(NodeSpec(device, 2, Link(1e-6, 1e10)),), inter_link=Link(1e-5, 1e9))
+    loaded = Cluster.from_json(cluster.to_json())
+    assert loaded == cluster and hash(loaded.nodes[0].device) == hash(device)
+    assert list(loaded.nodes[0].device.attention_efficiency) == ["64", "128"]
+    old = cluster.to_dict()
+    for key in ("kernel_overhead", "attention_efficiency", "misaligned_matmul_efficiency"):
+        del old["nodes"][0]["device"][key]  # a cluster JSON written before these were measured
+    plain = Cluster.from_dict(old).nodes[0].device
+    assert (plain.kernel_overhead, plain.attention_efficiency, plain.misaligned_matmul_efficiency) == (0.0, {}, 1.0)
+
+
+@pytest.mark.parametrize("bad", [{"kernel_overhead": -1.0}, {"misaligned_matmul_efficiency": 0.0}, {"attention_efficiency": {"x": 0.5}}, {"attention_efficiency": {"64": 0.0}}])
+def test_device_kernel_terms_are_validated(bad):
+    with pytest.raises(ClusterError):
+        _toy_with(**bad)
+
+
+def test_kernel_efficiency_of_attention_and_misaligned_matmuls():
+    """An annotated GPT with an odd vocabulary: its LM head runs at the misaligned rate,
+    attention at the efficiency of the nearest measured head dimension, the rest at 1."""
+    from partc.passes.estimate import kernel_efficiency
+    from partc.passes.ir import OpKind, node_info
+
+    import partc
+    from partc.models import GPT
+    from partc.models.gpt import GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=101, block_size=16, n_layer=1, n_head=2, d_model=32))  # head dim 16
+        tokens = torch.zeros(2, 16, dtype=torch.long)
+    device = _toy_with(attention_efficiency={"8": 0.3, "64": 0.6}, misaligned_matmul_efficiency=0.2)
+    plan = partc.plan(model, Cluster(nodes=(NodeSpec(device, 1, Link(1e-6, 1e10)),), inter_link=Link(1e-5, 1e9)), tokens)
+    seen = {}
+    for n in plan.graph.graph.nodes:
+        info = node_info(n)
+        if info.op in (OpKind.ATTENTION, OpKind.LINEAR):
+            seen[info.module or info.name] = kernel_efficiency(info, device, torch.float32)
+    assert seen["lm_head"] == 0.2  # 101 outputs: not a multiple of 4 fp32 elements
+    assert seen["blocks.0.attn"] == 0.3  # head dim 16: log-nearest to 8 (x2) rather than 64 (x4)
+    assert seen["blocks.0.attn.qkv"] == 1.0 and seen["blocks.0.mlp.fc"] == 1.0
+    plain = _toy_with()
+    assert all(kernel_efficiency(node_info(n), plain, torch.float32) == 1.0 for n in plan.graph.graph.nodes if node_info(n).op == OpKind.ATTENTION)

@@ -39,7 +39,7 @@ from partc.passes.stages import (
 )
 
 from partc.cluster import GB, PRESETS, Cluster, GiB, Link, NodeSpec
-from partc.cost_model import CostModel, training_memory
+from partc.cost_model import CostModel, optimizer_step_bytes, training_memory
 from partc.errors import InfeasiblePlanError, PartcError
 from partc.models import GPT, GPTConfig
 
@@ -244,7 +244,7 @@ def test_layer_prices_add_up_to_the_sharding_plan(small):
     prices = _LayerPrices(_Context(small, cluster, cost_model, BF16, "adamw", 1), 4, plan)
     fwd, bwd = prices.compute_times(1.0)
     comm_fwd, comm_bwd = prices.communication_times(1.0)
-    optimizer = float(prices.owned_numel.sum()) * 28 / cluster.device(0).memory_bandwidth
+    optimizer = float(prices.owned_numel.sum()) * optimizer_step_bytes("adamw", BF16, mixed_precision=True) / cluster.device(0).memory_bandwidth
     assert fwd.sum() + bwd.sum() + optimizer == pytest.approx(plan.compute_time, rel=1e-9)
     assert comm_fwd.sum() + comm_bwd.sum() == pytest.approx(plan.communication_time, rel=1e-9)
     assert comm_fwd.sum() == pytest.approx(plan.forward_communication_time, rel=1e-9)

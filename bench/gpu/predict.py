@@ -35,8 +35,9 @@ def _case(model: str, batch: int, seq: int):
     return case
 
 
-def predict(model: str, batch: int, seq: int, cluster: partc.Cluster, layout: str) -> dict[str, Any]:
-    """{"step_time": s, "memory": bytes, "note": str} for one layout (or {"error": ...})."""
+def predict(model: str, batch: int, seq: int, cluster: partc.Cluster, layout: str, detail: dict | None = None) -> dict[str, Any]:
+    """{"step_time": s, "memory": bytes, "note": str} for one layout (or {"error": ...}).
+    ``partc`` needs the ``detail`` the worker recorded: its plan is planned again, pinned."""
     case = _case(model, batch, seq)
     world = cluster.world_size
 
@@ -44,6 +45,14 @@ def predict(model: str, batch: int, seq: int, cluster: partc.Cluster, layout: st
         return partc.plan(case.model, cluster, case.inputs, loss_fn=language_model_loss, example_targets=case.targets, **options)
 
     try:
+        if layout in ("partc", "partc-fallback") and detail:
+            options = dict(mesh=detail["mesh"], microbatches=detail["microbatches"])
+            if detail.get("schedule") not in (None, "none"):
+                options["schedule"] = detail["schedule"]
+            if detail.get("zero_stage") is not None:
+                options.update(zero_stage=detail["zero_stage"], recompute=bool(detail.get("recompute")))
+            p = plan(**options)
+            return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "the plan partc ran, pinned"}
         if layout == "ddp":
             p = plan(mesh={"dp": world})
             return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "dp plan"}

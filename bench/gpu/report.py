@@ -1,6 +1,8 @@
 """Tables and a plot from ``results.json`` (what ``run.py`` writes).
 
     python bench/gpu/report.py OUT/results.json      # prints the markdown, writes OUT/throughput.svg
+    python bench/gpu/report.py RUN1/results.json RUN2/ --out DIR   # several runs merged; a folder
+                                                     # without results.json is read from its JSON lines
 
 The tables: throughput per layout (tokens/s, model TFLOP/s per GPU, MFU against the bf16
 matmul rate calibrated in the same run, peak memory, ratio to the best hand-written
@@ -11,9 +13,10 @@ correlation, regret); and the codegen overhead (partc's tensor-parallel module a
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -237,20 +240,86 @@ def render(summary: dict, out: Path | None = None) -> str:
 
 
 def merge(summaries: list[dict]) -> dict:
-    """Several runs' results as one (a later run's layout replaces an earlier one's); the
-    machine, date and command lines of every run are kept."""
+    """Several runs' results as one (a later run's layout replaces an earlier one's; a later
+    partc that ran drops an earlier ``partc-fallback``, which ran only because partc's pick
+    had failed); the machine, date and command lines of every run are kept."""
     merged = json.loads(json.dumps(summaries[0]))
     merged["runs"] = [{k: s[k] for k in ("command", "date", "cluster_source")} for s in summaries]
     for later in summaries[1:]:
         for name, entry in later["models"].items():
             if name in merged["models"]:
-                merged["models"][name]["layouts"].update(entry["layouts"])
+                layouts = merged["models"][name]["layouts"]
+                if _ok(entry["layouts"].get("partc")):
+                    layouts.pop("partc-fallback", None)
+                layouts.update(entry["layouts"])
             else:
                 merged["models"][name] = entry
     return merged
 
 
+def load_run(path: Path) -> dict:
+    """A run's results: its ``results.json`` (the file, or in the folder), or, for a folder
+    whose results.json did not come back, rebuilt from its per-model JSON lines and the
+    header of its ``report.md`` (machine, cluster, command and date)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    if (path / "results.json").exists():
+        return json.loads((path / "results.json").read_text())
+    from run import (
+        model_flops_per_step,  # torch and partc: only for runs without results.json
+    )
+
+    header = (path / "report.md").read_text()
+    machine = re.search(r"Machine: (\d+) x (.+?), torch (\S+), Python (\S+); date (\S+)\.", header)
+    cluster = re.search(r"Cluster: (.+?) \((.*?)\); MFU ceiling = bf16 matmul ([\d.]+) TFLOP/s", header)
+    command = re.search(r"Command: `(.+?)` \((\S+)\)\.", header)
+    steps = re.search(r"(\d+) warm-up steps, median of (\d+) timed steps", header)
+    if not (machine and cluster and command and steps):
+        raise ValueError(f"{path}: no results.json, and report.md lacks the header lines to rebuild it from")
+    source = cluster.group(1)
+    cluster_dict = json.loads(Path(source).read_text()) if Path(source).exists() else {"name": cluster.group(2)}
+    summary: dict[str, Any] = {
+        "command": command.group(1), "date": command.group(2), "gpus": int(machine.group(1)), "device": machine.group(2),
+        "torch": machine.group(3), "python": machine.group(4), "cluster": cluster_dict, "cluster_source": source,
+        "ceiling_flops": float(cluster.group(3)) * 1e12, "warmup": int(steps.group(1)), "steps": int(steps.group(2)),
+        "rebuilt_from": "JSON lines and report.md (no results.json)", "models": {},
+    }
+    for jsonl in sorted(path.glob("*.jsonl")):
+        records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        results = [r for r in records if r.get("event") == "result"]
+        if not results:
+            continue
+        first = results[0]
+        entry = {"batch": first["batch"], "seq": first["seq"], **model_flops_per_step(first["model"], first["batch"], first["seq"]), "layouts": {}}
+        for r in results:
+            d = r.get("detail") or {}
+            if r.get("status") == "ok" and "predicted_step_time" in d:
+                r["prediction"] = {"step_time": d["predicted_step_time"], "memory": d["predicted_memory"], "note": "the plan partc ran"}
+            entry["layouts"][r["layout"]] = r
+        summary["models"][first["model"]] = entry
+    return summary
+
+
+def accuracy_summary(summary: dict) -> dict[str, float]:
+    """Mean and max |error| of predicted step time and memory over every plan with a prediction."""
+    times, memories = [], []
+    for row in prediction_rows(summary):
+        times.append(abs(row["predicted"] / row["measured"] - 1))
+        if row["predicted_memory"] and row["measured_memory"]:
+            memories.append(abs(row["predicted_memory"] / row["measured_memory"] - 1))
+    return {
+        "plans": len(times), "time_mean": statistics.fmean(times) if times else None, "time_max": max(times, default=None),
+        "memory_mean": statistics.fmean(memories) if memories else None, "memory_max": max(memories, default=None),
+    }
+
+
 if __name__ == "__main__":
-    paths = [Path(p) for p in sys.argv[1:]]
-    summaries = [json.loads(p.read_text()) for p in paths]
-    print(render(summaries[0] if len(summaries) == 1 else merge(summaries), paths[-1].parent))
+    parser = argparse.ArgumentParser(description="tables and a plot from run.py's results")
+    parser.add_argument("runs", nargs="+", help="results.json files or run folders, earliest first")
+    parser.add_argument("--out", default=None, help="folder for report.md and throughput.svg (default: the last run's)")
+    args = parser.parse_args()
+    paths = [Path(p) for p in args.runs]
+    summaries = [load_run(p) for p in paths]
+    out = Path(args.out) if args.out else (paths[-1] if paths[-1].is_dir() else paths[-1].parent)
+    out.mkdir(parents=True, exist_ok=True)
+    print(render(summaries[0] if len(summaries) == 1 else merge(summaries), out))
