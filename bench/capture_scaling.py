@@ -2,6 +2,7 @@
 
     python bench/capture_scaling.py            # 12, 24, 48, 96 layers
     python bench/capture_scaling.py --layers 96 --repeats 3
+    python bench/capture_scaling.py --trace-every-block   # capture without copying repeated blocks
 
 Target (issue #2): 96 layers under 5 s on 2 CPU cores, time linear in layers. Prints the
 median of --repeats runs per depth, per pass, and the time per layer; model construction
@@ -24,7 +25,7 @@ from partc.passes.ir import graph_info
 from partc.passes.propagate import propagate
 
 
-def measure(n_layer: int, batch: int, seq: int) -> dict[str, float]:
+def measure(n_layer: int, batch: int, seq: int, reuse_blocks: bool = True) -> dict[str, float]:
     start = time.perf_counter()
     with torch.device("meta"):
         model = GPT(gpt3_shaped(n_layer))
@@ -32,7 +33,7 @@ def measure(n_layer: int, batch: int, seq: int) -> dict[str, float]:
     times = {"build (excluded)": time.perf_counter() - start}
     cpu = time.process_time()
     start = time.perf_counter()
-    gm = capture(model, (idx,))
+    gm = capture(model, (idx,), reuse_blocks=reuse_blocks)
     times["capture"] = time.perf_counter() - start
     start = time.perf_counter()
     propagate(gm, (idx,))
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--trace-every-block", action="store_true", help="trace every repeated block (capture's reuse_blocks=False)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}")
     measure(2, args.batch, args.seq)  # warm-up: first-call costs of fx and fake tensors
@@ -61,7 +63,7 @@ def main() -> None:
     print("-" * len(header))
     totals = {}
     for n_layer in args.layers:
-        runs = [measure(n_layer, args.batch, args.seq) for _ in range(args.repeats)]
+        runs = [measure(n_layer, args.batch, args.seq, not args.trace_every_block) for _ in range(args.repeats)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         totals[n_layer] = med["total"]
         print(

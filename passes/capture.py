@@ -24,6 +24,7 @@ and the source line that stopped it.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import keyword
@@ -32,7 +33,7 @@ import operator
 import sys
 import traceback
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -47,9 +48,10 @@ FRONTENDS = ("auto", "fx", "export")
 
 
 class _TraceThroughModules(fx.Tracer):
-    """A tracer that records every module's internals (no leaf modules)."""
+    """A tracer that records every module's internals (no leaf modules), and traces each
+    kind of repeated block once (:class:`_RepeatedBlocks`)."""
 
-    def __init__(self, fx_stack_traces: bool = False):
+    def __init__(self, fx_stack_traces: bool = False, reuse_blocks: bool = True):
         super().__init__()
         # fx's record_stack_traces symbolizes the whole Python stack (the source text of
         # every frame, ~60 deep inside a GPT) at every node: 40% of capturing a GPT-3.
@@ -57,11 +59,15 @@ class _TraceThroughModules(fx.Tracer):
         # alone, in the same traceback text. ``fx_stack_traces`` keeps fx's way (tests
         # compare the two).
         self.record_stack_traces = fx_stack_traces
+        self._reuse_blocks = reuse_blocks and not fx_stack_traces
+        self._blocks: _RepeatedBlocks | None = None
 
-    def create_node(self, *args, **kwargs) -> fx.Node:
-        node = super().create_node(*args, **kwargs)
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if not self.record_stack_traces and not node.stack_trace:
             node.stack_trace = _user_stack_trace()
+        if name is not None and self._blocks is not None:
+            self._blocks.name_given[node] = name  # fx names torch functions' nodes after the function
         return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -72,15 +78,22 @@ class _TraceThroughModules(fx.Tracer):
         # quadratic in model size (2 s of a 96-layer GPT-3's 2.4 s); look names up instead.
         # The first name wins, as in fx: a tied weight keeps the name it was first given.
         self._name_of_tensor: dict[int, str] = {}
+        self._parameter_proxy_cache: dict[str, fx.Proxy] | None = None
         if isinstance(root, nn.Module):
             tensors = list(root.named_parameters())
             if self.proxy_buffer_attributes:
                 tensors += list(root.named_buffers())
             for name, tensor in tensors:
                 self._name_of_tensor.setdefault(id(tensor), name)
-        return super().trace(root, concrete_args)
+            if self._reuse_blocks and _RepeatedBlocks.allowed(self):
+                self._blocks = _RepeatedBlocks(self, root)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            self._blocks = None
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        self._parameter_proxy_cache = parameter_proxy_cache  # one dict for the whole trace
         proxied = isinstance(attr_val, nn.Parameter) or (self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor))
         name = self._name_of_tensor.get(id(attr_val)) if proxied else None
         if name is None:
@@ -88,6 +101,410 @@ class _TraceThroughModules(fx.Tracer):
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if self._blocks is None or id(m) not in self._blocks.members:
+            return super().call_module(m, forward, args, kwargs)
+        return self._blocks.call(m, forward, args, kwargs)
+
+
+# -- repeated blocks ---------------------------------------------------------------------------------
+# Python values that fingerprints and records compare by value (immutable).
+_PLAIN_TYPES = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format, type(Ellipsis))
+# nn.Module attributes a fingerprint reads another way, or that tracing never runs.
+_MODULE_INTERNALS = frozenset(
+    (
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "_non_persistent_buffers_set",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+    )
+)
+_GLOBAL_MODULE_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_module_registration_hooks",
+    "_global_parameter_registration_hooks",
+    "_global_buffer_registration_hooks",
+)
+
+
+class _NotReusable(Exception):
+    """A block call (or a recorded block) that must be traced as usual."""
+
+
+def _plain_key(value: Any) -> Any:
+    """A hashable key equal for equal plain values (type included: 1, 1.0 and True differ)."""
+    if isinstance(value, _PLAIN_TYPES):
+        return (type(value), repr(value))  # repr: nan equals nan, -0.0 differs from 0.0
+    if isinstance(value, (tuple, list, frozenset)):
+        return (type(value), tuple(_plain_key(v) for v in value))
+    if isinstance(value, slice):
+        return (slice, _plain_key(value.start), _plain_key(value.stop), _plain_key(value.step))
+    raise _NotReusable(f"{type(value).__name__} is not a plain value")
+
+
+def _class_state(cls: type) -> tuple:
+    """The plain values a module's own classes hold (a class-level flag or counter its
+    forward may read), so that changing one changes the fingerprint. torch's classes
+    (nn.Module, nn.Linear) hold constants only and are left out (they are most of the cost)."""
+    state = []
+    for klass in cls.__mro__:
+        if klass.__module__ == "builtins" or klass.__module__.startswith("torch."):
+            continue
+        for attr, value in vars(klass).items():
+            if isinstance(value, _PLAIN_TYPES) and not attr.startswith("__"):
+                state.append((klass.__qualname__, attr, type(value), repr(value)))
+    return tuple(state)
+
+
+def _check_node_arguments(value: Any) -> None:
+    """Node arguments a copy may reuse as they are: nodes and plain values, nested."""
+    if isinstance(value, fx.Node):
+        return
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            _check_node_arguments(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _plain_key(k)
+            _check_node_arguments(v)
+    elif isinstance(value, slice):
+        for v in (value.start, value.stop, value.step):
+            _check_node_arguments(v)
+    else:
+        _plain_key(value)
+
+
+def _under(name: str, prefix: str) -> bool:
+    """``name`` is ``prefix`` or inside it (``blocks.1``, ``blocks.1.attn``, ``blocks.1@2``), not ``blocks.10``."""
+    return name == prefix or (name.startswith(prefix) and name[len(prefix)] in ".@")
+
+
+@dataclass(frozen=True)
+class _BlockCall:
+    """One call of a repeated block, described as far as tracing it can depend on."""
+
+    module: nn.Module
+    prefix: str  # its qualified name
+    key: tuple  # fingerprint, argument structure, grad and autocast modes: equal keys trace to equal nodes
+    leaves: tuple  # the flattened (args, kwargs)
+    tensor_names: tuple[str, ...]  # its parameters' and buffers' qualified names
+    module_paths: tuple[str, ...]  # its modules' qualified names
+
+
+@dataclass(frozen=True)
+class _BlockRecord:
+    """The nodes one traced call of a block made, relative to the block's name."""
+
+    prefix: str
+    nodes: tuple[fx.Node, ...]
+    names: tuple[str | None, ...]  # per node: the name the tracer asked for (derived from the target)
+    inputs: dict  # node of an argument -> index of the first leaf holding it
+    output_spec: Any
+    outputs: tuple  # per output leaf: ("node", i), ("input", leaf index) or ("value", value)
+    stack_suffixes: tuple[str | None, ...]  # per node: its frames inside the block (None: no stack_trace)
+    inner_stacks: tuple[tuple[tuple[str, str, Any], ...], ...]  # per node: (key, path, type) entries inside the block, relative
+    scopes: tuple[tuple[str, Any], ...]  # per node: node_name_to_scope entry, path relative
+    cached: tuple[int, ...]  # get_attr nodes the tracer's parameter cache holds
+    calls: tuple[tuple[str, int], ...]  # (relative module path, calls made)
+
+
+class _RepeatedBlocks:
+    """Each kind of repeated block traced once; every later call is a copy of its nodes.
+
+    A transformer is a ModuleList of blocks that trace to the same nodes up to names, and
+    fx tracing costs ~0.1 ms per node (proxies, argument wrapping, stack traces). The first
+    call of each kind (an element of a ``ModuleList``/``Sequential`` with a given
+    fingerprint, called with a given argument structure) is traced as usual and recorded;
+    a later call of the same kind gets the recorded nodes again, through ``Graph.create_node``
+    in the same order with the same targets (``get_attr`` targets renamed ``blocks.0.x`` ->
+    ``blocks.k.x``), so fx's namespace gives them the names tracing gives, and with the
+    metadata tracing writes: ``nn_module_stack`` (the entries outside the block as they are
+    at this call, the block's own renamed), ``stack_trace`` (the frames outside the block as
+    they are at this call, then the recorded frames inside it), the tracer's
+    ``node_name_to_scope``, call counts and parameter cache.
+
+    What tracing a block can depend on, and what a call's key holds:
+
+    - the fingerprint (:meth:`fingerprint`): every module's class, name and non-tensor
+      attributes (plain values by value, anything else by identity, so a different flag or a
+      bound method differs), its classes' plain class attributes, its parameters' and buffers' names, shapes, strides, dtypes,
+      devices and ``requires_grad``, that no forward or backward hook is registered, and that
+      every module and tensor in it has the block's own name (nothing shared with the rest of
+      the model);
+    - the arguments: their pytree structure, which leaves are the same proxy, and the value
+      of every leaf that is no proxy (plain values only; anything else is traced);
+    - the grad and autocast modes.
+
+    A record is kept only when the traced call was self-contained: its nodes read only each
+    other and the call's proxies, every argument of every node is a node or a plain value,
+    every ``get_attr`` is one of the block's own tensors (named by fx from its target), every
+    node's metadata is the two keys above with the outside part equal to the call's, and
+    tracing it changed no attribute of the block (its fingerprint after equals before).
+    Other nodes keep the name fx asked for (it names a torch function's node after the
+    function), so a copy asks for the same.
+    Otherwise that kind is traced at every call. Nothing is reused with fx's full stack
+    traces, with fx's preserved node metadata, or with global module hooks registered.
+    What tracing cannot see cannot be checked: a block whose Python code reads mutable
+    global state that changes between its calls would be copied from its first call.
+    """
+
+    def __init__(self, tracer: _TraceThroughModules, root: nn.Module):
+        self.tracer = tracer
+        self.members: set[int] = set()  # id() of every element of a ModuleList / Sequential
+        for container in root.modules():
+            if isinstance(container, (nn.ModuleList, nn.Sequential)):
+                self.members.update(id(child) for name, child in container.named_children() if name.isdigit())
+        self.records: dict[tuple, _BlockRecord | None] = {}  # call key -> record (None: trace every call)
+        self.name_given: dict[fx.Node, str] = {}  # node -> the name the tracer asked for
+        self.reused = 0  # calls copied from a record (for tests and benchmarks)
+
+    @staticmethod
+    def allowed(tracer: fx.Tracer) -> bool:
+        """Whether anything outside the blocks could make two identical blocks trace differently."""
+        import torch.fx.traceback as fx_traceback
+        from torch.nn.modules import module as module_globals
+
+        if tracer.record_stack_traces or tracer.check_mutable_operations or fx_traceback.has_preserved_node_meta():
+            return False
+        return not any(getattr(module_globals, hooks, None) for hooks in _GLOBAL_MODULE_HOOKS)
+
+    # -- calls -----------------------------------------------------------------------------------
+    def call(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        tracer = self.tracer
+        outer_frames, found_forward = _user_frames(sys._getframe(1))  # the frames outside the block
+        try:
+            if not found_forward:
+                raise _NotReusable("no forward() frame outside the block")
+            call = self.describe(m, args, kwargs)
+        except _NotReusable:
+            return fx.Tracer.call_module(tracer, m, forward, args, kwargs)
+        if call.key in self.records:
+            record = self.records[call.key]
+            if record is not None and self.fresh(call):
+                self.reused += 1
+                return self.replay(record, call, outer_frames)
+            return fx.Tracer.call_module(tracer, m, forward, args, kwargs)
+        if not self.fresh(call):
+            return fx.Tracer.call_module(tracer, m, forward, args, kwargs)
+        last = next(iter(reversed(tracer.graph.nodes)), None)
+        outer_stack = list(tracer.module_stack.items())
+        output = fx.Tracer.call_module(tracer, m, forward, args, kwargs)
+        try:
+            nodes = self._nodes_after(last)
+            self.records[call.key] = self.record(call, nodes, output, outer_stack, outer_frames)
+        except _NotReusable:
+            self.records[call.key] = None
+        return output
+
+    def describe(self, m: nn.Module, args: tuple, kwargs: dict) -> _BlockCall:
+        tracer = self.tracer
+        prefix = tracer.path_of_module(m)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        first_leaf: dict[int, int] = {}
+        leaf_keys = []
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, fx.Proxy):
+                if type(leaf) is not fx.Proxy or leaf.tracer is not tracer:
+                    raise _NotReusable("an argument is a lazy attribute proxy or another tracer's")
+                leaf_keys.append(("proxy", first_leaf.setdefault(id(leaf.node), i)))
+            else:
+                leaf_keys.append(("value", _plain_key(leaf)))
+        try:
+            hash(spec)
+        except TypeError as e:
+            raise _NotReusable("unhashable argument structure") from e
+        fingerprint, tensor_names, module_paths = self.fingerprint(m, prefix)
+        modes = (torch.is_grad_enabled(), torch.is_autocast_enabled())
+        return _BlockCall(m, prefix, (fingerprint, spec, tuple(leaf_keys), modes), tuple(leaves), tensor_names, module_paths)
+
+    def fingerprint(self, block: nn.Module, prefix: str) -> tuple[tuple, tuple[str, ...], tuple[str, ...]]:
+        """(what tracing ``block`` can read from it, its tensors' names, its modules' names)."""
+        tracer = self.tracer
+        parts = []
+        tensor_names = []
+        module_paths = []
+        for name, module in block.named_modules(remove_duplicate=False):
+            path = f"{prefix}.{name}" if name else prefix
+            if tracer.path_of_module(module) != path:
+                raise _NotReusable(f"module {path} is shared")
+            module_paths.append(path)
+            attributes = []
+            for attr, value in vars(module).items():
+                if attr in _MODULE_INTERNALS:
+                    continue
+                if "hook" in attr and isinstance(value, dict):
+                    if value:
+                        raise _NotReusable(f"{path} has hooks")
+                    continue
+                try:
+                    attributes.append((attr, _plain_key(value)))
+                except _NotReusable:
+                    attributes.append((attr, ("object", id(value))))
+            tensors = []
+            for kind in ("_parameters", "_buffers"):
+                for attr, tensor in getattr(module, kind).items():
+                    if tensor is None:
+                        tensors.append((kind, attr, None))
+                        continue
+                    tensor_name = f"{path}.{attr}"
+                    if tracer._name_of_tensor.get(id(tensor)) != tensor_name:
+                        raise _NotReusable(f"{tensor_name} is shared or not proxied")
+                    tensor_names.append(tensor_name)
+                    facts = (type(tensor), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, tensor.requires_grad)
+                    tensors.append((kind, attr, facts))
+            persistent = tuple(sorted(module._non_persistent_buffers_set))
+            parts.append((name, type(module), tuple(attributes), tuple(tensors), persistent, _class_state(type(module))))
+        return tuple(parts), tuple(tensor_names), tuple(module_paths)
+
+    def fresh(self, call: _BlockCall) -> bool:
+        """Whether tracing ``call`` now would start from nothing of the block's: no module of
+        it called before and none of its tensors read before (fx would reuse those nodes)."""
+        cache = self.tracer._parameter_proxy_cache
+        if cache is None:
+            return False  # the cache is not known yet: read once a module attribute is
+        return not any(path in self.tracer.num_calls for path in call.module_paths) and not any(name in cache for name in call.tensor_names)
+
+    def _nodes_after(self, last: fx.Node | None) -> list[fx.Node]:
+        nodes = []
+        for node in reversed(self.tracer.graph.nodes):
+            if node is last:
+                break
+            nodes.append(node)
+        else:
+            if last is not None:
+                raise _NotReusable("a node before the block was erased")
+        nodes.reverse()
+        return nodes
+
+    # -- records ---------------------------------------------------------------------------------
+    def record(self, call: _BlockCall, nodes: list[fx.Node], output: Any, outer_stack: list, outer_frames: str) -> _BlockRecord:
+        """The record of a traced ``call`` that made ``nodes`` and returned ``output``; raises
+        _NotReusable when a copy could not reproduce them (see the class doc)."""
+        tracer = self.tracer
+        prefix = call.prefix
+        if self.fingerprint(call.module, prefix)[0] != call.key[0]:
+            raise _NotReusable("tracing the block changed its attributes")
+        inputs: dict[fx.Node, int] = {}
+        for i, leaf in enumerate(call.leaves):
+            if isinstance(leaf, fx.Proxy):
+                inputs.setdefault(leaf.node, i)
+        position = {node: i for i, node in enumerate(nodes)}
+        cache = tracer._parameter_proxy_cache or {}
+        names, stack_suffixes, inner_stacks, scopes, cached = [], [], [], [], []
+        for i, node in enumerate(nodes):
+            if node.op not in ("call_function", "call_method", "get_attr") or (node.op == "get_attr" and node in self.name_given):
+                raise _NotReusable(f"{node.name} cannot be copied")
+            names.append(self.name_given.get(node))
+            _check_node_arguments((node.args, node.kwargs))
+            for used in node.all_input_nodes:
+                if used not in position and used not in inputs:
+                    raise _NotReusable(f"{node.name} reads {used.name}, made outside the block")
+            if node.op == "call_function" and isinstance(getattr(node.target, "__self__", None), nn.Module):
+                raise _NotReusable(f"{node.name} calls a method of a module")
+            if node.op == "get_attr":
+                if not node.target.startswith(prefix + "."):
+                    raise _NotReusable(f"{node.name} reads {node.target}, outside the block")
+                proxy = cache.get(node.target)
+                if proxy is not None and proxy.node is node:
+                    cached.append(i)
+            if not set(node.meta) <= {"nn_module_stack", "stack_trace"} or "nn_module_stack" not in node.meta:
+                raise _NotReusable(f"{node.name} has metadata a copy would not write")
+            entries = list(node.meta["nn_module_stack"].items())
+            if entries[: len(outer_stack)] != outer_stack:
+                raise _NotReusable(f"{node.name}'s module stack does not start with the call's")
+            inner = []
+            for key, (path, module_type) in entries[len(outer_stack) :]:
+                if not (_under(key, prefix) and _under(path, prefix)):
+                    raise _NotReusable(f"{node.name} is in module {path}, outside the block")
+                inner.append((key[len(prefix) :], path[len(prefix) :], module_type))
+            inner_stacks.append(tuple(inner))
+            stack_suffixes.append(self._stack_suffix(node, outer_frames))
+            scope_path, scope_type = tracer.node_name_to_scope[node.name]
+            if not _under(scope_path, prefix):
+                raise _NotReusable(f"{node.name} is scoped outside the block")
+            scopes.append((scope_path[len(prefix) :], scope_type))
+        leaves, output_spec = pytree.tree_flatten(output)
+        outputs = []
+        for leaf in leaves:
+            if isinstance(leaf, fx.Proxy):
+                if type(leaf) is not fx.Proxy or leaf.tracer is not tracer:
+                    raise _NotReusable("the block returns a lazy attribute proxy")
+                same_leaf = next((i for i, arg in enumerate(call.leaves) if arg is leaf), None)
+                if same_leaf is not None:
+                    outputs.append(("input", same_leaf))
+                elif leaf.node in position:
+                    outputs.append(("node", position[leaf.node]))
+                else:
+                    raise _NotReusable("the block returns a proxy it did not make")
+            else:
+                _plain_key(leaf)
+                outputs.append(("value", leaf))
+        calls = tuple((path[len(prefix) :], tracer.num_calls[path]) for path in call.module_paths if path in tracer.num_calls)
+        return _BlockRecord(prefix, tuple(nodes), tuple(names), inputs, output_spec, tuple(outputs), tuple(stack_suffixes), tuple(inner_stacks), tuple(scopes), tuple(cached), calls)
+
+    @staticmethod
+    def _stack_suffix(node: fx.Node, outer_frames: str) -> str | None:
+        """``node``'s frames inside the block: its stack trace less the call's frames."""
+        if "stack_trace" not in node.meta:
+            return None
+        trace = node.meta["stack_trace"]
+        if not isinstance(trace, str):
+            raise _NotReusable(f"{node.name} has no text stack trace")
+        if not outer_frames:
+            return trace
+        if trace == outer_frames:
+            return ""
+        if not trace.startswith(outer_frames + "\n"):
+            raise _NotReusable(f"{node.name}'s stack trace does not start with the call's")
+        return trace[len(outer_frames) + 1 :]
+
+    def replay(self, record: _BlockRecord, call: _BlockCall, outer_frames: str) -> Any:
+        """The nodes tracing ``call`` would make, copied from ``record``; returns what the call
+        would. ``outer_frames``: the user's frames at the call, outside the block."""
+        tracer = self.tracer
+        graph = tracer.graph
+        prefix = call.prefix
+        outer_stack = list(tracer.module_stack.items())
+        env: dict[fx.Node, fx.Node] = {node: call.leaves[i].node for node, i in record.inputs.items()}
+        copies = []
+        cache = tracer._parameter_proxy_cache
+        for node, name, suffix, inner, (scope_path, scope_type) in zip(record.nodes, record.names, record.stack_suffixes, record.inner_stacks, record.scopes):
+            target = prefix + node.target[len(record.prefix) :] if node.op == "get_attr" else node.target
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            copy = graph.create_node(node.op, target, args, kwargs, name, node.type)
+            if name is not None:
+                self.name_given[copy] = name  # a record of an enclosing block copies it with this name
+            tracer.node_name_to_scope[copy.name] = (prefix + scope_path, scope_type)
+            copy.meta["nn_module_stack"] = collections.OrderedDict(
+                outer_stack + [(prefix + key, (prefix + path, module_type)) for key, path, module_type in inner]
+            )
+            if suffix is not None:
+                copy.stack_trace = "\n".join(part for part in (outer_frames, suffix) if part)
+            env[node] = copy
+            copies.append(copy)
+        for i in record.cached:
+            cache[copies[i].target] = tracer.proxy(copies[i])
+        for path, count in record.calls:
+            tracer.num_calls[prefix + path] = count
+        leaves = []
+        for kind, value in record.outputs:
+            if kind == "input":
+                leaves.append(call.leaves[value])
+            elif kind == "node":
+                leaves.append(tracer.proxy(copies[value]))
+            else:
+                leaves.append(value)
+        return pytree.tree_unflatten(leaves, record.output_spec)
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,27 +517,35 @@ def _user_stack_trace() -> str:
     ``traceback`` formats them (``File "f.py", line 3, in forward`` and the code line):
     what fx's filtered stack traces hold (nothing outside a forward, so placeholders get
     none), without symbolizing the frames it drops."""
+    return _user_frames(sys._getframe(1))[0]
+
+
+def _user_frames(frame) -> tuple[str, bool]:
+    """(the user's frames from the outermost ``forward`` to ``frame``, formatted, whether the
+    stack holds a ``forward`` at all)."""
     stack = []
-    frame = sys._getframe(1)
     while frame is not None:
         stack.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back
     stack.reverse()
     first_forward = next((i for i, (_, _, name) in enumerate(stack) if name == "forward"), None)
     if first_forward is None:
-        return ""
-    return "\n".join(
+        return "", False
+    text = "\n".join(
         f'  File "{file}", line {line}, in {name}\n    {linecache.getline(file, line).strip()}'
         for file, line, name in stack[first_forward:]
         if not _is_library_file(file)
     )
+    return text, True
 
 
 @gc_paused()
-def capture(model: nn.Module, example_inputs: Sequence[Any], *, frontend: str = "auto") -> fx.GraphModule:
+def capture(model: nn.Module, example_inputs: Sequence[Any], *, frontend: str = "auto", reuse_blocks: bool = True) -> fx.GraphModule:
     """Capture ``model`` called on ``example_inputs`` into an fx GraphModule.
 
     ``frontend``: "auto" (symbolic tracing, then torch.export), "fx" or "export".
+    ``reuse_blocks=False`` traces every repeated block instead of copying the first one's
+    nodes (:class:`_RepeatedBlocks`; the graph is the same either way).
     """
     if frontend not in FRONTENDS:
         raise TraceError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
@@ -133,7 +558,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], *, frontend: str = 
     fx_error: BaseException | None = None
     if frontend in ("auto", "fx"):
         try:
-            return _symbolic_trace(model, len(args))
+            return _symbolic_trace(model, len(args), reuse_blocks)
         except Exception as e:  # noqa: BLE001 - any failure here means "try torch.export"
             if frontend == "fx":
                 raise _trace_error(model, e, "torch.fx symbolic tracing") from e
@@ -202,12 +627,13 @@ def _check_input_kinds(model: nn.Module, args: tuple) -> None:
             )
 
 
-def _symbolic_trace(model: nn.Module, num_args: int) -> fx.GraphModule:
+def _symbolic_trace(model: nn.Module, num_args: int, reuse_blocks: bool = True) -> fx.GraphModule:
     positional = _positional_parameters(model)
     # Arguments the caller leaves at their defaults (attention_mask=None) are traced as
     # those constants, so `if attention_mask is not None` takes the branch the user's call takes.
     defaults = {p.name: p.default for p in positional[num_args:]}
-    graph = _TraceThroughModules().trace(model, concrete_args=defaults or None)
+    tracer = _TraceThroughModules() if reuse_blocks else _TraceThroughModules(reuse_blocks=False)
+    graph = tracer.trace(model, concrete_args=defaults or None)
     for node in [n for n in graph.nodes if n.op == "placeholder"][num_args:]:
         for check in [u for u in node.users if u.target is fx._symbolic_trace._assert_is_none]:
             graph.erase_node(check)  # the constant is the user's own default

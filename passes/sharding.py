@@ -123,7 +123,7 @@ import sys
 import time
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -180,6 +180,10 @@ COLLECTIVE_CALL_PENALTY = 1e-6  # seconds
 # of microseconds between plans of a small model if the objective were in seconds: CBC sees
 # it in microseconds, and the plan reports seconds.
 _OBJECTIVE_UNIT = 1e6
+_MEMORY_FIELDS = tuple(f.name for f in fields(MemoryBreakdown))  # in constructor order
+# Building the plan prices each repeated layer's nodes and each conversion once (False:
+# every node and use again, the reference tests/test_search_speed.py checks it against).
+PRICE_REPEATS_ONCE = True
 _GiB = 2**30
 
 
@@ -432,6 +436,7 @@ class _ShardingProblem:
         self.compute_dtype, self.optimizer, self.training = compute_dtype, optimizer, training
         self.nodes = list(gm.graph.nodes)
         self.by_name = {n.name: n for n in self.nodes}
+        self._transition_prices: dict[tuple, tuple[float, float]] = {}
         self.canon, self.reused_layers = self._classes() if reuse else ({}, 0)
         self.multiplicity = Counter(self.rep(n) for n in self.nodes)
         self.weight_dtype = self._weight_dtype()
@@ -606,13 +611,17 @@ class _ShardingProblem:
         return (dst, g, regather)
 
     def transition_cost(self, src: Layout, key: tuple, nbytes: int) -> tuple[float, float]:
-        """(forward seconds, backward seconds) of converting ``src`` by transition ``key``."""
-        dst, g, regather = key
-        fwd = reshard_cost(src, dst, nbytes, self.cost_model, self.ranks)[0]
-        bwd = reshard_cost(g, adjoint(src), nbytes, self.cost_model, self.ranks)[0] if g is not None else 0.0
-        if regather:
-            bwd += fwd
-        return fwd, bwd
+        """(forward seconds, backward seconds) of converting ``src`` by transition ``key``;
+        priced once per (src, key, nbytes): every repeated layer converts the same values."""
+        found = self._transition_prices.get((src, key, nbytes)) if PRICE_REPEATS_ONCE else None
+        if found is None:
+            dst, g, regather = key
+            fwd = reshard_cost(src, dst, nbytes, self.cost_model, self.ranks)[0]
+            bwd = reshard_cost(g, adjoint(src), nbytes, self.cost_model, self.ranks)[0] if g is not None else 0.0
+            if regather:
+                bwd += fwd
+            found = self._transition_prices[(src, key, nbytes)] = (fwd, bwd)
+        return found
 
     @staticmethod
     def collective_calls(src: Layout, key: tuple) -> int:
@@ -644,20 +653,7 @@ class _ShardingProblem:
     # -- the plan ----------------------------------------------------------------------------
     def build_plan(self, choice, status, solve_seconds, objective, memory_limit, started, ilp) -> ShardingPlan:
         chosen = {n: self.rules[self.rep(n)].strategies[choice[self.rep(n)]] for n in self.nodes if self.rep(n) in self.rules}
-        compute = 0.0
-        per_rank = [MemoryBreakdown(0.0, 0.0, 0.0, 0.0) for _ in range(self.tp if self.owned else 1)]
-        internal_fwd = internal_bwd = 0.0
-        for n, s in chosen.items():
-            rep = self.rep(n)
-            compute += self.node_cost[rep][choice[rep]] - sum(self._comm(c) for c in s.comm)
-            for r in range(len(per_rank)):
-                per_rank[r] = per_rank[r] + self._node_memory_breakdown(rep, s, r if self.owned else None)
-            for c in s.comm:
-                if c.phase == "forward":
-                    internal_fwd += self._comm(c)
-                else:
-                    internal_bwd += self._comm(c)
-        memory = max(per_rank, key=lambda m: m.total)  # the busiest rank's
+        compute, memory, internal_fwd, internal_bwd = self._node_totals(chosen, choice)
 
         # conversions, one per (value, transition), in graph order
         grouped: dict[tuple, list[Use]] = defaultdict(list)
@@ -715,6 +711,58 @@ class _ShardingProblem:
             ilp_variables=ilp.num_variables,
             ilp_constraints=ilp.num_constraints,
         )
+
+    def _node_totals(self, chosen, choice) -> tuple[float, MemoryBreakdown, float, float]:
+        """(compute seconds, the busiest rank's memory, forward and backward seconds of the
+        strategies' own collectives) of the chosen strategies, summed in graph order.
+
+        A repeated layer's node costs what its representative costs, so each representative
+        is priced once; the sums then run over plain floats in the same order as adding
+        every node's MemoryBreakdown would (identical results, without building thousands
+        of dataclasses)."""
+        if not PRICE_REPEATS_ONCE:
+            return self._node_totals_per_node(chosen, choice)
+        ranks = self.tp if self.owned else 1
+        priced: dict[fx.Node, tuple] = {}
+        compute = internal_fwd = internal_bwd = 0.0
+        totals = [[0.0] * len(_MEMORY_FIELDS) for _ in range(ranks)]
+        for n, s in chosen.items():
+            rep = self.rep(n)
+            found = priced.get(rep)
+            if found is None:
+                comm = [(c.phase == "forward", self._comm(c)) for c in s.comm]
+                breakdowns = [self._node_memory_breakdown(rep, s, r if self.owned else None) for r in range(ranks)]
+                rows = [tuple(getattr(m, name) for name in _MEMORY_FIELDS) for m in breakdowns]
+                found = priced[rep] = (self.node_cost[rep][choice[rep]] - sum(t for _, t in comm), comm, rows)
+            own, comm, rows = found
+            compute += own
+            for total, values in zip(totals, rows):
+                for j, value in enumerate(values):
+                    total[j] += value
+            for forward, seconds in comm:
+                if forward:
+                    internal_fwd += seconds
+                else:
+                    internal_bwd += seconds
+        per_rank = [MemoryBreakdown(*total) for total in totals]
+        return compute, max(per_rank, key=lambda m: m.total), internal_fwd, internal_bwd  # the busiest rank's memory
+
+    def _node_totals_per_node(self, chosen, choice) -> tuple[float, MemoryBreakdown, float, float]:
+        """:meth:`_node_totals` pricing every node and adding MemoryBreakdowns (the reference
+        that tests/test_search_speed.py compares it with)."""
+        compute = internal_fwd = internal_bwd = 0.0
+        per_rank = [MemoryBreakdown(0.0, 0.0, 0.0, 0.0) for _ in range(self.tp if self.owned else 1)]
+        for n, s in chosen.items():
+            rep = self.rep(n)
+            compute += self.node_cost[rep][choice[rep]] - sum(self._comm(c) for c in s.comm)
+            for r in range(len(per_rank)):
+                per_rank[r] = per_rank[r] + self._node_memory_breakdown(rep, s, r if self.owned else None)
+            for c in s.comm:
+                if c.phase == "forward":
+                    internal_fwd += self._comm(c)
+                else:
+                    internal_bwd += self._comm(c)
+        return compute, max(per_rank, key=lambda m: m.total), internal_fwd, internal_bwd
 
     def _parameters(self, chosen, reshards):
         """Parameter layouts, and the block layout of fused projections split along their
