@@ -355,6 +355,8 @@ class PipelineStageModule(nn.Module):
 
 def even_split(layers: int, stages: int) -> list[tuple[int, int]]:
     """Contiguous block ranges, as equal as the count allows (earlier stages get the extra)."""
+    if stages > layers:
+        raise ValueError(f"{stages} pipeline stages need at least {stages} blocks, the model has {layers}")
     base, extra = divmod(layers, stages)
     bounds, start = [], 0
     for s in range(stages):
@@ -420,11 +422,25 @@ def _pipeline_trainer(
             schedule.step(*args, **kwargs)
         if tied:
             weight = _embedding_weight(model) if is_first else _head(model).weight
-            grad = weight.grad
-            dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=tied_group)
+            dist.all_reduce(_local_gradient_like_weight(weight), group=tied_group)
 
     detail = {"microbatches": microbatches, "schedule": "1f1b", "split": even_split(layers, pp), "tied_gradient_sync": bool(fam.tied(model) and pp > 1)}
     return Trainer(training_step(optimizer, forward_backward), detail, [stage, schedule, optimizer, pipeline_stage])
+
+
+def _local_gradient_like_weight(weight: nn.Parameter) -> torch.Tensor:
+    """This rank's part of ``weight.grad``, laid out as the weight is. Under tensor parallelism
+    the vocabulary-parallel embedding's gradient comes back from backward replicated, while
+    the head's is sharded like its weight: the two stages of a tied weight would all-reduce
+    tensors of different sizes (a collective mismatch that aborts gloo and hangs NCCL), so a
+    gradient whose placement differs from the weight's is redistributed to it first."""
+    grad = weight.grad
+    if not _is_dtensor(grad):
+        return grad
+    if tuple(grad.placements) != tuple(weight.placements):
+        grad = grad.redistribute(weight.device_mesh, weight.placements)
+        weight.grad = grad
+    return grad.to_local()
 
 
 def _tied_group(first_rank: int, last_rank: int):

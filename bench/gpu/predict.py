@@ -44,9 +44,17 @@ def predict(model: str, batch: int, seq: int, cluster: partc.Cluster, layout: st
     def plan(**options):
         return partc.plan(case.model, cluster, case.inputs, loss_fn=language_model_loss, example_targets=case.targets, **options)
 
+    def plan_pipeline(**options) -> tuple[Any, str]:
+        """A pipelined plan and a note; on torch < 2.13 no stage cut may carry the targets,
+        so the loss-free graph is priced instead (and the note says so)."""
+        try:
+            return plan(**options), ""
+        except partc.PartcError:
+            return partc.plan(case.model, cluster, case.inputs, **options), ", loss not priced"
+
     try:
         if layout in ("partc", "partc-fallback") and detail:
-            options = dict(mesh=detail["mesh"], microbatches=detail["microbatches"])
+            options = {"mesh": detail["mesh"], "microbatches": detail["microbatches"]}
             if detail.get("schedule") not in (None, "none"):
                 options["schedule"] = detail["schedule"]
             if detail.get("zero_stage") is not None:
@@ -68,20 +76,14 @@ def predict(model: str, batch: int, seq: int, cluster: partc.Cluster, layout: st
             return {"step_time": result.best.predicted_step_time, "memory": result.best.memory.total, "note": "search pinned to dp, ZeRO-3"}
         match = re.fullmatch(r"pp-m(\d+)", layout)
         if match:
-            options = dict(mesh={"pp": world}, schedule="1f1b", microbatches=int(match.group(1)))
-            note = "equal-layer split"
-            try:
-                p = plan(**options)
-            except partc.PartcError:  # torch < 2.13: no cut may carry the targets; price the loss-free graph
-                p = partc.plan(case.model, cluster, case.inputs, **options)
-                note += ", loss not priced"
+            p, caveat = plan_pipeline(mesh={"pp": world}, schedule="1f1b", microbatches=int(match.group(1)))
             memory = max(stage.peak_memory for stage in p.equal_split_stages)
-            return {"step_time": p.equal_split_step_time, "memory": memory, "note": note}
+            return {"step_time": p.equal_split_step_time, "memory": memory, "note": "equal-layer split" + caveat}
         match = re.fullmatch(r"3d-tp(\d+)-pp(\d+)-m(\d+)", layout)
         if match:
             tp, pp, m = map(int, match.groups())
-            p = plan(mesh={"tp": tp, "pp": pp, "dp": world // (tp * pp)}, schedule="1f1b", microbatches=m)
-            return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "partc's stage cut (the run splits evenly)"}
+            p, caveat = plan_pipeline(mesh={"tp": tp, "pp": pp, "dp": world // (tp * pp)}, schedule="1f1b", microbatches=m)
+            return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "partc's stage cut (the run splits evenly)" + caveat}
     except partc.PartcError as e:
         return {"error": str(e).splitlines()[0][:300]}
     return {"error": f"no prediction for layout {layout!r}"}

@@ -12,7 +12,9 @@ What one run does:
 2. For each model, one torchrun launch of ``worker.py`` trains every layout for a fixed
    number of steps (see worker.py for the timing and memory rules). A launch that dies
    (a layout out of memory on one rank while another waits) is started again with the
-   layouts it had not reached; the one it died in is reported as crashed.
+   layouts it had not reached; the one it died in is reported as crashed. A layout that
+   cannot apply to the model (a pipeline with more stages than blocks, tensor parallelism
+   that does not divide the heads) is recorded as skipped, with the reason, and not launched.
 3. partc's cost model predicts each layout's step time and memory (``predict.py``, on
    the meta device, in parallel with the runs).
 4. ``OUT/results.json`` holds everything; ``report.py`` prints the tables and draws the plot.
@@ -32,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -53,6 +56,7 @@ from partc.models import training_case
 MODELS = {
     "gpt2-medium": (8, 1024),
     "gpt3-1.3b": (8, 2048),
+    "gpt3-2.6b": (8, 2048),
     "llama-1b": (8, 2048),
     "gpt3-6.7b": (16, 2048),
 }
@@ -72,6 +76,24 @@ def layouts_for(world: int, batch: int, codegen: bool) -> list[str]:
                     dp = world // (tp * pp)
                     names += [f"3d-tp{tp}-pp{pp}-m{m}" for m in PIPELINE_MICROBATCHES if (batch // dp) % m == 0]
     return names
+
+
+def skip_reason(layout: str, name: str, world: int) -> str | None:
+    """Why ``layout`` cannot apply to model ``name`` on ``world`` ranks, or None when it can.
+    A pipeline needs a block per stage (the hand-written split gives each stage whole blocks),
+    and tensor parallelism splits the attention heads (and Llama's key/value heads) evenly."""
+    cfg = model_config(name)
+    pipeline = re.fullmatch(r"pp-m\d+", layout)
+    three_d = re.fullmatch(r"3d-tp(\d+)-pp(\d+)-m\d+", layout)
+    tp = world if layout in ("tp", "partc-tp") else int(three_d.group(1)) if three_d else 1
+    pp = world if pipeline else int(three_d.group(2)) if three_d else 1
+    if pp > cfg.n_layer:
+        return f"a pipeline of {pp} stages needs at least {pp} blocks; {name} has {cfg.n_layer}"
+    heads = {"attention heads": cfg.n_head, "key/value heads": getattr(cfg, "n_kv_head", cfg.n_head)}
+    for what, count in heads.items():
+        if layout != "partc-tp" and count % tp:
+            return f"tensor parallel over {tp} ranks splits the {what} evenly; {name} has {count}"
+    return None
 
 
 def model_flops_per_step(name: str, batch: int, seq: int) -> dict[str, Any]:
@@ -207,11 +229,15 @@ def main(argv: list[str] | None = None) -> int:
             layouts = layouts_for(args.gpus, batch, codegen=not args.no_codegen)
             if args.layouts:
                 layouts = [l for l in layouts if l in args.layouts.split(",")]
+            skipped = {l: {"layout": l, "status": "skipped", "error": reason} for l in layouts if (reason := skip_reason(l, name, args.gpus))}
+            layouts = [l for l in layouts if l not in skipped]
             for layout in layouts:
                 if layout != "partc":
                     pending[(name, layout)] = pool.submit(predict, name, batch, seq, cluster, layout)
-            results = run_model(name, batch, seq, layouts, args, cluster_spec, out)
-            summary["models"][name] = {"batch": batch, "seq": seq, **model_flops_per_step(name, batch, seq), "layouts": results}
+            results = run_model(name, batch, seq, layouts, args, cluster_spec, out) if layouts else {}
+            summary["models"][name] = {"batch": batch, "seq": seq, **model_flops_per_step(name, batch, seq), "layouts": {**results, **skipped}}
+            # the measurements so far, in case the predictions or a later model do not finish in time
+            (out / "results.json").write_text(json.dumps(summary, indent=1))
         for (name, layout), future in pending.items():
             result = summary["models"][name]["layouts"].get(layout)
             if result is not None:

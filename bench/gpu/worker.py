@@ -186,6 +186,24 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def failure(e: BaseException, during: str) -> dict[str, Any]:
+    """A layout's error as a result: out of memory, refused by partc, or anything else."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return {"status": "oom", "error": str(e).splitlines()[0][:300], "during": during}
+    if isinstance(e, partc.PartcError):
+        return {"status": "refused", "error": str(e)[:1500], "during": during}
+    status = "oom" if "out of memory" in str(e).lower() else "error"
+    return {"status": status, "during": during, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500], "traceback": traceback.format_exc()[-2000:]}
+
+
+def everyone_built(built: bool) -> bool:
+    """Whether every rank built the layout: a rank whose build failed must not leave the
+    others waiting in the first step's collectives until the timeout kills the launch."""
+    flags: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, built)
+    return all(flags)
+
+
 def measure(layout: str, setup: layouts.Setup, cluster: partc.Cluster, warmup: int, steps: int) -> dict[str, Any]:
     """This rank's figures for one layout (or its error)."""
     device = setup.device
@@ -194,34 +212,35 @@ def measure(layout: str, setup: layouts.Setup, cluster: partc.Cluster, warmup: i
     trainer = None
     try:
         trainer = trainer_for(layout, setup, cluster)
-        _free(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(warmup + steps):
-            dist.barrier()
-            _sync(device)
-            start = time.perf_counter()
-            trainer.step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        result["times"] = times[warmup:]
-        result["detail"] = trainer.detail
-        if device.type == "cuda":
-            result["peak_memory"] = torch.cuda.max_memory_allocated(device)
-            result["peak_reserved"] = torch.cuda.max_memory_reserved(device)
-    except torch.cuda.OutOfMemoryError as e:
-        result = {"status": "oom", "error": str(e).splitlines()[0][:300], "during": "build" if trainer is None else "steps"}
-    except partc.PartcError as e:
-        result = {"status": "refused", "error": str(e)[:1500]}
     except Exception as e:  # noqa: BLE001 - a layout that fails is reported, the others still run
-        status = "oom" if "out of memory" in str(e).lower() else "error"
-        result = {"status": status, "during": "build" if trainer is None else "steps", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500], "traceback": traceback.format_exc()[-2000:]}
-    finally:
-        if trainer is not None and result["status"] != "ok":
-            result["detail"] = trainer.detail  # what was built before it failed (partc's plan, say)
-        del trainer
-        _free(device)
+        result = failure(e, "build")
+    if not everyone_built(trainer is not None):
+        if trainer is not None:
+            result = {"status": "error", "during": "build", "error": "another rank failed to build this layout", "peer": True}
+    else:
+        try:
+            _free(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            for _ in range(warmup + steps):
+                dist.barrier()
+                _sync(device)
+                start = time.perf_counter()
+                trainer.step()
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            result["times"] = times[warmup:]
+            result["detail"] = trainer.detail
+            if device.type == "cuda":
+                result["peak_memory"] = torch.cuda.max_memory_allocated(device)
+                result["peak_reserved"] = torch.cuda.max_memory_reserved(device)
+        except Exception as e:  # noqa: BLE001 - as above
+            result = failure(e, "steps")
+    if trainer is not None and result["status"] != "ok":
+        result["detail"] = trainer.detail  # what was built before it failed (partc's plan, say)
+    del trainer
+    _free(device)
     return result
 
 
@@ -229,7 +248,7 @@ def combine(layout: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from every rank's: the slowest rank per step, the fullest rank's memory."""
     failed = [r for r in per_rank if r["status"] != "ok"]
     if failed:
-        first = failed[0]
+        first = next((r for r in failed if not r.get("peer")), failed[0])  # the rank that failed, not one that waited on it
         return {
             "layout": layout, "status": first["status"], "error": first.get("error"), "during": first.get("during"), "detail": first.get("detail"),
             "traceback": first.get("traceback"), "failed_ranks": [i for i, r in enumerate(per_rank) if r["status"] != "ok"],
