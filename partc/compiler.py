@@ -35,6 +35,7 @@ from partc.errors import ErrorContext, PartcError, PlanMismatchError
 from partc.plan import Plan
 from partc.planner import plan as make_plan
 from partc.planner import replan
+from partc.passes.ir import FX_FRONTEND
 from partc.passes.recompute import checkpoint_layers
 from partc.passes.split_stages import StageModule, split_stages
 from partc.passes.tp_codegen import emit_tensor_parallel
@@ -236,9 +237,6 @@ def compile(
         runner = ReplicaRunner(replicate(program, units=units), microbatches=result.microbatches, mesh=mesh, loss_fn=None if loss_in_program else loss_fn, loss_reduction=loss_reduction, device=device, autocast_dtype=precision)
         modules = [program]
     return ParallelModule(result, runner, modules, model, mesh)
-
-
-FX_FRONTEND = "fx.symbolic_trace"
 
 
 def _zero_stage(plan: Plan, data_parallel: str | None) -> int:

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from partc.errors import ErrorContext, TraceError
-from partc.passes.ir import META_KEY, GraphInfo, error_context, gc_paused, is_library_file
+from partc.passes.ir import EXPORT_FRONTEND, FX_FRONTEND, META_KEY, GraphInfo, error_context, gc_paused, is_library_file
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -641,7 +641,7 @@ def _symbolic_trace(model: nn.Module, num_args: int, reuse_blocks: bool = True) 
             raise TypeError(f"forward() argument {node.target!r} is used although it was left at its default")
         graph.erase_node(node)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    gm.meta[META_KEY] = GraphInfo(frontend="fx.symbolic_trace")
+    gm.meta[META_KEY] = GraphInfo(frontend=FX_FRONTEND)
     return gm
 
 
@@ -688,7 +688,7 @@ def _export(model: nn.Module, args: tuple, fallback_reason: str | None) -> fx.Gr
     root = {node.target: state[node.target] for node in graph.nodes if node.op == "get_attr"}
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     mutated = tuple(sorted(getattr(signature, "buffers_to_mutate", {}).values()))
-    gm.meta[META_KEY] = GraphInfo(frontend="torch.export", fallback_reason=fallback_reason, mutated_buffers=mutated)
+    gm.meta[META_KEY] = GraphInfo(frontend=EXPORT_FRONTEND, fallback_reason=fallback_reason, mutated_buffers=mutated)
     return gm
 
 

@@ -206,11 +206,15 @@ class LayerInfo:
     output_bytes: int  # bytes of this layer's values that later layers read (a cut's transfer)
 
 
+FX_FRONTEND = "fx.symbolic_trace"  # the graph is the model's own Python, traced
+EXPORT_FRONTEND = "torch.export"  # the graph torch.export recorded (shape branches frozen)
+
+
 @dataclass(frozen=True)
 class GraphInfo:
     """Graph-level facts (``graph_module.meta["partc"]``)."""
 
-    frontend: str  # "fx.symbolic_trace" or "torch.export"
+    frontend: str  # FX_FRONTEND or EXPORT_FRONTEND
     fallback_reason: str | None = None  # why symbolic tracing was not used
     input_specs: tuple[TensorSpec, ...] = ()
     layers: tuple[LayerInfo, ...] = ()

@@ -165,7 +165,7 @@ import torch
 import torch.fx as fx
 from partc.passes.annotate import annotate
 from partc.passes.estimate import DDP_BUCKET_BYTES, _parameter_dtype, kernel_efficiency
-from partc.passes.ir import META_KEY, OpKind, gc_paused, graph_info, node_info
+from partc.passes.ir import FX_FRONTEND, META_KEY, OpKind, gc_paused, graph_info, node_info
 from partc.passes.layouts import Shard, adjoint, reshard_cost
 from partc.passes.propagate import propagate
 from partc.passes.sharding import ShardingPlan, plan_sharding
@@ -930,7 +930,7 @@ class _Search:
         """Whether the runtime runs a generated module (a pipeline stage, a tensor-parallel
         module, checkpointed layers, an exported graph), which FSDP2 shards as one unit; the
         user's own fx-traced model is sharded block by block (partc.runtime.data_parallel)."""
-        return spec.pp > 1 or spec.tp > 1 or spec.recompute or graph_info(self.ctx.gm).frontend != "fx.symbolic_trace"
+        return spec.pp > 1 or spec.tp > 1 or spec.recompute or graph_info(self.ctx.gm).frontend != FX_FRONTEND
 
     def _dp_exposed(self, spec: _Spec, r: int, weight_bytes: float, forward: float, backward: float, window: float) -> float:
         """Exposed dp traffic of pipeline rank ``r`` (module doc, "Data-parallel synchronisation")."""
@@ -1333,24 +1333,17 @@ def _interleaved_cut(problem: StageProblem, forbidden: frozenset[int], budget: f
         return budget is None or costs.rank_memory(starts) <= budget
 
     def fill(cap: float) -> list[int] | None:
-        starts, first = [], 0
-        for i in range(p):
-            if first >= L:
-                return None
-            starts.append(first)
-            if i == p - 1:
-                return starts if costs.stage_time(i, first, L - 1) <= cap else None
+        def last_layer(i: int, first: int) -> int:
             if costs.stage_time(i, first, first) > cap and allowed[first]:
-                return None  # not even one layer fits (the common failure: stop early)
+                return first - 1  # not even one layer fits (the common failure: stop early)
             # the longest run within the cap on compute alone, then back to a cut that
             # is allowed and within the cap with its transfers
             j = min(bisect.bisect_right(prefix, prefix[first] + cap * costs.speed[i]) - 2, L - (p - i))
             while j >= first and not (allowed[j] and costs.stage_time(i, first, j) <= cap):
                 j -= 1
-            if j < first:
-                return None
-            first = j + 1
-        return None
+            return j
+
+        return _greedy_cut(L, p, last_layer, lambda first: costs.stage_time(p - 1, first, L - 1) <= cap)
 
     # Greedy filling succeeds once the cap reaches the mean stage plus the largest layer
     # and transfer (each stage but the last then holds at least the mean).
@@ -1477,6 +1470,24 @@ def _smallest_cap(fill: Callable[[float], list[int] | None], guess: float, hi: f
     return best
 
 
+def _greedy_cut(L: int, p: int, last_layer: Callable[[int, int], int], last_stage_fits: Callable[[int], bool]) -> list[int] | None:
+    """Stages filled in order, each as far as it may go: stage ``i`` starts after the
+    previous one and ends at ``last_layer(i, first)`` (below ``first``: nothing fits); the
+    last stage takes the rest if ``last_stage_fits(first)``. The stage starts, or None."""
+    starts, first = [], 0
+    for i in range(p):
+        if first >= L:
+            return None
+        starts.append(first)
+        if i == p - 1:
+            return starts if last_stage_fits(first) else None
+        j = last_layer(i, first)
+        if j < first:
+            return None
+        first = j + 1
+    return None
+
+
 def _lightest_cut(problem: StageProblem, forbidden: frozenset[int]) -> list[int] | None:
     """A cut that keeps every stage's bytes low: the smallest cap on a stage's bytes for
     which filling stages greedily (ending only where a cut is allowed) places every layer;
@@ -1488,21 +1499,14 @@ def _lightest_cut(problem: StageProblem, forbidden: frozenset[int]) -> list[int]
     allowed = [j not in forbidden for j in range(L)]
 
     def fill(cap: float) -> list[int] | None:
-        starts, first = [], 0
-        for i in range(p):
-            if first >= L:
-                return None
-            starts.append(first)
+        def last_layer(i: int, first: int) -> int:
             prefix = held[i]
-            if i == p - 1:
-                return starts if prefix[L] - prefix[first] <= cap else None
             j = min(bisect.bisect_right(prefix, prefix[first] + cap) - 2, L - (p - i))
             while j >= first and not allowed[j]:
                 j -= 1
-            if j < first:
-                return None
-            first = j + 1
-        return None
+            return j
+
+        return _greedy_cut(L, p, last_layer, lambda first: held[p - 1][L] - held[p - 1][first] <= cap)
 
     most = float(max(h[L] for h in held))
     return _smallest_cap(fill, most, most)

@@ -31,11 +31,7 @@ import torch.distributed as dist
 
 from partc.passes.layouts import Owned, Replicate, Shard, local_shard
 from partc.runtime.collectives import _assemble
-from partc.runtime.mesh import RankMesh
-
-
-def _is_dtensor(x: Any) -> bool:
-    return hasattr(x, "full_tensor") and hasattr(x, "placements")
+from partc.runtime.mesh import RankMesh, is_dtensor
 
 
 def whole_tensor_state(state: Mapping[str, torch.Tensor], layouts: Mapping[str, Any], mesh: RankMesh | None) -> dict[str, torch.Tensor]:
@@ -48,14 +44,14 @@ def whole_tensor_state(state: Mapping[str, torch.Tensor], layouts: Mapping[str, 
         if sharding is None or isinstance(sharding.layout, Replicate) or mesh is None or mesh.tp == 1:
             result[name] = tensor
             continue
-        local = tensor.full_tensor() if _is_dtensor(tensor) else tensor  # FSDP2 over dp: the tp slice
+        local = tensor.full_tensor() if is_dtensor(tensor) else tensor  # FSDP2 over dp: the tp slice
         if isinstance(sharding.layout, Owned):
             if sharding.layout.rank == mesh.tp_index:
                 result[name] = local
             continue
         if not isinstance(sharding.layout, Shard):
             raise NotImplementedError(f"{name}: no checkpoint rule for layout {sharding.layout}")
-        if sharding.blocks == 1 and not _is_dtensor(tensor):
+        if sharding.blocks == 1 and not is_dtensor(tensor):
             result[name] = _dtensor(local, mesh, sharding)
         else:
             pieces = [torch.empty_like(local) for _ in range(mesh.tp)]
@@ -73,14 +69,14 @@ def load_whole_tensor_state(targets: Mapping[str, torch.Tensor], loaded: Mapping
             if name not in loaded:
                 continue
             value = loaded[name]
-            if _is_dtensor(value) and _is_dtensor(target) and value.placements == target.placements:
+            if is_dtensor(value) and is_dtensor(target) and value.placements == target.placements:
                 target.to_local().copy_(value.to_local())  # FSDP2 shard into the same shard
                 continue
-            whole = value.full_tensor() if _is_dtensor(value) else value
+            whole = value.full_tensor() if is_dtensor(value) else value
             sharding = layouts.get(name)
             if sharding is not None and mesh is not None and mesh.tp > 1:
                 whole = local_shard(whole, sharding.layout, mesh.tp_index, mesh.tp, sharding.blocks)
-            if _is_dtensor(target):  # FSDP2: this rank's chunk along dim 0 of the "dp" group
+            if is_dtensor(target):  # FSDP2: this rank's chunk along dim 0 of the "dp" group
                 target.to_local().copy_(whole.chunk(mesh.dp, dim=0)[mesh.dp_index])
             else:
                 target.copy_(whole)

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 
 from partc.errors import ErrorContext, PartcError
-from partc.runtime.mesh import RankMesh
+from partc.runtime.mesh import RankMesh, is_dtensor
 from partc.runtime.mixed_precision import autocast
 from partc.runtime.pipeline import split_microbatches
 
@@ -141,7 +141,7 @@ def average_buffers_over_dp(modules: Sequence[nn.Module], mesh: RankMesh) -> Non
     for module in modules:
         params = {id(p) for p in module.parameters()}
         for tensor in module.state_dict(keep_vars=True).values():
-            if id(tensor) not in params and tensor.is_floating_point() and not hasattr(tensor, "full_tensor"):
+            if id(tensor) not in params and tensor.is_floating_point() and not is_dtensor(tensor):
                 dist.all_reduce(tensor.data, group=mesh.group("dp"))
                 tensor.data /= mesh.dp
 

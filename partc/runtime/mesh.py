@@ -53,6 +53,15 @@ class RankMesh:
         return [(d, t) for d in range(self.dp) for t in range(self.tp)]
 
 
+def is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a DTensor (FSDP2 shards parameters, gradients and checkpoints as them)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 kept it private
+        from torch.distributed._tensor import DTensor
+    return isinstance(x, DTensor)
+
+
 def coordinates(rank: int, pp: int, dp: int, tp: int) -> tuple[int, int, int]:
     """(pp_index, dp_index, tp_index) of a global rank in the Megatron order."""
     return rank // (dp * tp), (rank // tp) % dp, rank % tp

@@ -41,7 +41,7 @@ import torch.utils._pytree as pytree
 
 from partc.errors import ErrorContext, PartcError
 from partc.passes.split_stages import StageModule
-from partc.runtime.mesh import RankMesh
+from partc.runtime.mesh import RankMesh, is_dtensor
 from partc.runtime.mixed_precision import autocast
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
@@ -235,7 +235,7 @@ class PipelineRunner:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's shard
+            grad = p.grad.to_local() if is_dtensor(p.grad) else p.grad  # FSDP2: this rank's shard
             dist.all_reduce(grad, group=group)
 
 
