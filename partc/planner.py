@@ -270,7 +270,7 @@ def _plan_graph(gm, model, cluster, passes, plan_opts, *, mesh, microbatches, sc
     """Solve for the annotated ``gm``: the search, or the one kind of parallelism pinned."""
     run = passes.run
     compute_dtype = _dtype(mixed_precision)
-    searching = mesh is None or len(mesh) == 0 or _combines(mesh) or recompute is not None or zero_stage is not None
+    searching = not _one_kind_over_cluster(mesh, cluster.world_size) or recompute is not None or zero_stage is not None
     dp, tp, pp = (0, 0, 0) if searching else _degrees(cluster, mesh)
     limit = memory_limit if memory_limit is not None else min(cluster.device(r).memory for r in range(cluster.world_size))
     cost_model = CostModel(cluster)
@@ -391,9 +391,14 @@ def _capture(model: nn.Module, inputs: tuple, loss_fn: Callable | None, frontend
     return attach_loss(gm, loss_fn) if loss_fn is not None else gm
 
 
-def _combines(mesh: dict[str, int]) -> bool:
-    """A pinned mesh that leaves some degree to search or combines kinds goes to the search."""
-    return sum(1 for degree in mesh.values() if degree > 1) > 1
+def _one_kind_over_cluster(mesh: dict[str, int] | None, world: int) -> bool:
+    """Whether ``mesh`` pins one kind of parallelism over every device ({"tp": world}, the
+    others absent or 1), which is planned directly; any other mesh ({"tp": 2} on 8 devices,
+    {"tp": 2, "pp": 2}) pins those degrees and leaves the rest to the search."""
+    if not mesh:
+        return False
+    degrees = [d for d in mesh.values() if d != 1]
+    return len(degrees) == 1 and degrees[0] == world or (not degrees and world == 1)
 
 
 # torch < 2.13 cannot run zero-bubble (see _pipeline_options): the search leaves it out there.
@@ -539,7 +544,7 @@ def _dtype(mixed_precision: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _degrees(cluster: Cluster, mesh: dict[str, int] | None) -> tuple[int, int, int]:
-    """(dp, tp, pp) from the pinned mesh: one kind of parallelism over the whole cluster."""
+    """(dp, tp, pp) from a mesh that pins one kind of parallelism over the whole cluster."""
     pinned = dict(mesh or {})
     unknown = set(pinned) - {"dp", "tp", "pp"}
     if unknown:
@@ -547,14 +552,6 @@ def _degrees(cluster: Cluster, mesh: dict[str, int] | None) -> tuple[int, int, i
     world = cluster.world_size
     tp, pp = pinned.get("tp", 1), pinned.get("pp", 1)
     dp = pinned.get("dp", world // (tp * pp) if world % (tp * pp) == 0 else 0)
-    kinds = [name for name, degree in (("dp", dp), ("tp", tp), ("pp", pp)) if degree > 1]
-    if len(kinds) > 1:
-        raise PartcError(
-            f"mesh {pinned} on {world} devices combines {' and '.join(kinds)}, which this partc version does not plan yet",
-            ErrorContext(fix=f'use one of {{"dp": {world}}}, {{"tp": {world}}}, {{"pp": {world}}}'),
-        )
-    if dp * tp * pp != world:
-        raise PartcError(f"mesh {pinned} does not use the cluster's {world} devices", ErrorContext(fix=f'use {{"dp": {world}}}, {{"tp": {world}}} or {{"pp": {world}}}'))
     if tp > 1 and cluster.spans_nodes(range(tp)):
         raise PartcError(f"tensor parallelism over {tp} devices would cross nodes", ErrorContext(fix="keep tp within one node's devices"))
     return dp, tp, pp

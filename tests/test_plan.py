@@ -124,7 +124,7 @@ def test_mixed_precision_prices_bf16_and_master_weights():
         ({"mesh": {"pp": 2}, "schedule": "gpipe", "virtual_stages": 2}, partc.PartcError, "gpipe and 1f1b run 1 stage per rank"),
         ({"mesh": {"pp": 2}, "schedule": "chaotic"}, partc.PartcError, "unknown schedule 'chaotic'"),
         ({"mesh": {"xp": 2}}, partc.PartcError, "unknown mesh dimension"),
-        ({"mesh": {"dp": 3}}, partc.PartcError, "does not use the cluster"),
+        ({"mesh": {"dp": 3}}, partc.PartcError, "does not divide the cluster"),
         ({"mixed_precision": "fp8"}, partc.PartcError, "unknown mixed_precision"),
     ],
 )
@@ -322,3 +322,18 @@ def test_cheap_stack_traces_change_no_plan(mesh, monkeypatch):
     sources = [node_info(n).source for n in after.graph.graph.nodes]
     assert sources == [node_info(n).source for n in before.graph.graph.nodes]
     assert any(s and "gpt.py" in s for s in sources)
+
+
+@pytest.mark.parametrize("mesh", [{"tp": 2}, {"pp": 2}, {"dp": 2}, {"pp": 2, "tp": 2}], ids=["tp", "pp", "dp", "pp-tp"])
+def test_a_mesh_pinned_on_part_of_the_cluster_is_searched_around(mesh):
+    """Pinning fewer devices than the cluster has ({"tp": 2} on 8) pins those degrees and
+    searches the rest (issue #5: the user can pin any choice), not a refusal."""
+    model, tokens = _tiny_gpt(batch_size=8)
+    cluster = Cluster.preset("cpu", devices_per_node=8)
+    plan = partc.plan(model, cluster, tokens, mesh=mesh)
+    assert all(plan.mesh[k] == v for k, v in mesh.items())
+    assert plan.mesh["pp"] * plan.mesh["dp"] * plan.mesh["tp"] == 8
+    assert plan.search is not None and plan.search["searched"] > 1
+    assert "why not chosen" in plan.explain()
+    with pytest.raises(partc.PartcError, match="does not divide"):
+        partc.plan(model, cluster, tokens, mesh={"tp": 3})
