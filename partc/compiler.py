@@ -196,8 +196,10 @@ def compile(
         stages = split_stages(source, stage_of_layer, _microbatch_inputs(graph_inputs, dp * result.microbatches), persistent_names=persistent)
         for st in stages if recompute else ():
             checkpoint_layers(st.module)
-        for st in stages[:-1] if precision is not None else ():
-            cast_outputs_to_trace(st.module, [spec.dtype for spec in st.output_specs])  # what the next stage expects
+        for st in stages if precision is not None else ():
+            # what the next stage expects; the last stage too: torch < 2.13 checks its outputs
+            # against the traced dtypes (the loss, computed in fp32 under autocast, sees the same values)
+            cast_outputs_to_trace(st.module, [spec.dtype for spec in st.output_specs])
         return stages
 
     if not distributed:

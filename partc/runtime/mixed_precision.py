@@ -6,9 +6,10 @@ weights; the runtime then runs every forward (and the loss) under
 normalisations and losses in fp32 as autocast's op lists decide; parameters, gradients
 and optimizer state stay fp32. Backward follows the dtypes forward recorded.
 
-Pipeline stages send what the plan recorded: a stage's boundary tensors are cast back to
-the dtypes of the trace (``StageModule.output_specs``) at the end of the stage, so torch's
-pipeline stages receive the shapes and dtypes they were given up front. (A bf16 boundary
+Pipeline stages send what the plan recorded: a stage's outputs are cast back to the
+dtypes of the trace (``StageModule.output_specs``) at the end of the stage, so torch's
+pipeline stages receive (and, before torch 2.13, validate) the shapes and dtypes they were
+given up front; the last stage's logits too, which the loss would take to fp32 anyway. (A bf16 boundary
 would halve the transfer; not done yet.)
 
 fp16 needs loss scaling, which would reach into the user's optimizer step; it is refused
