@@ -3,16 +3,16 @@
     python bench/search_plan.py                   # all three parts below
     python bench/search_plan.py --skip-1024       # only the 64-GPU timing rows
 
-1. Planner time on 8 nodes x 8 H100 (bf16, AdamW): a GPT-3-shaped model (d_model 12288,
-   96 heads, vocab 50257, context 2048) of 96 layers and of 12 layers, built on the meta
-   device, global batch 512 x 2048 tokens (1M tokens per step), cross-entropy loss traced
-   into the graph. "capture" is capture + attach_loss + propagate + annotate at the global
-   batch, as partc.plan runs them today; "search" is passes.search.search, which first
-   propagates a copy of the graph at one sample (the sharding ILP must see microbatch
-   shapes, not the global batch; a planner that propagates at one sample skips this) and
-   then runs the sharding ILP once per tensor-parallel degree and prices every candidate.
-   The same is timed with the graph propagated at one sample. Targets (issue #5): the
-   96-layer total under 10 s and at most 2x the 12-layer total on 2 CPU cores.
+1. Planner time on 8 nodes x 8 H100 (bf16, AdamW): the whole ``partc.plan`` (capture to
+   the chosen Plan) of a GPT-3-shaped model (d_model 12288, 96 heads, vocab 50257, context
+   2048) of 96 layers and of 12 layers, built on the meta device beforehand, global batch
+   512 x 2048 tokens (1M tokens per step), cross-entropy loss traced into the graph. Per
+   pass: capture (+ attach_loss), propagate and annotate at the global batch, the search
+   (its batch-1 re-propagation, one sharding ILP per tensor-parallel degree, the stage cuts
+   and the pricing of every candidate; its own progress lines are printed), the estimate.
+   Fastest of --repeats runs by wall time, and the least CPU time (on a shared machine wall
+   time includes waiting for a core). Targets (issue #5): the 96-layer plan under 10 s and
+   at most 2x the 12-layer one on 2 CPU cores.
 2. The chosen plan and the best alternatives for the 96-layer model, with predicted MFU.
 3. GPT-3 175B (the same 96-layer shape) on 1,024 GPUs (128 nodes x 8), global batch
    1536 x 2048: the searched plan, and the configuration Megatron-LM published for this
@@ -28,6 +28,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+import partc
 from partc.passes.annotate import annotate
 from partc.passes.capture import attach_loss, capture
 from partc.passes.propagate import propagate
@@ -58,15 +60,6 @@ def annotated(layers: int, batch: int) -> tuple[torch.fx.GraphModule, float, flo
     return gm, built - started, time.perf_counter() - built, time.process_time() - cpu
 
 
-def plan_row(layers: int, batch: int, cluster: Cluster) -> dict:
-    gm, build, captured, cpu = annotated(layers, batch)
-    started = time.process_time()
-    result = search(gm, cluster, CostModel(cluster), batch_size=batch, compute_dtype=BF16)
-    # CPU seconds of capture to plan: on a shared machine wall times include waiting for a core
-    cpu += time.process_time() - started
-    return {"layers": layers, "gm": gm, "build": build, "capture": captured, "result": result, "cpu": cpu}
-
-
 def describe(result, gm, cluster, batch: int, indent: str = "  ") -> str:
     best = result.best
     mfu = model_flops_utilization(best.predicted_step_time, gm, cluster, BF16, batch_size=batch)
@@ -86,50 +79,58 @@ def describe(result, gm, cluster, batch: int, indent: str = "  ") -> str:
     ])
 
 
+def whole_plan_row(layers: int, batch: int, cluster: Cluster, repeats: int) -> dict:
+    """partc.plan from the meta model to the chosen plan (capture, propagate, annotate, the
+    search with its batch-1 re-propagation, sharding ILPs and stage cuts, the estimate and
+    the Plan), ``repeats`` times; the fastest run by wall time and by CPU time."""
+    with torch.device("meta"):
+        model = GPT(gpt3_shaped(layers))
+        idx = torch.zeros(batch, SEQ, dtype=torch.long)
+    runs = []
+    for _ in range(repeats):
+        lines: list[str] = []
+        wall, cpu = time.perf_counter(), time.process_time()
+        plan = partc.plan(model, cluster, idx, loss_fn=_loss, example_targets=idx, mixed_precision="bf16", progress=lines.append)
+        runs.append((time.perf_counter() - wall, time.process_time() - cpu, plan, lines))
+    fastest = min(runs, key=lambda r: r[0])
+    return {"layers": layers, "wall": fastest[0], "cpu": min(r[1] for r in runs), "plan": fastest[2], "lines": fastest[3], "walls": [r[0] for r in runs]}
+
+
 def part_timing(args) -> None:
     cluster = Cluster.preset("h100", nodes=8, devices_per_node=8)
-    print(f"== 1. planner time: GPT-3-shaped model, {cluster.describe()}, global batch {args.batch} x {SEQ}, bf16, AdamW")
-    rows = [plan_row(layers, args.batch, cluster) for layers in (12, 96)]
-    header = f"{'layers':>6} {'nodes':>6} {'capture s':>10} {'search s':>9} {'(batch-1':>9} {'sharding':>9} {'stages)':>8} {'total s':>8} {'configs':>8} {'stage ILP/DP':>13} {'interleaved cuts':>17} {'CPU s':>6}"
+    print(f"== 1. whole partc.plan: GPT-3-shaped model, {cluster.describe()}, global batch {args.batch} x {SEQ}, bf16, AdamW")
+    print(f"   (the model built on the meta device beforehand; fastest of {args.repeats} runs by wall time, least CPU time)")
+    rows = [whole_plan_row(layers, args.batch, cluster, args.repeats) for layers in (12, 96)]
+    passes = ("capture", "propagate", "annotate", "search", "estimate")
+    header = f"{'layers':>6} {'nodes':>6} " + " ".join(f"{name + ' s':>11}" for name in passes) + f" {'wall s':>7} {'CPU s':>6}  plan"
     print(header)
-    print("-" * len(header))
+    print("-" * (len(header) + 40))
     for row in rows:
-        r = row["result"]
-        rest = r.seconds - r.one_sample_seconds - r.sharding_seconds
-        total = row["capture"] + r.seconds
-        row["total"] = total
-        print(
-            f"{row['layers']:>6} {len(row['gm'].graph.nodes):>6} {row['capture']:>10.2f} {r.seconds:>9.2f} {r.one_sample_seconds:>9.2f} "
-            f"{r.sharding_seconds:>9.2f} {rest:>8.2f} {total:>8.2f} {r.searched:>8} {r.stage_solves:>13} {r.heuristic_cuts:>17} {row['cpu']:>6.2f}"
-        )
+        plan = row["plan"]
+        times = " ".join(f"{plan.pass_times.get(name, 0.0):>11.3f}" for name in passes)
+        print(f"{row['layers']:>6} {len(plan.graph.graph.nodes):>6} {times} {row['wall']:>7.2f} {row['cpu']:>6.2f}  {plan.search['best']}")
     small, large = rows
-    ratio = large["total"] / small["total"]
-    search_ratio = large["result"].seconds / small["result"].seconds
     print(
-        f"96 layers: total {large['total']:.2f} s ({'under' if large['total'] < 10 else 'OVER'} 10 s); "
-        f"total(96) / total(12) = {ratio:.2f} (target <= 2); search(96) / search(12) = {search_ratio:.2f}; "
-        f"CPU(96) / CPU(12) = {large['cpu'] / small['cpu']:.2f}"
+        f"96 layers: {large['wall']:.2f} s ({'under' if large['wall'] < 10 else 'OVER'} 10 s); "
+        f"wall(96) / wall(12) = {large['wall'] / small['wall']:.2f}, CPU(96) / CPU(12) = {large['cpu'] / small['cpu']:.2f} (target <= 2)"
     )
-    print("(model construction on meta, excluded: " + ", ".join(f"{r['layers']} layers {r['build']:.2f} s" for r in rows) + ")")
-    # The same with the graph propagated at one sample (the search then propagates nothing):
-    # a planner that wires the search in can propagate once, at one sample.
-    one = {}
-    for layers in (12, 96):
-        gm1, _, captured, _ = annotated(layers, 1)
-        started = time.perf_counter()
-        search(gm1, cluster, CostModel(cluster), batch_size=args.batch, compute_dtype=BF16)
-        one[layers] = (captured, time.perf_counter() - started)
-    print(
-        "graph propagated at one sample instead: "
-        + ", ".join(f"{layers} layers capture {c:.2f} s + search {t:.2f} s = {c + t:.2f} s" for layers, (c, t) in one.items())
-        + f"; ratio {sum(one[96]) / sum(one[12]):.2f}"
-    )
+    print("the search's own lines, 96 layers (fastest run):")
+    for line in large["lines"]:
+        if not line.startswith(tuple(passes)):
+            print("   " + line)
+    print(f"(all runs, wall s: " + "; ".join(f"{r['layers']} layers " + ", ".join(f"{w:.2f}" for w in r["walls"]) for r in rows) + ")")
+
+
+def part_chosen(args) -> torch.fx.GraphModule:
+    cluster = Cluster.preset("h100", nodes=8, devices_per_node=8)
+    gm, *_ = annotated(96, args.batch)
+    result = search(gm, cluster, CostModel(cluster), batch_size=args.batch, compute_dtype=BF16)
     print()
     print(f"== 2. the chosen plan, 96 layers on {cluster.describe()}")
-    print(describe(large["result"], large["gm"], cluster, args.batch))
+    print(describe(result, gm, cluster, args.batch))
     print()
-    print(explain(large["result"], alternatives=args.alternatives))
-    return large["gm"]
+    print(explain(result, alternatives=args.alternatives))
+    return gm
 
 
 def part_megatron(args, gm) -> None:
@@ -180,9 +181,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=512, help="global batch of part 1, in sequences of 2048 tokens")
     parser.add_argument("--alternatives", type=int, default=8)
     parser.add_argument("--skip-1024", action="store_true", help="skip part 3")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of partc.plan per model size in part 1")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
-    gm = part_timing(args)
+    part_timing(args)
+    gm = part_chosen(args)
     if not args.skip_1024:
         part_megatron(args, gm)
     return 0

@@ -246,6 +246,11 @@ class _Passes:
             self.progress(f"{name:<10} {self.times[name]:7.3f} s")
         return value
 
+    def detail(self, line: str) -> None:
+        """A line from inside a running pass (the search's phases), indented under it."""
+        if self.progress is not None:
+            self.progress("  " + line)
+
     def rename(self, old: str, new: str, detail: str) -> None:
         """Report pass ``old`` under the name ``new`` (the cache's hit or miss), with ``detail``."""
         self.times[new] = self.times.pop(old)
@@ -287,6 +292,7 @@ def _plan_graph(gm, model, cluster, passes, plan_opts, *, mesh, microbatches, sc
                 recompute_options=(recompute,) if recompute is not None else (False, True),
                 zero_options=(zero_stage,) if zero_stage is not None else (0, 1, 2, 3),
                 compute_dtype=compute_dtype, optimizer=optimizer, memory_limit=limit,
+                progress=passes.detail,
             ),
         )
         best = result.best
