@@ -118,7 +118,9 @@ budget raises :class:`~partc.InfeasiblePlanError` with the least memory any layo
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import sys
 import time
 import warnings
@@ -136,7 +138,7 @@ from partc.passes.estimate import kernel_efficiency
 from partc.errors import ErrorContext, InfeasiblePlanError, PartcError, SolverError
 from partc.passes import layouts as _layouts
 from partc.passes.ilp import solver_status
-from partc.passes.ir import META_KEY, OpKind, canonical_name, graph_info, node_info
+from partc.passes.ir import META_KEY, OpKind, canonical_name, gc_paused, graph_info, node_info
 from partc.passes.layouts import (
     COLLECTIVES,
     PASS_NAME,
@@ -181,8 +183,9 @@ COLLECTIVE_CALL_PENALTY = 1e-6  # seconds
 # it in microseconds, and the plan reports seconds.
 _OBJECTIVE_UNIT = 1e6
 _MEMORY_FIELDS = tuple(f.name for f in fields(MemoryBreakdown))  # in constructor order
-# Building the plan prices each repeated layer's nodes and each conversion once (False:
-# every node and use again, the reference tests/test_search_speed.py checks it against).
+# Building the problem and the plan handles each repeated layer's nodes, uses and
+# conversions once per class of layers (False: every node and use on its own, the reference
+# tests/test_search_speed.py and tests/test_sharding.py check it against).
 PRICE_REPEATS_ONCE = True
 _GiB = 2**30
 
@@ -373,6 +376,7 @@ def _plan_record_types() -> dict[str, type]:
 
 
 # -- the pass -------------------------------------------------------------------------------
+@gc_paused()
 def plan_sharding(
     gm: fx.GraphModule,
     cost_model: CostModel,
@@ -428,6 +432,26 @@ class _Edge:
     forbidden: list[tuple[int, int]] = field(default_factory=list)
 
 
+@dataclass
+class _LayerClass:
+    """Layers of one signature whose nodes take the strategies of the first layer's.
+
+    Equal signatures (``passes.annotate``) mean equal operators, argument structure and
+    positions of the values read inside the layer, so a use inside a repeated layer is its
+    representative layer's use with the nodes moved: such uses are handled once per class
+    (``internal``), and only the uses that read from outside the layer one by one."""
+
+    first: list[fx.Node]  # the representative layer's nodes (placeholders left out)
+    members: list[list[fx.Node]]  # the repeated layers, aligned with ``first``
+    # (t, i, p, k): input i of first[t] reads output k of first[p]
+    internal: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # (t, i, path): input i of first[t] reads a value from outside the layer, at ``path`` of its arguments
+    external: list[tuple[int, int, tuple]] = field(default_factory=list)
+    # per member: whether its nodes need gradients as the representative layer's do (then its
+    # conversions are the representative layer's: what a use converts depends on it)
+    same_gradients: list[bool] = field(default_factory=list)
+
+
 class _ShardingProblem:
     """Strategies and prices of every representative node and edge."""
 
@@ -436,20 +460,21 @@ class _ShardingProblem:
         self.compute_dtype, self.optimizer, self.training = compute_dtype, optimizer, training
         self.nodes = list(gm.graph.nodes)
         self.by_name = {n.name: n for n in self.nodes}
+        self.order = {n: j for j, n in enumerate(self.nodes)}
         self._transition_prices: dict[tuple, tuple[float, float]] = {}
-        self.canon, self.reused_layers = self._classes() if reuse else ({}, 0)
-        self.multiplicity = Counter(self.rep(n) for n in self.nodes)
+        self.canon, self.reused_layers, self.classes = self._classes() if reuse else ({}, 0, [])
+        self.multiplicity = Counter(map(self.canon.get, self.nodes, self.nodes))  # rep(n) for every n
         self.weight_dtype = self._weight_dtype()
-        self.rules: dict[fx.Node, OpRule] = {}
+        self.rules: dict[fx.Node, OpRule] = {}  # representatives, in graph order
         self.unsupported: list[str] = []
         for n in self.nodes:
-            if self.rep(n) is n:
+            if n not in self.canon:
                 rule = op_rule(n, tp)
                 if rule is not None:
                     self.rules[n] = rule
         self._warn_unsupported()
-        self.inputs = {n: (self.rules[self.rep(n)].inputs if self.rep(n) is n else tensor_inputs(n)) for n in self.nodes if self.rep(n) in self.rules}
-        self.reps = [n for n in self.nodes if n in self.rules]
+        self._describe_classes()
+        self.reps = list(self.rules)
         self.node_cost = {n: [self._node_time(n, s) for s in self.rules[n].strategies] for n in self.reps}
         self.node_memory = {n: [self._node_memory(n, s) for s in self.rules[n].strategies] for n in self.reps}
         # Per-rank memory, needed only when some strategy places a tensor on one rank.
@@ -459,33 +484,89 @@ class _ShardingProblem:
             if self.owned
             else {}
         )
+        self.uses = self._uses_one_by_one()
         self.edges, self.groups = self._edges()
 
     def rep(self, node: fx.Node) -> fx.Node:
         """The representative whose strategy ``node`` takes (itself unless reused)."""
         return self.canon.get(node, node)
 
+    def source(self, node: fx.Node, i: int) -> fx.Node:
+        """The producer of tensor input ``i`` of ``node`` (``layouts.tensor_inputs(node)[i].node``)."""
+        ref = self.rules[self.rep(node)].inputs[i]
+        return ref.node if node not in self.canon else _argument_at(node, ref.path)
+
     # -- classes of repeated layers ------------------------------------------------------------
-    def _classes(self) -> tuple[dict[fx.Node, fx.Node], int]:
+    def _classes(self) -> tuple[dict[fx.Node, fx.Node], int, list[_LayerClass]]:
+        """(node -> representative, number of layers reused, the classes of layers)."""
         layers = graph_info(self.gm).layers
         by_signature: dict[str, list] = defaultdict(list)
         for layer in layers:
             by_signature[layer.signature].append(layer)
         canon: dict[fx.Node, fx.Node] = {}
+        classes = []
         reused = 0
         for group in by_signature.values():
             if len(group) < 2:
                 continue
             members = [[self.by_name[x] for x in layer.nodes if self.by_name[x].op != "placeholder"] for layer in group]
             first = members[0]
+            mapped = []
             for other in members[1:]:
-                if len(other) != len(first) or any(a.op != b.op or canonical_name(a) != canonical_name(b) for a, b in zip(first, other)):
+                # same target: same canonical name
+                if len(other) != len(first) or any(a.op != b.op or (a.target is not b.target and canonical_name(a) != canonical_name(b)) for a, b in zip(first, other)):
                     continue  # equal hashes, different structure: solve it on its own
                 canon.update(zip(other, first))
+                mapped.append(other)
                 reused += 1
-        return canon, reused
+            if mapped:
+                classes.append(_LayerClass(first, mapped))
+        return canon, reused, classes
+
+    def _describe_classes(self) -> None:
+        """Each class's uses inside and from outside its layers, and which members need
+        gradients as the first layer does. Without ``PRICE_REPEATS_ONCE`` no class is
+        described: every use is handled one by one (the reference)."""
+        if not PRICE_REPEATS_ONCE:
+            self.classes = []
+            return
+        for c in self.classes:
+            position = {n: p for p, n in enumerate(c.first)}
+            for t, r in enumerate(c.first):
+                for i, ref in enumerate(self.rules[r].inputs if r in self.rules else ()):
+                    p = position.get(ref.node)
+                    if p is None:
+                        c.external.append((t, i, ref.path))
+                    else:
+                        c.internal.append((t, i, p, ref.output_index))
+            gradients = [node_info(n).requires_grad for n in c.first]
+            c.same_gradients = [[node_info(n).requires_grad for n in layer] == gradients for layer in c.members]
+
+    def _uses_one_by_one(self) -> list[tuple[fx.Node, int, fx.Node]]:
+        """(v, i, u): input i of v reads u, for every use but those inside the layers of a
+        class (which repeat the first layer's), in graph order."""
+        external: dict[fx.Node, list[tuple[int, tuple]]] = defaultdict(list)
+        for c in self.classes:
+            for layer in c.members:
+                for t, i, path in c.external:
+                    external[layer[t]].append((i, path))
+        uses = []
+        for v in self.nodes:
+            rv = self.canon.get(v, v)
+            rule = self.rules.get(rv)
+            if rule is None:
+                continue
+            if v is rv:
+                uses += [(v, i, ref.node) for i, ref in enumerate(rule.inputs)]
+            elif not PRICE_REPEATS_ONCE:  # the reference: every node's own arguments
+                uses += [(v, i, ref.node) for i, ref in enumerate(tensor_inputs(v))]
+            elif v in external:
+                uses += [(v, i, _argument_at(v, path)) for i, path in external[v]]
+        return uses
 
     def _warn_unsupported(self) -> None:
+        if all(rule.supported for rule in self.rules.values()):
+            return
         members: dict[fx.Node, list[str]] = defaultdict(list)
         for m in self.nodes:
             members[self.rep(m)].append(m.name)
@@ -508,6 +589,8 @@ class _ShardingProblem:
     def _weight_dtype(self) -> torch.dtype:
         sizes: Counter = Counter()
         for n in self.nodes:
+            if n.op != "get_attr":  # op_kind: the only OpKind.PARAMETER nodes
+                continue
             info = node_info(n)
             if info.op == OpKind.PARAMETER and info.param_numel:
                 sizes[info.dtype] += info.param_numel
@@ -579,25 +662,52 @@ class _ShardingProblem:
     # -- edges and transitions ------------------------------------------------------------
     def _edges(self):
         """Canonical edges with their priced transitions, and the producer groups:
-        (representative producer, output, set of canonical edges) -> number of copies."""
+        (representative producer, output, set of canonical edges) -> number of copies.
+
+        A value of a repeated layer read only inside it has its representative's group; the
+        values read from outside their layer are grouped one by one. Groups are listed in
+        the order of their first use, as a scan of every use in graph order lists them."""
         edges: dict[tuple, _Edge] = {}
-        consumers: dict[tuple[fx.Node, int], set] = defaultdict(set)
-        for v in self.nodes:
-            if self.rep(v) not in self.rules:
+        consumers: dict[tuple[fx.Node, int], set] = {}  # value -> canonical edges, of the uses handled one by one
+        first_use: dict[tuple[fx.Node, int], tuple[int, int]] = {}  # value -> (graph position of the consumer, input)
+        canon, rules, order = self.canon, self.rules, self.order
+        # per representative: the inputs some strategy reads
+        reads = {rv: {i for i in range(len(rule.inputs)) if any(s.inputs[i] is not None for s in rule.strategies)} for rv, rule in rules.items()}
+        for v, i, u in self.uses:
+            rv, ru = canon.get(v, v), canon.get(u, u)
+            if i not in reads[rv] or ru not in rules:
                 continue
-            rv = self.rep(v)
-            strategies_v = self.rules[rv].strategies
-            for i, ref in enumerate(self.inputs[v]):
-                u = ref.node
-                if self.rep(u) not in self.rules or all(s.inputs[i] is None for s in strategies_v):
-                    continue
-                key = (self.rep(u), ref.output_index, rv, i)
-                if key not in edges:
-                    edges[key] = self._price_edge(self.rep(u), ref.output_index, rv, i, self.rules[rv].inputs[i])
-                consumers[(u, ref.output_index)].add(key)
+            k = rules[rv].inputs[i].output_index
+            key = (ru, k, rv, i)
+            if key not in edges:
+                edges[key] = self._price_edge(ru, k, rv, i, rules[rv].inputs[i])
+            if (u, k) not in consumers:
+                consumers[(u, k)] = set()
+                first_use[(u, k)] = (order[v], i)
+            consumers[(u, k)].add(key)
+        # (first use, group, copies); the ILP numbers the groups in the order of first use
+        found: list[tuple[tuple[int, int], tuple, int]] = []
+        for c in self.classes:
+            inside: dict[tuple[int, int], tuple[set, tuple[int, int]]] = {}  # (p, k) -> (edges, first (t, i))
+            for t, i, p, k in c.internal:
+                rv, ru = c.first[t], c.first[p]
+                if i in reads[rv] and ru in rules:
+                    inside.setdefault((p, k), (set(), (t, i)))[0].add((ru, k, rv, i))  # priced with the first layer
+            for (p, k), (keys, (t, i)) in inside.items():
+                alone, first = 0, None
+                for layer in c.members:
+                    more = consumers.pop((layer[p], k), None)  # also read from outside the layer
+                    if more is None:
+                        alone += 1
+                        first = first or (order[layer[t]], i)
+                    else:
+                        found.append((min((order[layer[t]], i), first_use[(layer[p], k)]), (c.first[p], k, frozenset(keys | more)), 1))
+                if alone:
+                    found.append((first, (c.first[p], k, frozenset(keys)), alone))
+        found += [(first_use[(u, k)], (canon.get(u, u), k, frozenset(keys)), 1) for (u, k), keys in consumers.items()]
         groups: Counter = Counter()
-        for (u, k), keys in consumers.items():
-            groups[(self.rep(u), k, frozenset(keys))] += 1
+        for _, group, copies in sorted(found, key=lambda f: f[0]):
+            groups[group] += copies
         return edges, groups
 
     def transition_key(self, u: fx.Node, k: int, a: Strategy, v: fx.Node, ref: InputRef, i: int, b: Strategy) -> tuple | None:
@@ -609,6 +719,33 @@ class _ShardingProblem:
         g = grad_layout(dst, b) if needs_grad else None
         regather = self.training and node_info(v).requires_grad and transition(src, dst) == "all_gather" and saves_input(v, ref)
         return (dst, g, regather)
+
+    def _use_conversion(self, v: fx.Node, i: int, u: fx.Node, chosen: Mapping[fx.Node, Strategy], converts: dict) -> tuple | None:
+        """:meth:`_conversion` of input ``i`` of ``v`` reading ``u`` under the ``chosen``
+        strategies (None also when ``u`` has none). It depends on the edge between the two
+        representatives and on which of the two nodes needs a gradient, so ``converts``
+        remembers it by those."""
+        a = chosen.get(u)
+        if a is None:
+            return None
+        rv = self.canon.get(v, v)
+        ref = self.rules[rv].inputs[i]
+        use = (self.canon.get(u, u), ref.output_index, rv, i, node_info(u).requires_grad, node_info(v).requires_grad)
+        if use not in converts or not PRICE_REPEATS_ONCE:
+            converts[use] = self._conversion(u, ref.output_index, a, v, ref, i, chosen[v])
+        return converts[use]
+
+    def _conversion(self, u: fx.Node, k: int, a: Strategy, v: fx.Node, ref: InputRef, i: int, b: Strategy) -> tuple | None:
+        """The transition key of a use whose conversion does something (a forward or backward
+        operation, or a regather), else None."""
+        key = self.transition_key(u, k, a, v, ref, i, b)
+        if key is None:
+            return None
+        src = a.outputs[k]
+        dst, g, regather = key
+        if transition(src, dst) is None and (g is None or transition(g, adjoint(src)) is None) and not regather:
+            return None
+        return key
 
     def transition_cost(self, src: Layout, key: tuple, nbytes: int) -> tuple[float, float]:
         """(forward seconds, backward seconds) of converting ``src`` by transition ``key``;
@@ -652,33 +789,56 @@ class _ShardingProblem:
 
     # -- the plan ----------------------------------------------------------------------------
     def build_plan(self, choice, status, solve_seconds, objective, memory_limit, started, ilp) -> ShardingPlan:
-        chosen = {n: self.rules[self.rep(n)].strategies[choice[self.rep(n)]] for n in self.nodes if self.rep(n) in self.rules}
+        canon = self.canon
+        picked = {r: rule.strategies[choice[r]] for r, rule in self.rules.items()}
+        chosen = {}  # every node with a rule -> its representative's strategy, in graph order
+        for n in self.nodes:
+            s = picked.get(canon.get(n, n))
+            if s is not None:
+                chosen[n] = s
         compute, memory, internal_fwd, internal_bwd = self._node_totals(chosen, choice)
 
         # conversions, one per (value, transition), in graph order
+        converts: dict[tuple, tuple | None] = {}
+        order = self.order
+        found: list[tuple[tuple[int, int], fx.Node, int, tuple, Use]] = []  # (use's position, u, k, key, use)
+
+        def add(v: fx.Node, i: int, u: fx.Node) -> None:
+            ref = self.rules[self.rep(v)].inputs[i]
+            key = self._use_conversion(v, i, u, chosen, converts)
+            if key is not None:
+                found.append(((order[v], i), u, ref.output_index, key, Use(v.name, i, ref.path)))
+
+        for v, i, u in self.uses:
+            add(v, i, u)
+        for c in self.classes:
+            # the first layer's conversions inside it, repeated in every layer needing gradients alike
+            inside = []
+            for t, i, p, k in c.internal:
+                key = self._use_conversion(c.first[t], i, c.first[p], chosen, converts)
+                if key is not None:
+                    inside.append((t, i, p, k, key, self.rules[c.first[t]].inputs[i].path))
+            for layer, same in zip(c.members, c.same_gradients):
+                if same:
+                    found += [((order[layer[t]], i), layer[p], k, key, Use(layer[t].name, i, path)) for t, i, p, k, key, path in inside]
+                else:
+                    for t, i, p, _ in c.internal:
+                        add(layer[t], i, layer[p])
         grouped: dict[tuple, list[Use]] = defaultdict(list)
-        for v in self.nodes:
-            if v not in chosen:
-                continue
-            for i, ref in enumerate(self.inputs[v]):
-                u = ref.node
-                if u not in chosen:
-                    continue
-                key = self.transition_key(u, ref.output_index, chosen[u], v, ref, i, chosen[v])
-                if key is None:
-                    continue
-                grouped[(u, ref.output_index, key)].append(Use(v.name, i, ref.path))
-        order = {n: j for j, n in enumerate(self.nodes)}
+        for _, u, k, key, use in sorted(found, key=lambda f: f[0]):
+            grouped[(u, k, key)].append(use)
         reshards = []
+        described: dict[tuple, tuple] = {}  # (representative, k, key) -> the conversion's fields: the repeats' are its
         for (u, k, key), uses in sorted(grouped.items(), key=lambda item: (order[item[0][0]], item[0][1])):
-            src = chosen[u].outputs[k]
-            dst, g, regather = key
-            forward = transition(src, dst)
-            backward = transition(g, adjoint(src)) if g is not None else None
-            if forward is None and backward is None and not regather:
-                continue
-            nbytes = self.value_bytes(u, k)
-            fwd, bwd = self.transition_cost(src, key, nbytes)
+            what = (self.rep(u), k, key)
+            if what not in described or not PRICE_REPEATS_ONCE:
+                src = chosen[u].outputs[k]
+                dst, g, regather = key
+                nbytes = self.value_bytes(u, k)
+                backward = transition(g, adjoint(src)) if g is not None else None
+                fwd, bwd = self.transition_cost(src, key, nbytes)
+                described[what] = (src, dst, transition(src, dst), g, backward, regather, nbytes, fwd, bwd)
+            src, dst, forward, g, backward, regather, nbytes, fwd, bwd = described[what]
             reshards.append(Reshard(u.name, k, src, dst, tuple(uses), forward, g, backward, regather, nbytes, fwd, bwd))
 
         parameters, reshards = self._parameters(chosen, reshards)
@@ -687,7 +847,9 @@ class _ShardingProblem:
         )
         comm_fwd = sum(r.forward_time for r in reshards) + internal_fwd
         comm = comm_fwd + sum(r.backward_time for r in reshards) + internal_bwd
-        refused = {n.name: self.rules[self.rep(n)].refused for n in chosen if self.rules[self.rep(n)].refused}
+        refused = {}
+        if any(rule.refused for rule in self.rules.values()):
+            refused = {n.name: self.rules[self.rep(n)].refused for n in chosen if self.rules[self.rep(n)].refused}
         return ShardingPlan(
             tp=self.tp,
             ranks=self.ranks,
@@ -723,28 +885,24 @@ class _ShardingProblem:
         if not PRICE_REPEATS_ONCE:
             return self._node_totals_per_node(chosen, choice)
         ranks = self.tp if self.owned else 1
-        priced: dict[fx.Node, tuple] = {}
-        compute = internal_fwd = internal_bwd = 0.0
-        totals = [[0.0] * len(_MEMORY_FIELDS) for _ in range(ranks)]
-        for n, s in chosen.items():
-            rep = self.rep(n)
-            found = priced.get(rep)
-            if found is None:
-                comm = [(c.phase == "forward", self._comm(c)) for c in s.comm]
-                breakdowns = [self._node_memory_breakdown(rep, s, r if self.owned else None) for r in range(ranks)]
-                rows = [tuple(getattr(m, name) for name in _MEMORY_FIELDS) for m in breakdowns]
-                found = priced[rep] = (self.node_cost[rep][choice[rep]] - sum(t for _, t in comm), comm, rows)
-            own, comm, rows = found
-            compute += own
-            for total, values in zip(totals, rows):
-                for j, value in enumerate(values):
-                    total[j] += value
-            for forward, seconds in comm:
-                if forward:
-                    internal_fwd += seconds
-                else:
-                    internal_bwd += seconds
-        per_rank = [MemoryBreakdown(*total) for total in totals]
+        own: dict[fx.Node, float] = {}
+        comm: dict[fx.Node, list[tuple[bool, float]]] = {}
+        memory = [[{} for _ in _MEMORY_FIELDS] for _ in range(ranks)]  # [rank][field][rep] -> bytes
+        for rep in self.reps:
+            s = self.rules[rep].strategies[choice[rep]]
+            comm[rep] = [(c.phase == "forward", self._comm(c)) for c in s.comm]
+            own[rep] = self.node_cost[rep][choice[rep]] - sum(t for _, t in comm[rep])
+            for r in range(ranks):
+                breakdown = self._node_memory_breakdown(rep, s, r if self.owned else None)
+                for j, name in enumerate(_MEMORY_FIELDS):
+                    memory[r][j][rep] = getattr(breakdown, name)
+        in_order = list(map(self.canon.get, chosen, chosen))  # each node's representative, in graph order
+        compute = _add_in_order(map(own.__getitem__, in_order))
+        internal_fwd = internal_bwd = 0.0
+        if any(comm.values()):
+            internal_fwd = _add_in_order(t for rep in in_order for forward, t in comm[rep] if forward)
+            internal_bwd = _add_in_order(t for rep in in_order for forward, t in comm[rep] if not forward)
+        per_rank = [MemoryBreakdown(*(_add_in_order(map(field.__getitem__, in_order)) if any(field.values()) else 0.0 for field in fields_of_rank)) for fields_of_rank in memory]
         return compute, max(per_rank, key=lambda m: m.total), internal_fwd, internal_bwd  # the busiest rank's memory
 
     def _node_totals_per_node(self, chosen, choice) -> tuple[float, MemoryBreakdown, float, float]:
@@ -773,14 +931,13 @@ class _ShardingProblem:
         for n, s in chosen.items():
             if s.blocks <= 1:
                 continue
-            ref = self.inputs[n][0]
-            producer = ref.node
-            blocked_values[(producer.name, ref.output_index)] = s.blocks
+            producer = self.source(n, 0)
+            blocked_values[(producer.name, self.rules[self.rep(n)].inputs[0].output_index)] = s.blocks
             ps = chosen.get(producer)
             if ps is not None and ps.name == "column":
-                for pref, layout in zip(self.inputs[producer], ps.inputs):
-                    if pref.node.op == "get_attr" and isinstance(layout, Shard):
-                        blocked_params[pref.node.name] = s.blocks
+                for source, layout in zip((self.source(producer, j) for j in range(len(ps.inputs))), ps.inputs):
+                    if source.op == "get_attr" and isinstance(layout, Shard):
+                        blocked_params[source.name] = s.blocks
         for name, blocks in blocked_params.items():
             blocked_values[(name, 0)] = blocks
         if blocked_values:
@@ -789,28 +946,31 @@ class _ShardingProblem:
                 for r in reshards
             ]
         parameters = {}
+        shapes: dict[tuple, tuple[int, ...]] = {}  # (global shape, layout) -> local shape
         for n, s in chosen.items():
             if n.op != "get_attr":
                 continue
             info = node_info(n)
-            shape = info.shape or ()
-            parameters[str(n.target)] = ParameterSharding(
-                name=str(n.target),
-                node=n.name,
-                layout=s.output,
-                global_shape=tuple(shape),
-                local_shape=local_shape(shape, s.output, self.tp),
-                tp=self.tp,
-                blocks=blocked_params.get(n.name, 1) if isinstance(s.output, Shard) else 1,
-                trainable=bool(info.param_numel),
-            )
+            shape = tuple(info.shape or ())
+            layout = s.output
+            local = shapes.get((shape, layout))
+            if local is None:
+                local = shapes[(shape, layout)] = local_shape(shape, layout, self.tp)
+            blocks = blocked_params.get(n.name, 1) if isinstance(layout, Shard) else 1
+            name = str(n.target)
+            parameters[name] = ParameterSharding(name, n.name, layout, shape, local, self.tp, blocks, bool(info.param_numel))
         return parameters, reshards
 
     def _size_rewrites(self, chosen) -> tuple[SizeRewrite, ...]:
         """size(d) / shape / numel() reads of a tensor sharded on the dim they read."""
         found = []
+        names: dict[tuple, str] = {}  # canonical_name reads only a node's op and target
         for n in self.nodes:
-            name = canonical_name(n)
+            if n.op not in ("call_function", "call_method"):
+                continue  # canonical_name is the op itself: no size read
+            name = names.get((n.op, n.target))
+            if name is None:
+                name = names[(n.op, n.target)] = canonical_name(n)
             if name not in ("size", "sym_size", "numel", "getattr") or not n.args or not isinstance(n.args[0], fx.Node):
                 continue
             if name == "getattr" and (len(n.args) < 2 or n.args[1] != "shape"):
@@ -855,6 +1015,22 @@ def _moves_owned(src: Layout, dst: Layout, parameter: bool) -> bool:
 
 def _replace_blocks(r: Reshard, blocks: int) -> Reshard:
     return replace(r, blocks=blocks)
+
+
+def _add_in_order(values: Iterable[float]) -> float:
+    """0.0 + v0 + v1 + ..., left to right: what a running ``total += v`` gives, to the last
+    bit (``sum`` of floats may compensate rounding, as Python 3.12's does)."""
+    return functools.reduce(operator.add, values, 0.0)
+
+
+def _argument_at(node: fx.Node, path: tuple) -> fx.Node:
+    """The argument of ``node`` at ``path`` into (args, kwargs), as ``InputRef.path`` gives it."""
+    arg = node.args[path[0]] if isinstance(path[0], int) else node.kwargs[path[0]]
+    for step in path[1:]:
+        arg = arg[step]
+    if not isinstance(arg, fx.Node):
+        raise TypeError(f"{node.name}: no node at argument path {path} (layers of one signature differ)")
+    return arg
 
 
 # -- the ILP --------------------------------------------------------------------------------

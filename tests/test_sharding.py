@@ -29,6 +29,7 @@ from partc.passes.capture import capture
 from partc.passes.ir import graph_info, node_info
 from partc.passes.layouts import R, Shard
 from partc.passes.propagate import propagate
+from partc.passes import sharding
 from partc.passes.sharding import COLLECTIVE_CALL_PENALTY, ShardingPlan, plan_sharding, solver_status
 
 BF16 = torch.bfloat16
@@ -230,6 +231,41 @@ def test_reuse_matches_the_full_solve(h100, build, tp):
     names = [[n for n in layer.nodes] for layer in graph_info(gm).layers if layer.name.split(".")[0] in ("blocks", "layers")]
     for other in names[1:]:
         assert [str(reused.strategies.get(n)) for n in other] == [str(reused.strategies.get(n)) for n in names[0]]
+
+
+@pytest.mark.parametrize("tp", [2, 8])
+def test_repeated_layers_plan_as_node_by_node(h100, monkeypatch, tp):
+    """The problem and the plan handle the uses inside repeated layers once per class of
+    layers (passes/sharding.py, PRICE_REPEATS_ONCE); with the flag off every use is handled
+    on its own. A frozen block repeats the others' signature but not their gradients (its
+    conversions are handled use by use), and a tight budget turns sequence parallelism on
+    (gathers, reduce-scatters and regathers inside every block): both plans are equal to the
+    last bit."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=50304, block_size=1024, n_layer=4, n_head=32, d_model=4096))
+        model.blocks[2].requires_grad_(False)
+        idx = torch.randint(0, 50304, (1, 1024))
+    gm = captured(model, idx)
+    with pytest.raises(InfeasiblePlanError) as info:
+        plan_sharding(gm, h100, tp=tp, compute_dtype=BF16, memory_limit=0.0)
+    default = plan_sharding(gm, h100, tp=tp, compute_dtype=BF16)
+    budget = info.value.required_bytes + 0.1 * (default.memory.total - info.value.required_bytes)
+
+    def plan() -> tuple[ShardingPlan, dict]:
+        found = plan_sharding(gm, h100, tp=tp, compute_dtype=BF16, memory_limit=budget)
+        data = found.to_dict()
+        for name in ShardingPlan.TIMING_FIELDS:
+            data.pop(name)
+        return found, data
+
+    by_class, data = plan()
+    monkeypatch.setattr(sharding, "PRICE_REPEATS_ONCE", False)
+    assert plan()[1] == data
+    assert by_class.reused_layers == 3
+    frozen = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("blocks.2.")]
+    assert frozen and not any(node_info(n).requires_grad for n in frozen)
+    gathered = [r for r in by_class.reshards if r.regather]
+    assert {r.producer for r in gathered} & block_nodes(gm, "blocks.3"), "no regather inside a repeated block"
 
 
 # -- the plan as data ------------------------------------------------------------------------------
