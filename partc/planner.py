@@ -275,7 +275,10 @@ def _plan_graph(gm, model, cluster, passes, plan_opts, *, mesh, microbatches, sc
     """Solve for the annotated ``gm``: the search, or the one kind of parallelism pinned."""
     run = passes.run
     compute_dtype = _dtype(mixed_precision)
-    searching = not _one_kind_over_cluster(mesh, cluster.world_size) or recompute is not None or zero_stage is not None
+    # one kind over the whole cluster is planned directly, except what only the search prices:
+    # recomputation, ZeRO, and microbatches without a pipeline (gradient accumulation)
+    accumulates = microbatches is not None and (mesh or {}).get("pp", 1) == 1
+    searching = not _one_kind_over_cluster(mesh, cluster.world_size) or recompute is not None or zero_stage is not None or accumulates
     dp, tp, pp = (0, 0, 0) if searching else _degrees(cluster, mesh)
     limit = memory_limit if memory_limit is not None else min(cluster.device(r).memory for r in range(cluster.world_size))
     cost_model = CostModel(cluster)

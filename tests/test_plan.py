@@ -337,3 +337,12 @@ def test_a_mesh_pinned_on_part_of_the_cluster_is_searched_around(mesh):
     assert "why not chosen" in plan.explain()
     with pytest.raises(partc.PartcError, match="does not divide"):
         partc.plan(model, cluster, tokens, mesh={"tp": 3})
+
+
+@pytest.mark.parametrize("mesh", [{"dp": 2}, {"tp": 2}], ids=["dp", "tp"])
+def test_microbatches_without_a_pipeline_are_honoured(mesh):
+    """Gradient accumulation pinned beside one kind of parallelism: the plan runs the
+    microbatches asked for (the direct dp / tp plans have none: the search prices them)."""
+    model, tokens = _tiny_gpt(batch_size=8)
+    plan = partc.plan(model, Cluster.preset("cpu", devices_per_node=2), tokens, mesh=mesh, microbatches=2)
+    assert plan.microbatches == 2 and plan.mesh == {"pp": 1, "dp": mesh.get("dp", 1), "tp": mesh.get("tp", 1)}
