@@ -78,8 +78,10 @@ The cut minimises the stage pass's objective (``m·max + (sum - max)/d`` over ra
 * several stages per rank (interleaved, zero-bubble, ``v`` in ``virtual_stage_options``):
   CBC does not close that ILP in seconds (96 layers, 4 ranks x 2: "feasible" at a 30 s
   limit), so :func:`_interleaved_cut` cuts it: the smallest cap on a stage's time that a
-  greedy fill meets (bisection), a few looser caps, each improved by moving one cut at a
-  time to its best place; zero-bubble never cuts where no gradient crosses. On GPT-3
+  greedy fill meets (bisection), a few looser caps, each (once per distinct cut) improved by
+  moving one cut at a time to its best place (:func:`_polish`: a numpy screen prices every
+  position of every cut at once, only cuts that may move are priced exactly); zero-bubble
+  never cuts where no gradient crosses. On GPT-3
   chains it is within 0.03% of CBC's 30 s answer and equal to the ILP optimum on small
   transformer-shaped chains (tests); on random uneven chains up to ~5% above it.
 
@@ -93,7 +95,9 @@ GPipe vs 1F1B (same objective), so it is found once per ``(tp, pp, dp, m, recomp
 schedule family, v)`` and re-priced with ``evaluate_partition`` for each; only when it
 does not fit is the problem cut again with the budget, and only after a cut that fits has
 been found (the exact least peak memory for one stage per rank, the lightest greedy cut
-otherwise): CBC proving a budget infeasible takes seconds.
+otherwise, not even tried when the mean rank's bytes exceed the budget): CBC proving a
+budget infeasible takes seconds. The same chain's per-stage sums are shared by the ZeRO
+stages that share its cut, and the tp-independent per-node costs by every tp degree.
 
 Data-parallel synchronisation (per pipeline rank ``r``, over its dp group)
 --------------------------------------------------------------------------
@@ -177,6 +181,7 @@ from partc.passes.stages import (
     evaluate_partition,
     exact_chain_partition,
     gradient_free_cuts,
+    least_peak_stage_memory,
     solve_stages_without_cuts,
 )
 
@@ -350,6 +355,84 @@ class _Spec:
 
 
 # -- per tensor-parallel degree: per-node prices, summed per layer for any microbatch -------------------
+class _NodeCosts:
+    """What :class:`_LayerPrices` reads from every node that does not depend on the
+    tensor-parallel plan (the node's strategy only scales it), gathered once per search:
+    arrays in graph order, so that sums per layer accumulate in the same order as a loop."""
+
+    def __init__(self, ctx: _Context):
+        L, infos, compute_dtype = ctx.num_layers, ctx.infos, ctx.compute_dtype
+        params, computes, kept = [], [], []
+        self.activation_nodes: list[tuple[str, int, float, bool]] = []  # (name, layer, bytes in the compute dtype, batch-dependent)
+        self.output_nodes: list[tuple[str, tuple[float, ...], bool, bool]] = []  # (name, bytes per output, batch-dependent, an input)
+        diff_dep, diff_fixed = np.zeros(L + 1), np.zeros(L + 1)  # live-range differences of cut bytes
+        for n in ctx.nodes:
+            info = infos[n]
+            if info.op == OpKind.PARAMETER:
+                itemsize = info.dtype.itemsize if info.dtype is not None else 4
+                readers = tuple(sorted({infos[u].layer for u in n.users} - {info.layer}))
+                params.append((n.name, info.layer, info.param_numel, max(info.param_bytes - info.param_numel * itemsize, 0), readers))
+                continue
+            if info.op == OpKind.OUTPUT:
+                continue
+            scale = ctx.dtype_scale(info)
+            is_dep = n in ctx.batch_dependent
+            if info.op != OpKind.INPUT and (info.fwd_flops or info.bytes_moved):
+                weights = sum(infos[a].outputs[0].nbytes for a in n.all_input_nodes if a.op == "get_attr" and infos[a].outputs) * scale
+                dtype = compute_dtype if (compute_dtype is not None and info.dtype is not None and info.dtype.is_floating_point) else (info.dtype or torch.float32)
+                rate = ctx.device.flops(dtype) * kernel_efficiency(info, ctx.device, dtype)
+                computes.append((n.name, info.layer, rate, info.fwd_flops, info.bwd_flops, info.bytes_moved * scale, weights, is_dep, bool(info.bwd_flops)))
+            self.activation_nodes.append((n.name, info.layer, info.activation_bytes * scale, is_dep))
+            if not info.outputs or not n.users:
+                continue
+            is_input = info.op == OpKind.INPUT
+            self.output_nodes.append((n.name, tuple(spec.nbytes * scale for spec in info.outputs), is_dep, is_input))
+            if n in ctx.recomputed:
+                continue  # rebuilt by each stage that reads it: never sent, never kept
+            made = 0 if is_input else info.layer
+            readers = sorted({infos[u].layer for u in n.users})
+            whole = sum(spec.nbytes * scale for spec in info.outputs)
+            last = readers[-1]
+            if last > made:
+                (diff_dep if is_dep else diff_fixed)[made] += whole
+                (diff_dep if is_dep else diff_fixed)[last] -= whole
+            kept += [(len(self.output_nodes) - 1, reader, is_dep) for reader in readers if reader > made or is_input]
+        # bytes live across a cut right after layer j (0 after the last), whole tensors
+        self.boundary_dep = np.cumsum(diff_dep)[:L]
+        self.boundary_fixed = np.cumsum(diff_fixed)[:L]
+        self.boundary_dep[L - 1] = self.boundary_fixed[L - 1] = 0.0
+        self.params = params  # (name, layer, numel, buffer bytes, the other layers that read it)
+        self.param_layer = np.array([q[1] for q in params], dtype=np.int64)
+        self.param_numel = np.array([q[2] for q in params], dtype=np.float64)
+        self.param_buffers = np.array([q[3] for q in params], dtype=np.float64)
+        self.reader_param = np.array([k for k, q in enumerate(params) for _ in q[4]], dtype=np.int64)  # (parameter, reader) pairs
+        self.reader_layer = np.array([r for q in params for r in q[4]], dtype=np.int64)
+        self.compute_names = [q[0] for q in computes]
+        self.compute_layer = np.array([q[1] for q in computes], dtype=np.int64)
+        self.rate = np.array([q[2] for q in computes], dtype=np.float64)
+        self.fwd_flops = np.array([q[3] for q in computes], dtype=np.float64)
+        self.bwd_flops = np.array([q[4] for q in computes], dtype=np.float64)
+        self.moved = np.array([q[5] for q in computes], dtype=np.float64)  # bytes in the compute dtype
+        self.weights = np.array([q[6] for q in computes], dtype=np.float64)  # of which weights
+        self.compute_dep = np.array([q[7] for q in computes], dtype=bool)
+        self.backward = np.array([q[8] for q in computes], dtype=bool)
+        self.activation_layer = np.array([q[1] for q in self.activation_nodes], dtype=np.int64)
+        self.activation_bytes = np.array([q[2] for q in self.activation_nodes], dtype=np.float64)
+        self.activation_dep = np.array([q[3] for q in self.activation_nodes], dtype=bool)
+        self.whole_output = np.array([float(sum(q[1])) for q in self.output_nodes], dtype=np.float64)
+        self.output_dep = np.array([q[2] for q in self.output_nodes], dtype=bool)
+        self.output_input = np.array([q[3] for q in self.output_nodes], dtype=bool)
+        self.kept_output = np.array([q[0] for q in kept], dtype=np.int64)  # (output node, reader layer) pairs
+        self.kept_layer = np.array([q[1] for q in kept], dtype=np.int64)
+        self.kept_dep = np.array([q[2] for q in kept], dtype=bool)
+
+
+def _factors(strategies: Mapping, names: Sequence[str], attribute: str) -> np.ndarray:
+    """Per name: its strategy's compute or memory factor (1 without a strategy)."""
+    found = [strategies.get(name) for name in names]
+    return np.array([getattr(s, attribute) if s is not None else 1.0 for s in found], dtype=np.float64)
+
+
 class _LayerPrices:
     """The costs of every layer under one tensor-parallel plan, as functions of the
     microbatch fraction ``f`` (module doc: "Layer costs under tensor parallelism")."""
@@ -358,98 +441,55 @@ class _LayerPrices:
         self.ctx, self.tp, self.plan = ctx, tp, plan
         L = ctx.num_layers
         strategies = plan.strategies if plan is not None else {}
-        compute_dtype = ctx.compute_dtype
-        infos = ctx.infos
+        nodes = ctx.node_costs
 
-        self.owned_numel = np.zeros(L)  # local trainable elements, each parameter once (its first user's layer)
-        self.shared_numel = np.zeros(L)  # parameters a layer reads that another layer owns (the stage pass's convention)
-        self.shared_params: list[tuple[float, float, int, tuple[int, ...]]] = []  # (numel, buffer bytes, owner, readers)
-        self.buffers = np.zeros(L)  # local non-trainable bytes
-        self.shared_buffers = np.zeros(L)
-        self.act_dep, self.act_fixed = np.zeros(L), np.zeros(L)
-        self.kept_dep, self.kept_fixed = np.zeros(L), np.zeros(L)  # a layer's inputs, for recomputation
-        self.largest_layer_param = 0.0
-        diff_dep, diff_fixed = np.zeros(L + 1), np.zeros(L + 1)  # live-range differences of cut bytes
-        out_dep = out_fixed = 0.0  # largest single output
-        layer_of, rate, f_fwd, f_bwd, m_batch, m_fixed, dep, backward = [], [], [], [], [], [], [], []
-        recomputed = ctx.recomputed
+        def bins(index: np.ndarray, weights: np.ndarray) -> np.ndarray:
+            return np.bincount(index, weights, minlength=L)  # sums in array order, as a loop would
 
-        for n in ctx.nodes:
-            info = infos[n]
-            s = strategies.get(n.name)
-            cf = s.compute_factor if s is not None else 1.0
-            mf = s.memory_factor if s is not None else 1.0
-            if info.op == OpKind.PARAMETER:
-                numel = info.param_numel * mf
-                itemsize = info.dtype.itemsize if info.dtype is not None else 4
-                buffers = max(info.param_bytes - info.param_numel * itemsize, 0) * mf
-                self.owned_numel[info.layer] += numel
-                self.buffers[info.layer] += buffers
-                readers = tuple(sorted({infos[u].layer for u in n.users} - {info.layer}))
-                for reader in readers:
-                    self.shared_numel[reader] += numel
-                    self.shared_buffers[reader] += buffers
-                if readers:
-                    self.shared_params.append((numel, buffers, info.layer, readers))
-                continue
-            if info.op == OpKind.OUTPUT:
-                continue
-            scale = ctx.dtype_scale(info)
-            is_dep = n in ctx.batch_dependent
-            if info.op != OpKind.INPUT and (info.fwd_flops or info.bytes_moved):
-                moved = info.bytes_moved * scale * cf
-                weights = sum(infos[a].outputs[0].nbytes for a in n.all_input_nodes if a.op == "get_attr" and infos[a].outputs) * scale * cf
-                weights = min(weights, moved)
-                layer_of.append(info.layer)
-                dtype = compute_dtype if (compute_dtype is not None and info.dtype is not None and info.dtype.is_floating_point) else (info.dtype or torch.float32)
-                rate.append(ctx.device.flops(dtype) * kernel_efficiency(info, ctx.device, dtype))
-                f_fwd.append(info.fwd_flops * cf)
-                f_bwd.append(info.bwd_flops * cf)
-                m_batch.append(moved - weights)
-                m_fixed.append(weights)
-                dep.append(is_dep)
-                backward.append(bool(info.bwd_flops))
-            activations = info.activation_bytes * scale * mf
-            (self.act_dep if is_dep else self.act_fixed)[info.layer] += activations
-            if not info.outputs or not n.users:
-                continue
-            layouts = s.outputs if s is not None else ()
-            local = sum(
-                spec.nbytes * scale / (tp if k < len(layouts) and isinstance(layouts[k], Shard) else 1)
-                for k, spec in enumerate(info.outputs)
-            )
-            if info.op != OpKind.INPUT:
-                if is_dep:
-                    out_dep = max(out_dep, local)
-                else:
-                    out_fixed = max(out_fixed, local)
-            if n in recomputed:
-                continue  # rebuilt by each stage that reads it: never sent, never kept
-            made = 0 if info.op == OpKind.INPUT else info.layer
-            readers = sorted({infos[u].layer for u in n.users})
-            whole = sum(spec.nbytes * scale for spec in info.outputs)
-            last = readers[-1]
-            if last > made:
-                (diff_dep if is_dep else diff_fixed)[made] += whole
-                (diff_dep if is_dep else diff_fixed)[last] -= whole
-            for reader in readers:
-                if reader > made or info.op == OpKind.INPUT:
-                    (self.kept_dep if is_dep else self.kept_fixed)[reader] += local
 
-        # bytes live across a cut right after layer j (0 after the last), whole tensors
-        self.boundary_dep = np.cumsum(diff_dep)[:L]
-        self.boundary_fixed = np.cumsum(diff_fixed)[:L]
-        self.boundary_dep[L - 1] = self.boundary_fixed[L - 1] = 0.0
+        mf = _factors(strategies, [q[0] for q in nodes.params], "memory_factor")
+        numel, buffers = nodes.param_numel * mf, nodes.param_buffers * mf
+        self.owned_numel = bins(nodes.param_layer, numel)  # local trainable elements, each parameter once (its first user's layer)
+        self.buffers = bins(nodes.param_layer, buffers)  # local non-trainable bytes
+        self.shared_numel = bins(nodes.reader_layer, numel[nodes.reader_param])  # parameters a layer reads that another layer owns (the stage pass's convention)
+        self.shared_buffers = bins(nodes.reader_layer, buffers[nodes.reader_param])
+        numel_list, buffers_list = numel.tolist(), buffers.tolist()
+        self.shared_params: list[tuple[float, float, int, tuple[int, ...]]] = [  # (numel, buffer bytes, owner, readers)
+            (numel_list[k], buffers_list[k], q[1], q[4]) for k, q in enumerate(nodes.params) if q[4]
+        ]
+
+        cf = _factors(strategies, nodes.compute_names, "compute_factor")
+        moved, weights = nodes.moved * cf, nodes.weights * cf
+        weights = np.minimum(weights, moved)
+        self._layer, self._rate = nodes.compute_layer, nodes.rate
+        self._f_fwd, self._f_bwd = nodes.fwd_flops * cf, nodes.bwd_flops * cf
+        self._m_batch, self._m_fixed = moved - weights, weights
+        self._dep, self._backward = nodes.compute_dep, nodes.backward
+
+        activations = nodes.activation_bytes * _factors(strategies, [q[0] for q in nodes.activation_nodes], "memory_factor")
+        dep = nodes.activation_dep
+        self.act_dep, self.act_fixed = bins(nodes.activation_layer[dep], activations[dep]), bins(nodes.activation_layer[~dep], activations[~dep])
+
+        # each output's bytes at its layout: 1/tp of the sharded ones
+        local = nodes.whole_output.copy()
+        for k, (name, nbytes, _, _) in enumerate(nodes.output_nodes):
+            strategy = strategies.get(name)
+            layouts = strategy.outputs if strategy is not None else ()
+            if any(isinstance(layout, Shard) for layout in layouts[: len(nbytes)]):
+                local[k] = sum(b / (tp if j < len(layouts) and isinstance(layouts[j], Shard) else 1) for j, b in enumerate(nbytes))
+        produced = ~nodes.output_input
+        out_dep = float(local[produced & nodes.output_dep].max(initial=0.0))
+        out_fixed = float(local[produced & ~nodes.output_dep].max(initial=0.0))
+        kept, dep = local[nodes.kept_output], nodes.kept_dep
+        self.kept_dep, self.kept_fixed = bins(nodes.kept_layer[dep], kept[dep]), bins(nodes.kept_layer[~dep], kept[~dep])  # a layer's inputs, for recomputation
+
+        self.boundary_dep, self.boundary_fixed = nodes.boundary_dep, nodes.boundary_fixed
         self.largest_output = (out_dep, out_fixed)
         self.largest_layer_param = float((self.owned_numel + self.shared_numel).max()) if L else 0.0
-
-        self._layer = np.array(layer_of, dtype=np.int64)
-        self._rate = np.array(rate)
-        self._f_fwd, self._f_bwd = np.array(f_fwd, dtype=np.float64), np.array(f_bwd, dtype=np.float64)
-        self._m_batch, self._m_fixed = np.array(m_batch), np.array(m_fixed)
-        self._dep = np.array(dep, dtype=bool)
-        self._backward = np.array(backward, dtype=bool)
+        self.total_owned_numel = float(self.owned_numel.sum())
+        self.total_buffers = float(self.buffers.sum())
         self._comm_items = self._communication(strategies)
+        self._comm_keys: tuple[list[tuple], np.ndarray, np.ndarray] | None = None
         self._tables: dict[int, _LayerTable] = {}
 
     def _communication(self, strategies) -> list[tuple[int, str, tuple, bool]]:
@@ -503,17 +543,13 @@ class _LayerPrices:
 
     def communication_times(self, f: float) -> tuple[np.ndarray, np.ndarray]:
         L = self.ctx.num_layers
-        fwd, bwd = np.zeros(L), np.zeros(L)
-        cache: dict[tuple, tuple[float, float]] = {}
-        for layer, kind, key, is_dep in self._comm_items:
-            full = (kind, key, is_dep)
-            price = cache.get(full)
-            if price is None:
-                price = self._price(kind, key, f if is_dep else 1.0)
-                cache[full] = price
-            fwd[layer] += price[0]
-            bwd[layer] += price[1]
-        return fwd, bwd
+        if self._comm_keys is None:  # each distinct collective priced once per f, summed per layer in item order
+            keys: dict[tuple, int] = {}
+            index = [keys.setdefault((kind, key, is_dep), len(keys)) for _, kind, key, is_dep in self._comm_items]
+            self._comm_keys = (list(keys), np.array(index, dtype=np.int64), np.array([item[0] for item in self._comm_items], dtype=np.int64))
+        keys, index, layers = self._comm_keys
+        prices = np.array([self._price(kind, key, f if is_dep else 1.0) for kind, key, is_dep in keys], dtype=np.float64).reshape(-1, 2)
+        return np.bincount(layers, prices[index, 0], minlength=L), np.bincount(layers, prices[index, 1], minlength=L)
 
     def _price(self, kind: str, key: tuple, f: float) -> tuple[float, float]:
         cm, ranks = self.ctx.cost_model, self.plan.ranks
@@ -551,6 +587,7 @@ class _LayerTable:
     max_time: float
     total_forward: float
     total_backward: float
+    total_activations: float
 
     @staticmethod
     def build(prices: _LayerPrices, samples: int, recompute: bool, base: "_LayerTable | None") -> "_LayerTable":
@@ -584,6 +621,7 @@ class _LayerTable:
             max_time=float(time_.max()),
             total_forward=float(forward.sum()),
             total_backward=float(backward.sum()),
+            total_activations=float(activations.sum()),
         )
 
 
@@ -610,6 +648,14 @@ class _Context:
         self.batch_dependent = _batch_dependent(self.nodes, self.infos)
         self.recomputed = recomputable_nodes(gm)
         self.per_param: dict[tuple[int, int], float] = {}  # (zero, dp) -> bytes per local parameter
+        self._node_costs: _NodeCosts | None = None
+
+    @property
+    def node_costs(self) -> _NodeCosts:
+        """The per-node costs every tensor-parallel degree scales (built on first use)."""
+        if self._node_costs is None:
+            self._node_costs = _NodeCosts(self)
+        return self._node_costs
 
     def dtype_scale(self, info) -> float:
         """Bytes in the compute dtype over bytes as traced (mixed precision halves fp32)."""
@@ -775,6 +821,7 @@ class _Search:
         self.links: dict[tuple, tuple] = {}  # (pp, dp, tp, v) -> stage speeds, link latencies and bandwidths
         self.inflight: dict[tuple, tuple[float, ...]] = {}  # (stages, v, m, schedule) -> microbatches in flight per stage
         self.param_bytes: dict[tuple, np.ndarray] = {}  # (tp, dp, zero) -> parameter bytes per layer
+        self.stage_sums: dict[tuple, list[float]] = {}  # (table, cut, column) -> per-stage sums (_stage_sums)
         self.cut_hints: dict[tuple, list[int]] = {}  # (tp, pp, dp, recompute, schedule, v) -> last interleaved cut
         forbidden = gradient_free_cuts(ctx.gm, every_value=True) if _NEEDS_GRADIENTS_ACROSS_CUTS else frozenset()
         self.forbidden = {s: forbidden | (gradient_free_cuts(ctx.gm) if s == "zero_bubble" else frozenset()) for s in SCHEDULES}
@@ -887,12 +934,12 @@ class _Search:
         else:
             per_rank = max(S / R, table.max_time if spec.virtual_stages == 1 else 0.0)
             pipeline = (m - 1.0 / d) * per_rank + S / d
-        numel = float(prices.owned_numel.sum()) / R  # the mean rank holds at least this
+        numel = prices.total_owned_numel / R  # the mean rank holds at least this
         itemsize = ctx.param_dtype.itemsize
         exposed = self._dp_exposed(spec, 0, numel * itemsize, table.total_forward, table.total_backward, table.total_backward)
         optimizer = self._optimizer_time(numel, spec)
-        static = numel * ctx.bytes_per_param(spec.zero_stage, spec.dp) + float(prices.buffers.sum()) / R
-        acts = float(table.activations.sum()) / R * (1 if R == 1 else self._least_inflight(spec))
+        static = numel * ctx.bytes_per_param(spec.zero_stage, spec.dp) + prices.total_buffers / R
+        acts = table.total_activations / R * (1 if R == 1 else self._least_inflight(spec))
         return pipeline + exposed + optimizer, static + acts + self._transient(spec, table)
 
     @staticmethod
@@ -997,12 +1044,12 @@ class _Search:
 
     def _price_flat(self, spec: _Spec, table: _LayerTable) -> Candidate | Rejection:
         ctx, prices = self.ctx, self.prices[spec.tp]
-        numel = float(prices.owned_numel.sum())
+        numel = prices.total_owned_numel
         weight_bytes = numel * ctx.param_dtype.itemsize
         m = spec.microbatches
         exposed = self._dp_exposed(spec, 0, weight_bytes, table.total_forward, table.total_backward, table.total_backward)
         optimizer = self._optimizer_time(numel, spec)
-        memory = self._memory(spec, numel, float(prices.buffers.sum()), float(table.activations.sum()), self._transient(spec, table))
+        memory = self._memory(spec, numel, prices.total_buffers, table.total_activations, self._transient(spec, table))
         breakdown = StepBreakdown(
             compute=m * float((table.forward_compute + table.backward_compute).sum()),
             recompute=m * float(table.recompute.sum()),
@@ -1048,9 +1095,8 @@ class _Search:
         key = (spec.tp, spec.dp, spec.microbatches, spec.recompute, zero)
         layers = self.layer_costs.get(key)
         if layers is None:
-            ctx, prices = self.ctx, self.prices[spec.tp]
-            per_param = ctx.bytes_per_param(zero, spec.dp) if zero is not None else 0.0
-            params = ((prices.owned_numel + prices.shared_numel) * per_param + prices.buffers + prices.shared_buffers).tolist()
+            ctx = self.ctx
+            params = self._layer_param_bytes(spec.tp, spec.dp, zero).tolist()
             time_, acts, boundary = table.time.tolist(), table.activations.tolist(), table.boundary.tolist()
             layers = tuple(LayerCost(layer.name, time_[j], params[j], acts[j], boundary[j]) for j, layer in enumerate(ctx.layers))
             self.layer_costs[key] = layers
@@ -1142,15 +1188,21 @@ class _Search:
             return self._pipeline_candidate(spec, table, fastest, inflight, transient)
         # Cut again within the budget, but only with proof that a cut fits: CBC proving
         # a budget infeasible (and sizing it) takes seconds where this takes milliseconds.
-        problem = self._stage_problem(spec, table, spec.schedule, spec.zero_stage, budget)
         forbidden = self.forbidden[spec.schedule]
+        problem = None
         if spec.virtual_stages == 1:
-            least, qualifier = _least_peak_memory(problem), "" if not forbidden else "at least "
+            problem = self._stage_problem(spec, table, spec.schedule, spec.zero_stage, budget)
+            least, qualifier = least_peak_stage_memory(problem), "" if not forbidden else "at least "
             feasible = least <= budget
         else:
-            lightest = _lightest_cut(problem, forbidden)
-            feasible = lightest is not None and self._fullest_rank(spec, table, lightest, inflight) <= budget
-            least, qualifier = _least_peak_memory(problem), "at least "
+            # the mean rank's bytes bound every cut's fullest rank: above the budget (with a
+            # margin for rounding) no cut fits, and the greedy lightest cut need not be built
+            least, qualifier = self._mean_rank_bytes(spec, table, inflight), "at least "
+            feasible = False
+            if least <= budget * (1 + 1e-9):
+                problem = self._stage_problem(spec, table, spec.schedule, spec.zero_stage, budget)
+                lightest = _lightest_cut(problem, forbidden)
+                feasible = lightest is not None and self._fullest_rank(spec, table, lightest, inflight) <= budget
         if feasible:
             found = self._cut(problem, forbidden, budget)
             if isinstance(found, InfeasiblePlanError):
@@ -1171,26 +1223,33 @@ class _Search:
         key = (spec.stages, spec.virtual_stages, spec.microbatches, spec.schedule)
         if key not in self.inflight:
             shape = StageProblem((LayerCost("", 0.0, 0.0, 0.0, 0.0),), stages=spec.stages, microbatches=spec.microbatches, schedule=spec.schedule, virtual_stages=spec.virtual_stages)
-            self.inflight[key] = tuple(shape.inflight(i) for i in range(spec.stages))
+            self.inflight[key] = shape.inflights()
         return self.inflight[key]
 
-    def _layer_param_bytes(self, spec: _Spec) -> np.ndarray:
-        """Per layer: the bytes its stage holds for parameters (the stage pass's convention:
-        a shared weight charged to every layer that reads it)."""
-        key = (spec.tp, spec.dp, spec.zero_stage)
+    def _layer_param_bytes(self, tp: int, dp: int, zero: int | None) -> np.ndarray:
+        """Per layer: the bytes its stage holds for parameters under ZeRO stage ``zero`` (None:
+        buffers only, for the cuts that ignore memory) (the stage pass's convention: a shared
+        weight charged to every layer that reads it)."""
+        key = (tp, dp, zero)
         if key not in self.param_bytes:
-            prices = self.prices[spec.tp]
-            per_param = self.ctx.bytes_per_param(spec.zero_stage, spec.dp)
+            prices = self.prices[tp]
+            per_param = self.ctx.bytes_per_param(zero, dp) if zero is not None else 0.0
             self.param_bytes[key] = (prices.owned_numel + prices.shared_numel) * per_param + prices.buffers + prices.shared_buffers
         return self.param_bytes[key]
 
+    def _mean_rank_bytes(self, spec: _Spec, table: _LayerTable, inflight: Sequence[float]) -> float:
+        """A lower bound on any cut's fullest rank with several stages per rank: the mean
+        rank's bytes, every stage holding the fewest microbatches in flight."""
+        params = self._layer_param_bytes(spec.tp, spec.dp, spec.zero_stage)
+        return float(params.sum() + min(inflight) * table.total_activations) / spec.pp
+
     def _fullest_rank(self, spec: _Spec, table: _LayerTable, starts: Sequence[int], inflight: Sequence[float]) -> float:
         """The largest bytes a pipeline rank holds for the cut ``starts`` (the ILP's memory row)."""
-        params, acts = self._layer_param_bytes(spec), table.activations
+        params, acts = self._layer_param_bytes(spec.tp, spec.dp, spec.zero_stage), self._stage_sums(table, starts, "activations")
         ends = list(starts[1:]) + [self.ctx.num_layers]
         ranks = [0.0] * spec.pp
         for i, (a, b) in enumerate(zip(starts, ends)):
-            ranks[i % spec.pp] += float(params[a:b].sum()) + inflight[i] * float(acts[a:b].sum())
+            ranks[i % spec.pp] += float(params[a:b].sum()) + inflight[i] * acts[i]
         return max(ranks)
 
     def finish(self, c: Candidate) -> Candidate:
@@ -1204,6 +1263,22 @@ class _Search:
         partition = evaluate_partition(problem, c.partition.starts, status=c.partition.status, solve_seconds=c.partition.solve_seconds)
         return dataclasses.replace(c, partition=partition)
 
+    def _stage_sums(self, table: _LayerTable, starts: Sequence[int], column: str) -> list[float]:
+        """Per stage of the cut ``starts``: the sum of one of the table's per-layer costs
+        (``column``: a _LayerTable field, "compute" or "comm"); the ZeRO stages of a
+        candidate share its cut and table, so each is summed once for all of them."""
+        key = (id(table), tuple(starts), column)  # tables live as long as the search (_LayerPrices.table)
+        found = self.stage_sums.get(key)
+        if found is None:
+            if column in ("compute", "comm"):
+                values = getattr(table, f"forward_{column}") + getattr(table, f"backward_{column}")
+            else:
+                values = getattr(table, column)
+            ends = list(starts[1:]) + [self.ctx.num_layers]
+            found = [float(values[a:b].sum()) for a, b in zip(starts, ends)]
+            self.stage_sums[key] = found
+        return found
+
     def _pipeline_candidate(self, spec, table, partition, inflight, transient) -> Candidate | Rejection:
         ctx, prices = self.ctx, self.prices[spec.tp]
         R, p, m = spec.pp, spec.stages, spec.microbatches
@@ -1213,20 +1288,18 @@ class _Search:
         for i in range(p):
             held[i % R][partition.starts[i]:ends[i]] = True
 
-        def run(values: np.ndarray, i: int) -> float:
-            return float(values[partition.starts[i]:ends[i]].sum())
-
+        run = {column: self._stage_sums(table, partition.starts, column) for column in ("compute", "recompute", "comm", "time", "forward", "backward", "activations")}
         per_rank = {k: [0.0] * R for k in ("compute", "recompute", "comm", "layers", "forward", "backward", "activations")}
         for i in range(p):
             r = i % R
             s = speed[i]
-            per_rank["compute"][r] += run(table.forward_compute + table.backward_compute, i) / s
-            per_rank["recompute"][r] += run(table.recompute, i) / s
-            per_rank["comm"][r] += run(table.forward_comm + table.backward_comm, i) / s
-            per_rank["layers"][r] += run(table.time, i) / s
-            per_rank["forward"][r] += run(table.forward, i) / s
-            per_rank["backward"][r] += run(table.backward, i) / s
-            per_rank["activations"][r] += inflight[i] * run(table.activations, i)
+            per_rank["compute"][r] += run["compute"][i] / s
+            per_rank["recompute"][r] += run["recompute"][i] / s
+            per_rank["comm"][r] += run["comm"][i] / s
+            per_rank["layers"][r] += run["time"][i] / s
+            per_rank["forward"][r] += run["forward"][i] / s
+            per_rank["backward"][r] += run["backward"][i] / s
+            per_rank["activations"][r] += inflight[i] * run["activations"][i]
         per_rank["numel"], per_rank["buffers"] = (list(x) for x in zip(*(prices.held(mask) for mask in held)))
         rank_time = [sum(partition.stage_times[i] for i in range(r, p, R)) for r in range(R)]
         slowest = max(range(R), key=lambda r: rank_time[r])
@@ -1234,7 +1307,7 @@ class _Search:
         itemsize = ctx.param_dtype.itemsize
         exposed, drained = 0.0, 0.0
         for r in range(R):
-            drained += run(table.backward, r) / speed[r]  # chunk-0 stages 0..r drain after rank r's last backward
+            drained += run["backward"][r] / speed[r]  # chunk-0 stages 0..r drain after rank r's last backward
             exposed = max(exposed, self._dp_exposed(spec, r, per_rank["numel"][r] * itemsize, per_rank["forward"][r], per_rank["backward"][r], drained))
         optimizer = max(self._optimizer_time(n, spec) for n in per_rank["numel"])
         breakdown = StepBreakdown(
@@ -1276,27 +1349,79 @@ class _CutCosts:
     def __init__(self, problem: StageProblem):
         self.problem = problem
         layers = problem.layers
-        self.L, self.p, self.R = len(layers), problem.stages, problem.ranks
-        self.prefix_time = np.concatenate([[0.0], np.cumsum([l.time for l in layers])]).tolist()
-        self.boundary = [l.boundary_bytes for l in layers]
-        self.speed = list(problem.stage_speed or (1.0,) * self.p)
-        self.alpha = list(problem.link_latency or (0.0,) * (self.p - 1))
-        self.inv_bw = [1.0 / b for b in problem.link_bandwidth] if problem.link_bandwidth else [0.0] * (self.p - 1)
+        L, p = len(layers), problem.stages
+        self.L, self.p, self.R = L, p, problem.ranks
+        prefix = np.concatenate([[0.0], np.cumsum([l.time for l in layers])])
+        boundary = np.array([l.boundary_bytes for l in layers], dtype=np.float64)
+        speed = np.array(problem.stage_speed or (1.0,) * p, dtype=np.float64)
+        alpha = np.array(problem.link_latency or (0.0,) * (p - 1), dtype=np.float64)
+        inv_bw = np.array([1.0 / b for b in problem.link_bandwidth] if problem.link_bandwidth else [0.0] * (p - 1), dtype=np.float64)
+        # A stage's time is its compute, plus its receive (not the first stage) and its send
+        # (not the last); both transfers of cut k, right after layer j, are 2 (alpha_k + B_j / bw_k).
+        transfer = 2 * (alpha[:, None] + boundary[None, :] * inv_bw[:, None])  # [k, j]
+        receive = np.zeros((p, L))  # [i, first]: stage i's receive
+        receive[1:, 1:] = transfer[:, :-1]
+        receive[1:, 0] = transfer[:, -1]  # (a stage after the first never starts at layer 0)
+        send = np.zeros((p, L))  # [i, last]: stage i's send
+        send[:-1] = transfer
+        self._arrays = (prefix, speed, transfer, receive, send)  # for _polish's numpy screen
+        self._positions = np.arange(1, L)  # where a cut may be: the first layer of a stage
+        beside = np.eye(self.R, dtype=bool)
+        self._other_ranks = ~(beside | np.roll(beside, 1, axis=1))  # [r]: all but ranks r and r + 1
+        self.prefix_time, self.boundary, self.speed = prefix.tolist(), boundary.tolist(), speed.tolist()
+        self.alpha, self.inv_bw = alpha.tolist(), inv_bw.tolist()
+        self.receive, self.send = receive.tolist(), send.tolist()
         self.divisor = problem.fill_drain_divisor
         self.param = np.concatenate([[0.0], np.cumsum([l.param_bytes for l in layers])]).tolist()
         self.act = np.concatenate([[0.0], np.cumsum([l.activation_bytes for l in layers])]).tolist()
-        self.inflight = [problem.inflight(i) for i in range(self.p)]
-
-    def transfer(self, boundary: int, last_layer: int) -> float:
-        return 2 * (self.alpha[boundary] + self.boundary[last_layer] * self.inv_bw[boundary])
+        self.inflight = problem.inflights()
 
     def stage_time(self, i: int, first: int, last: int) -> float:
-        t = (self.prefix_time[last + 1] - self.prefix_time[first]) / self.speed[i]
-        if i > 0:
-            t += self.transfer(i - 1, first - 1)
-        if i < self.p - 1:
-            t += self.transfer(i, last)
-        return t
+        """Seconds of stage ``i`` holding layers ``first..last``, transfers included."""
+        return (self.prefix_time[last + 1] - self.prefix_time[first]) / self.speed[i] + self.receive[i][first] + self.send[i][last]
+
+    def movable_cuts(self, starts: list[int], stage: list[float], ranks: list[float], best: tuple[float, float], allowed: np.ndarray, first_cut: int) -> list[int]:
+        """The cuts ``k >= first_cut`` of ``starts`` (ascending) that may have a position that
+        :func:`_polish` takes over ``best``, every position of every cut priced at once with
+        numpy. A screen that keeps every cut that could move: its step and evenness are
+        _polish's own floats (the same operations in the same order; sums accumulate left to
+        right), and only the step's rounding to 12 digits is bracketed, by a few ulps."""
+        prefix, speed, transfer, receive, send = self._arrays
+        L, p, R = self.L, self.p, self.R
+        at = np.array(starts)
+        end = np.append(at[1:], L)  # per stage: one past its last layer
+        j = self._positions
+        s = np.searchsorted(at, j, side="right") - 1  # the stage holding layer j
+        free = (at[s] != j) & allowed[j - 1]  # j is no cut yet and may be one
+        # j can take cut s (moved later: stage s-1 grows) or cut s + 1 (moved earlier)
+        k = np.concatenate([s, s + 1])
+        cut = np.concatenate([j, j])
+        k_first = max(first_cut, 1)
+        usable = np.concatenate([free & (s >= k_first), free & (s + 1 >= k_first) & (s + 1 < p)])
+        k, cut = k[usable], cut[usable]
+        i = k - 1  # the stage before cut k
+        first, last = at[i], end[k]
+        moved = transfer[i, cut - 1]
+        before = (prefix[cut] - prefix[first]) / speed[i] + receive[i, first] + moved
+        after = (prefix[last] - prefix[cut]) / speed[k] + moved + send[k, last - 1]
+        stage_t, rank_t = np.array(stage), np.array(ranks)
+        a = i % R  # cut k sits between ranks a and a + 1 (mod R)
+        ra = rank_t[a] - stage_t[i] + before
+        rb = rank_t[k % R] - stage_t[k] + after
+        others = np.where(self._other_ranks, rank_t, 0.0)  # rank times are >= 0: a 0 changes no max or sum
+        top = others.max(axis=1)[a]
+        total = np.cumsum(others, axis=1)[a, -1]
+        squares = np.cumsum(others * others, axis=1)[a, -1]
+        slowest = np.maximum(top, np.maximum(ra, rb))
+        step = self.problem.microbatches * slowest + (total + ra + rb - slowest) / self.divisor
+        evenness = squares + ra * ra + rb * rb
+        # round(x, 12) < best[0] needs x below best[0] - 0.5e-12, == best[0] x up to best[0] + 0.5e-12
+        fuzz = 4 * float(np.spacing(abs(best[0])))
+        lower = step < best[0] - 0.5e-12 + fuzz
+        tied = (step <= best[0] + 0.5e-12 + fuzz) & (evenness * (1 + 1e-12) < best[1])
+        flagged = np.zeros(p, dtype=bool)
+        flagged[k[lower | tied]] = True
+        return np.flatnonzero(flagged).tolist()
 
     def step(self, starts: Sequence[int]) -> float:
         ends = list(starts[1:]) + [self.L]
@@ -1334,12 +1459,14 @@ def _interleaved_cut(problem: StageProblem, forbidden: frozenset[int], budget: f
 
     def fill(cap: float) -> list[int] | None:
         def last_layer(i: int, first: int) -> int:
-            if costs.stage_time(i, first, first) > cap and allowed[first]:
+            # costs.stage_time(i, first, j), inlined: the fills run it ~100,000 times
+            start, speed, receive, send = prefix[first], costs.speed[i], costs.receive[i][first], costs.send[i]
+            if (prefix[first + 1] - start) / speed + receive + send[first] > cap and allowed[first]:
                 return first - 1  # not even one layer fits (the common failure: stop early)
             # the longest run within the cap on compute alone, then back to a cut that
             # is allowed and within the cap with its transfers
-            j = min(bisect.bisect_right(prefix, prefix[first] + cap * costs.speed[i]) - 2, L - (p - i))
-            while j >= first and not (allowed[j] and costs.stage_time(i, first, j) <= cap):
+            j = min(bisect.bisect_right(prefix, start + cap * speed) - 2, L - (p - i))
+            while j >= first and not (allowed[j] and (prefix[j + 1] - start) / speed + receive + send[j] <= cap):
                 j -= 1
             return j
 
@@ -1369,14 +1496,18 @@ def _interleaved_cut(problem: StageProblem, forbidden: frozenset[int], budget: f
         if lightest is None or not fits(lightest):
             return None
         seeds = [lightest]
-    return min(_polish(costs, seed, allowed, fits) for seed in seeds)[1]
+    return min(_polish(costs, list(seed), allowed, fits) for seed in dict.fromkeys(map(tuple, seeds)))[1]  # each distinct seed once
 
 
 def _polish(costs: "_CutCosts", starts: list[int], allowed: list[bool], fits) -> tuple[float, list[int]]:
     """Coordinate descent on the cuts: each cut in turn moves to its best position between
     its neighbours, until no move improves; (step, cut). A move is better when it lowers the
     step, or keeps it and evens the ranks out (less sum of squares), so load can travel
-    through ranks that do not pace the step. Only the two stages beside a cut change."""
+    through ranks that do not pace the step. Only the two stages beside a cut change.
+
+    Most cuts have no better position: a numpy screen (:meth:`_CutCosts.movable_cuts`)
+    prices every position of every later cut at once, and only the cuts it keeps are priced
+    exactly, one position at a time, in order; the screen runs again after each move."""
     L, p, R = costs.L, costs.p, costs.R
     starts = list(starts)
     ends = starts[1:] + [L]
@@ -1384,37 +1515,48 @@ def _polish(costs: "_CutCosts", starts: list[int], allowed: list[bool], fits) ->
     ranks = [sum(stage[i] for i in range(r, p, R)) for r in range(R)]
     m, d = costs.problem.microbatches, costs.divisor
     stage_time = costs.stage_time
+    allowed_array = np.array(allowed, dtype=bool)
 
     def score(values) -> tuple[float, float]:
         slowest = max(values)
         return round(m * slowest + (sum(values) - slowest) / d, 12), sum(t * t for t in values)
 
+    def move(k: int) -> bool:
+        """Cut k to its best position if one beats ``best``."""
+        nonlocal best
+        a, b = (k - 1) % R, k % R  # the ranks of the stages before and after cut k
+        others = [t for r, t in enumerate(ranks) if r != a and r != b]
+        top, total, squares = max(others, default=0.0), sum(others), sum(t * t for t in others)
+        base_a, base_b = ranks[a] - stage[k - 1], ranks[b] - stage[k]
+        nxt = starts[k + 1] if k + 1 < p else L
+        found = None
+        for cut in range(starts[k - 1] + 1, nxt):  # the first layer of stage k
+            if cut == starts[k] or not allowed[cut - 1]:
+                continue
+            before = stage_time(k - 1, starts[k - 1], cut - 1)
+            after = stage_time(k, cut, nxt - 1)
+            ra, rb = base_a + before, base_b + after
+            slowest = max(top, ra, rb)
+            value = (round(m * slowest + (total + ra + rb - slowest) / d, 12), squares + ra * ra + rb * rb)
+            if (value[0], value[1] * (1 + 1e-12)) < best and fits(starts[:k] + [cut] + starts[k + 1:]):
+                best, found = value, (cut, before, after)
+        if found is None:
+            return False
+        cut, stage[k - 1], stage[k] = found
+        starts[k] = cut
+        ranks[a], ranks[b] = base_a + stage[k - 1], base_b + stage[k]
+        return True
+
     best = score(ranks)
     improved = True
     while improved:
         improved = False
-        for k in range(1, p):
-            a, b = (k - 1) % R, k % R  # the ranks of the stages before and after cut k
-            others = [t for r, t in enumerate(ranks) if r != a and r != b]
-            top, total, squares = max(others, default=0.0), sum(others), sum(t * t for t in others)
-            base_a, base_b = ranks[a] - stage[k - 1], ranks[b] - stage[k]
-            nxt = starts[k + 1] if k + 1 < p else L
-            found = None
-            for cut in range(starts[k - 1] + 1, nxt):  # the first layer of stage k
-                if cut == starts[k] or not allowed[cut - 1]:
-                    continue
-                before = stage_time(k - 1, starts[k - 1], cut - 1)
-                after = stage_time(k, cut, nxt - 1)
-                ra, rb = base_a + before, base_b + after
-                slowest = max(top, ra, rb)
-                value = (round(m * slowest + (total + ra + rb - slowest) / d, 12), squares + ra * ra + rb * rb)
-                if (value[0], value[1] * (1 + 1e-12)) < best and fits(starts[:k] + [cut] + starts[k + 1:]):
-                    best, found = value, (cut, before, after)
-            if found is not None:
-                cut, stage[k - 1], stage[k] = found
-                starts[k] = cut
-                ranks[a], ranks[b] = base_a + stage[k - 1], base_b + stage[k]
+        todo = costs.movable_cuts(starts, stage, ranks, best, allowed_array, 1)
+        while todo:
+            k = todo.pop(0)
+            if move(k):
                 improved = True
+                todo = costs.movable_cuts(starts, stage, ranks, best, allowed_array, k + 1) if k + 1 < p else []
     return costs.step(starts), starts
 
 
@@ -1495,7 +1637,7 @@ def _lightest_cut(problem: StageProblem, forbidden: frozenset[int]) -> list[int]
     L, p = len(problem.layers), problem.stages
     param = np.concatenate([[0.0], np.cumsum([l.param_bytes for l in problem.layers])])
     act = np.concatenate([[0.0], np.cumsum([l.activation_bytes for l in problem.layers])])
-    held = [(param + problem.inflight(i) * act).tolist() for i in range(p)]  # bytes of layers 0..j-1 on stage i
+    held = [(param + n * act).tolist() for n in problem.inflights()]  # bytes of layers 0..j-1 on stage i
     allowed = [j not in forbidden for j in range(L)]
 
     def fill(cap: float) -> list[int] | None:
@@ -1510,27 +1652,6 @@ def _lightest_cut(problem: StageProblem, forbidden: frozenset[int]) -> list[int]
 
     most = float(max(h[L] for h in held))
     return _smallest_cap(fill, most, most)
-
-
-def _least_peak_memory(problem: StageProblem) -> float:
-    """The least, over cuts, of the fullest stage's bytes (one stage per rank: exact, by
-    a DP over (stage, last layer)); with several stages per rank, the mean rank's bytes
-    (a lower bound)."""
-    param = np.array([l.param_bytes for l in problem.layers])
-    act = np.array([l.activation_bytes for l in problem.layers])
-    p, L = problem.stages, len(param)
-    if problem.virtual_stages > 1:
-        least_inflight = min(problem.inflight(i) for i in range(p))
-        return float(param.sum() + least_inflight * act.sum()) / problem.ranks
-    prefix_p, prefix_a = np.concatenate([[0.0], np.cumsum(param)]), np.concatenate([[0.0], np.cumsum(act)])
-    run_p = prefix_p[None, 1:] - prefix_p[:-1, None]  # [first, last]
-    run_a = prefix_a[None, 1:] - prefix_a[:-1, None]
-    invalid = np.arange(L)[:, None] > np.arange(L)[None, :]
-    best = np.concatenate([[0.0], np.full(L, np.inf)])  # best[n]: layers 0..n-1 in the stages so far
-    for i in range(p):
-        stage = np.where(invalid, np.inf, run_p + problem.inflight(i) * run_a)
-        best = np.concatenate([[np.inf], np.maximum(best[:L, None], stage).min(axis=0)])
-    return float(best[L])
 
 
 # -- helpers -------------------------------------------------------------------------------------------

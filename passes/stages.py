@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -131,6 +132,7 @@ __all__ = [
     "exact_chain_partition",
     "equal_layer_split",
     "evaluate_partition",
+    "least_peak_stage_memory",
     "stage_problem_from_graph",
     "SCHEDULES",
 ]
@@ -189,10 +191,11 @@ class StageProblem:
         _require(v == 1 or self.schedule in ("interleaved", "zero_bubble"), f"schedule {self.schedule!r} runs one stage per rank; virtual_stages={v} needs 'interleaved' or 'zero_bubble'")
         _require(p % v == 0, f"{p} stages do not split into {v} virtual stages per rank")
         _require(len(self.layers) >= 1, "a stage problem needs at least one layer")
-        for layer in self.layers:
-            values = (layer.time, layer.param_bytes, layer.activation_bytes, layer.boundary_bytes)
-            if not all(0 <= x < math.inf for x in values):  # the message only when it fails: the search builds hundreds of problems
-                _require(False, f"layer {layer.name!r}: costs must be finite and >= 0, got {layer}")
+        # one pass without generators: the search builds hundreds of problems
+        inf = math.inf
+        bad = [l for l in self.layers if not (0 <= l.time < inf and 0 <= l.param_bytes < inf and 0 <= l.activation_bytes < inf and 0 <= l.boundary_bytes < inf)]
+        if bad:
+            _require(False, f"layer {bad[0].name!r}: costs must be finite and >= 0, got {bad[0]}")
         for name, length in (("stage_speed", p), ("memory_budget", p), ("link_latency", p - 1), ("link_bandwidth", p - 1)):
             values = getattr(self, name)
             _require(len(values) in (0, length), f"{name} needs {length} values (one per {'stage' if length == p else 'boundary'}) or none, got {len(values)}")
@@ -220,16 +223,25 @@ class StageProblem:
 
     def inflight(self, stage: int) -> float:
         """Microbatches whose activations stage ``stage`` holds at its peak (see the module doc)."""
-        p, m, v, R = self.stages, self.microbatches, self.virtual_stages, self.ranks
-        if self.schedule == "gpipe":
-            return float(m)
-        if self.schedule == "1f1b":
-            return float(min(p - stage, m))
-        rounds = max(1, m // R)
-        per_round = m // rounds
-        hops = 2 if self.schedule == "interleaved" else 1
-        warmup = (v - 1) * per_round + hops * (R - 1 - self.rank_of(stage))
-        return min(m * v, warmup + 1) / v
+        return self.inflights()[stage]
+
+    def inflights(self) -> tuple[float, ...]:
+        """:meth:`inflight` of every stage (cached per shape: a search builds hundreds of
+        problems of a few shapes)."""
+        return _inflights(self.stages, self.microbatches, self.schedule, self.virtual_stages)
+
+
+@functools.lru_cache(maxsize=4096)
+def _inflights(p: int, m: int, schedule: str, v: int) -> tuple[float, ...]:
+    if schedule == "gpipe":
+        return (float(m),) * p
+    if schedule == "1f1b":
+        return tuple(float(min(p - stage, m)) for stage in range(p))
+    R = p // v
+    rounds = max(1, m // R)
+    per_round = m // rounds
+    hops = 2 if schedule == "interleaved" else 1
+    return tuple(min(m * v, (v - 1) * per_round + hops * (R - 1 - stage % R) + 1) / v for stage in range(p))
 
 
 @dataclass(frozen=True)
@@ -272,7 +284,7 @@ class _ChainCosts:
         self.speed = np.array(problem.stage_speed or (1.0,) * p)
         self.alpha = np.array(problem.link_latency or (0.0,) * (p - 1))
         self.inv_bw = np.array([1.0 / b for b in problem.link_bandwidth] if problem.link_bandwidth else [0.0] * (p - 1))
-        self.inflight = np.array([problem.inflight(i) for i in range(p)])
+        self.inflight = np.array(problem.inflights())
         budget = problem.memory_budget or (math.inf,) * p
         # A rank holds all its stages; its budget is the smallest its stages were given.
         # (less what every device keeps for transient buffers)
@@ -314,26 +326,43 @@ class _ChainCosts:
         per_stage = [self.stage_memory(i, a, b - 1) for i, (a, b) in enumerate(zip(starts, ends))]
         return all(sum(per_stage[i] for i in range(r, self.p, self.R)) <= self.rank_budget[r] for r in range(self.R))
 
-    def stage_matrices(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(time, memory) of stage ``i`` for every run ``first..last`` as [first, last] matrices;
-        inf where the run is impossible (reversed, or leaving another stage empty)."""
-        L, p = self.L, self.p
-        first = np.arange(L)[:, None]
-        last = np.arange(L)[None, :]
+    @property
+    def width(self) -> int:
+        """W = L - p + 1: the layers a stage may start (or end) at while every stage keeps one."""
+        return self.L - self.p + 1
+
+    def time_band(self, i: int) -> np.ndarray:
+        """Seconds of stage ``i`` (transfers included) holding layers ``i + a .. i + b``, as a
+        W x W matrix [a, b] (``first - i``, ``last - i``: the only runs that leave every other
+        stage a layer); inf where ``a > b``."""
+        W, p = self.width, self.p
+        first = np.arange(i, i + W)  # also the last layers: the same range
         with np.errstate(invalid="ignore"):
-            t = (self.prefix_time[None, 1:] - self.prefix_time[:-1, None]) / self.speed[i]
+            t = (self.prefix_time[None, first + 1] - self.prefix_time[first, None]) / self.speed[i]
             if i > 0:
-                recv = np.full(L, np.inf)
-                recv[1:] = _TRANSFERS_PER_BOUNDARY * (self.alpha[i - 1] + self.boundary[:-1] * self.inv_bw[i - 1])
-                t = t + recv[:, None]
+                t = t + (_TRANSFERS_PER_BOUNDARY * (self.alpha[i - 1] + self.boundary[first - 1] * self.inv_bw[i - 1]))[:, None]
             if i < p - 1:
-                send = _TRANSFERS_PER_BOUNDARY * (self.alpha[i] + self.boundary * self.inv_bw[i])
-                t = t + send[None, :]
-        mem = (self.prefix_param[None, 1:] - self.prefix_param[:-1, None]) + self.inflight[i] * (self.prefix_act[None, 1:] - self.prefix_act[:-1, None])
-        impossible = (first > last) | (first < i) | (last > L - p + i)
-        t = np.where(impossible, np.inf, t)
-        mem = np.where(impossible, np.inf, mem)
-        return t, mem
+                t = t + (_TRANSFERS_PER_BOUNDARY * (self.alpha[i] + self.boundary[first] * self.inv_bw[i]))[None, :]
+        return np.where(_reversed(W), np.inf, t)
+
+    def memory_band(self, i: int) -> np.ndarray:
+        """Bytes of stage ``i`` holding layers ``i + a .. i + b`` ([a, b], as :meth:`time_band`)."""
+        first = np.arange(i, i + self.width)
+        run_param = self.prefix_param[None, first + 1] - self.prefix_param[first, None]
+        run_act = self.prefix_act[None, first + 1] - self.prefix_act[first, None]
+        return np.where(_reversed(self.width), np.inf, run_param + self.inflight[i] * run_act)
+
+    def time_matrix(self, i: int) -> np.ndarray:
+        """:meth:`time_band` as an L x L matrix [first, last]; inf where stage ``i`` cannot
+        hold the run (reversed, or leaving another stage empty)."""
+        full = np.full((self.L, self.L), np.inf)
+        full[i : i + self.width, i : i + self.width] = self.time_band(i)
+        return full
+
+
+def _reversed(W: int) -> np.ndarray:
+    """[a, b]: True where a > b (a run that ends before it starts)."""
+    return np.arange(W)[:, None] > np.arange(W)[None, :]
 
 
 def evaluate_partition(problem: StageProblem, starts: Sequence[int], *, status: str = "evaluated", solve_seconds: float = 0.0) -> StagePartition:
@@ -391,8 +420,8 @@ def _solve_ilp(problem: StageProblem, *, use_incumbent: bool = True, use_windows
     costs = _ChainCosts(problem)
     if costs.has_budget and problem.virtual_stages == 1:
         _check_memory_feasible(problem, costs)  # exact, and far quicker than CBC proving infeasibility
-    times = [costs.stage_matrices(i)[0] for i in range(problem.stages)]
-    incumbent = _incumbent(problem, costs, times) if use_incumbent else None
+    times = [costs.time_matrix(i) for i in range(problem.stages)]
+    incumbent = _incumbent(problem, costs) if use_incumbent else None
     model = _StageILP(problem, costs, _cut_windows(problem, costs, incumbent if use_windows else None, times))
     model.add_assignment()
     model.add_contiguity()
@@ -580,7 +609,7 @@ class _StageILP:
 
 
 # -- incumbent and windows --------------------------------------------------------------------------
-def _incumbent(problem: StageProblem, costs: _ChainCosts, times: list[np.ndarray]) -> StagePartition | None:
+def _incumbent(problem: StageProblem, costs: _ChainCosts) -> StagePartition | None:
     """A good feasible cut, to warm-start CBC and bound the windows; None if none is found.
 
     Candidates: a greedy fill (bisect on a cap of each stage's compute time; each stage takes
@@ -614,9 +643,10 @@ def _incumbent(problem: StageProblem, costs: _ChainCosts, times: list[np.ndarray
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
         candidates.append(fill(hi))
+    bands = [costs.time_band(i) for i in range(p)]
     if costs.has_budget and problem.virtual_stages == 1:
-        times = [np.where(costs.stage_matrices(i)[1] <= budget[i], times[i], np.inf) for i in range(p)]
-    candidates += [list(_best_cut(times, combine)[1]) for combine in (np.add, np.maximum)]
+        bands = [np.where(costs.memory_band(i) <= budget[i], bands[i], np.inf) for i in range(p)]
+    candidates += [list(_best_cut(bands, combine)[1]) for combine in (np.add, np.maximum)]
     best = None
     for starts in candidates:
         if starts and costs.fits(starts):
@@ -734,7 +764,7 @@ def _min_max_memory(problem: StageProblem, costs: _ChainCosts) -> _MemoryBound:
     a DP for one stage per rank, a small ILP when ranks hold several stages."""
     L, p = costs.L, costs.p
     if problem.virtual_stages == 1:
-        _, starts = _best_cut([costs.stage_matrices(i)[1] / costs.rank_budget[i] for i in range(p)], np.maximum)
+        _, starts = _best_cut([costs.memory_band(i) / costs.rank_budget[i] for i in range(p)], np.maximum)
     else:
         starts = _min_max_memory_ilp(problem, costs)
     ends = starts[1:] + (L,)
@@ -759,6 +789,13 @@ def _min_max_memory_ilp(problem: StageProblem, costs: _ChainCosts) -> tuple[int,
     if not starts:
         raise SolverError(f"CBC could not size the memory of the stages (status {status})", ErrorContext(pass_name=_PASS, fix="raise StageProblem.time_limit"))
     return starts
+
+
+def least_peak_stage_memory(problem: StageProblem) -> float:
+    """The least, over cuts into one stage per rank, of the fullest stage's bytes
+    (parameters and activations in flight, the budget ignored; a DP): no cut needs less."""
+    costs = _ChainCosts(problem)
+    return _best_cut([costs.memory_band(i) for i in range(costs.p)], np.maximum)[0]
 
 
 def _check_memory_feasible(problem: StageProblem, costs: _ChainCosts) -> None:
@@ -817,33 +854,28 @@ def _check_stage_count(problem: StageProblem) -> None:
         )
 
 
-def _best_cut(matrices: list[np.ndarray], combine, cap: float = math.inf) -> tuple[float, tuple[int, ...]]:
-    """(best value, its starts) over cuts into ``len(matrices)`` non-empty stages, where stage
-    i holding layers a..b is worth ``matrices[i][a, b]``, stages combine with ``combine``
-    (np.add: a sum; np.maximum: the worst stage), and no stage may exceed ``cap``.
-    A DP over (stage, last layer); (inf, ()) when no cut qualifies."""
-    p, L = len(matrices), matrices[0].shape[0]
-    best = np.concatenate([[0.0], np.full(L, np.inf)])  # best[n]: layers 0..n-1 in the stages so far
-    choice = np.zeros((p, L), dtype=np.int64)
+def _best_cut(bands: list[np.ndarray], combine, cap: float = math.inf) -> tuple[float, tuple[int, ...]]:
+    """(best value, its starts) over cuts into ``len(bands)`` non-empty stages, where stage
+    i holding layers i+a..i+b is worth ``bands[i][a, b]`` (:meth:`_ChainCosts.time_band`),
+    stages combine with ``combine`` (np.add: a sum; np.maximum: the worst stage), and no
+    stage may exceed ``cap``. A DP over (stage, last layer); (inf, ()) when no cut qualifies."""
+    p, W = len(bands), bands[0].shape[0]
+    best = np.full(W, np.inf)  # best[a]: layers 0..i+a-1 in stages 0..i-1 (stage i starts at i+a)
+    best[0] = 0.0
+    choice = np.zeros((p, W), dtype=np.int64)
     for i in range(p):
-        allowed = matrices[i] if cap == math.inf else np.where(matrices[i] <= cap, matrices[i], np.inf)
-        value = combine(best[:L, None], allowed)
+        allowed = bands[i] if cap == math.inf else np.where(bands[i] <= cap, bands[i], np.inf)
+        value = combine(best[:, None], allowed)
         choice[i] = value.argmin(axis=0)
-        best = np.concatenate([[np.inf], value.min(axis=0)])
-    if not math.isfinite(best[L]):
+        best = value.min(axis=0)  # by b: stage i ends at i+b, so stage i+1 starts at (i+1)+b
+    if not math.isfinite(best[W - 1]):
         return math.inf, ()
-    return float(best[L]), _backtrack(choice, L)
-
-
-def _backtrack(choice: np.ndarray, L: int) -> tuple[int, ...]:
-    """Starts from a DP's choices: choice[i][b] = first layer of stage i when it ends at b."""
-    p = choice.shape[0]
-    starts, end = [], L - 1
+    starts, end = [], W + p - 2  # the last layer
     for i in range(p - 1, -1, -1):
-        first = int(choice[i][end])
+        first = i + int(choice[i][end - i])
         starts.append(first)
         end = first - 1
-    return tuple(reversed(starts))
+    return float(best[W - 1]), tuple(reversed(starts))
 
 
 # -- the exact chain partitioner ---------------------------------------------------------------------
@@ -853,8 +885,9 @@ def exact_chain_partition(problem: StageProblem) -> StagePartition:
     For a pace ``T``, ``S(T)`` is the least ``sum_i t_i`` over cuts with every stage time
     ``<= T`` (and within memory), found by a DP over (stage, last layer). The optimum is
     ``min_T (m - 1/d) T + (1/d) S(T)`` over the candidate paces: every stage time any cut
-    can produce. Candidates are scanned upwards from the smallest feasible pace and the
-    scan stops at the first ``T`` with ``(m - 1/d) T + (1/d) S(inf)`` above the best.
+    can produce. Candidates are scanned upwards from the smallest feasible pace (the least
+    slowest stage over all cuts, one DP) and the scan stops at the first ``T`` with
+    ``(m - 1/d) T + (1/d) S(inf)`` above the best.
     """
     start = time.perf_counter()
     _check_stage_count(problem)
@@ -864,11 +897,11 @@ def exact_chain_partition(problem: StageProblem) -> StagePartition:
             ErrorContext(pass_name=_PASS, fix="use solve_stages for virtual_stages > 1"),
         )
     costs = _ChainCosts(problem)
-    p = costs.p
     times = []
-    for i in range(p):
-        t, mem = costs.stage_matrices(i)
-        t = np.where(mem <= costs.rank_budget[i], t, np.inf)
+    for i in range(costs.p):
+        t = costs.time_band(i)
+        if costs.has_budget:
+            t = np.where(costs.memory_band(i) <= costs.rank_budget[i], t, np.inf)
         times.append(t)
 
     def least_sum(pace: float) -> tuple[float, tuple[int, ...]]:
@@ -882,16 +915,15 @@ def exact_chain_partition(problem: StageProblem) -> StagePartition:
     d, m = problem.fill_drain_divisor, problem.microbatches
     slope = m - 1.0 / d
     if slope > 0:
-        candidates = np.unique(np.concatenate([t[np.isfinite(t)] for t in times]))
-        lo, hi = 0, len(candidates) - 1  # the smallest feasible pace: feasibility is monotone in T
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if least_sum(candidates[mid])[1]:
-                hi = mid
-            else:
-                lo = mid + 1
-        best_value = math.inf
-        for pace in candidates[lo:]:
+        # The smallest feasible pace is the least slowest stage over all cuts (least_sum(T)
+        # finds a cut iff T is at least that): one DP instead of a bisection of DPs.
+        fastest = _best_cut(times, np.maximum)[0]
+        total, starts = least_sum(fastest)
+        best_value = slope * fastest + total / d
+        # Paces above `beyond` cannot beat best_value; the candidates are listed up to it
+        # first (a few hundred of the ~p L^2 / 2 stage times), the rest only if needed.
+        beyond = (best_value - unconstrained / d) / slope * (1 + 1e-6)
+        for pace in _distinct_paces(times, fastest, beyond):
             if slope * pace + unconstrained / d >= best_value:
                 break
             total, cut = least_sum(pace)
@@ -899,6 +931,13 @@ def exact_chain_partition(problem: StageProblem) -> StagePartition:
             if value < best_value:
                 best_value, starts = value, cut
     return evaluate_partition(problem, starts, status="optimal", solve_seconds=time.perf_counter() - start)
+
+
+def _distinct_paces(times: list[np.ndarray], above: float, split: float):
+    """The distinct finite stage times in ``times`` greater than ``above``, ascending: those
+    up to ``split`` first, then (computed only when the caller gets that far) the rest."""
+    yield from np.unique(np.concatenate([t[(t > above) & (t <= split) & (t < math.inf)] for t in times]))
+    yield from np.unique(np.concatenate([t[(t > above) & ~(t <= split) & (t < math.inf)] for t in times]))
 
 
 # -- from an annotated graph --------------------------------------------------------------------------

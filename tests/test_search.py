@@ -22,6 +22,7 @@ from partc.passes.propagate import propagate
 from partc.passes.search import (
     SearchResult,
     _Context,
+    _CutCosts,
     _interleaved_cut,
     _LayerPrices,
     explain,
@@ -280,6 +281,54 @@ def test_interleaved_local_search_against_the_exact_cuts():
         assert ilp.status == "optimal"
         ours = evaluate_partition(problem, _interleaved_cut(problem, frozenset(), None))
         assert ours.step_time == pytest.approx(ilp.step_time, rel=1e-9)
+
+
+def test_polish_screen_keeps_every_cut_that_can_move():
+    """_polish prices exactly only the cuts its numpy screen keeps: on random chains and cuts
+    (equal layers too, whose many equal steps tie on the rounded score) every cut with a
+    position that the exact rule takes over the current score is kept."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(7)
+    moves = skipped = 0
+    for _ in range(60):
+        L, ranks, v = rng.randint(6, 40), rng.randint(2, 5), rng.choice([2, 3])
+        p = ranks * v
+        if p > L:
+            continue
+        equal = rng.random() < 0.5
+        layers = tuple(LayerCost(f"l{j}", 1.0 if equal else rng.uniform(0.1, 3.0), 1.0, 1.0, 1.0 if equal else rng.uniform(0, 2)) for j in range(L))
+        problem = StageProblem(layers, stages=p, microbatches=2 * ranks, schedule="interleaved", virtual_stages=v, link_latency=(0.01,) * (p - 1), link_bandwidth=(4.0,) * (p - 1))
+        costs = _CutCosts(problem)
+        allowed = [rng.random() < 0.9 for _ in range(L)]
+        starts = [0] + sorted(rng.sample(range(1, L), p - 1))
+        ends = starts[1:] + [L]
+        stage = [costs.stage_time(i, a, b - 1) for i, (a, b) in enumerate(zip(starts, ends))]
+        rank_times = [sum(stage[i] for i in range(r, p, ranks)) for r in range(ranks)]
+        m, d = problem.microbatches, costs.divisor
+        slowest = max(rank_times)
+        best = (round(m * slowest + (sum(rank_times) - slowest) / d, 12), sum(t * t for t in rank_times))
+        kept = costs.movable_cuts(starts, stage, rank_times, best, np.array(allowed), 1)
+        for k in range(1, p):
+            a, b = (k - 1) % ranks, k % ranks
+            others = [t for r, t in enumerate(rank_times) if r not in (a, b)]
+            nxt = starts[k + 1] if k + 1 < p else L
+            movable = False
+            for cut in range(starts[k - 1] + 1, nxt):
+                if cut == starts[k] or not allowed[cut - 1]:
+                    continue
+                ra = rank_times[a] - stage[k - 1] + costs.stage_time(k - 1, starts[k - 1], cut - 1)
+                rb = rank_times[b] - stage[k] + costs.stage_time(k, cut, nxt - 1)
+                top = max(max(others, default=0.0), ra, rb)
+                value = (round(m * top + (sum(others) + ra + rb - top) / d, 12), sum(t * t for t in others) + ra * ra + rb * rb)
+                movable |= (value[0], value[1] * (1 + 1e-12)) < best
+            if movable:
+                assert k in kept, (starts, k)
+            moves += movable
+            skipped += k not in kept
+    assert moves > 10 and skipped > 100  # both outcomes were exercised
 
 
 def test_model_flops_utilization(small):

@@ -35,6 +35,7 @@ from partc.passes.stages import (
     equal_layer_split,
     evaluate_partition,
     exact_chain_partition,
+    least_peak_stage_memory,
     solve_stages,
     stage_problem_from_graph,
 )
@@ -285,6 +286,22 @@ def test_infeasible_interleaved_budget_is_explained():
     problem = StageProblem(activation_chain(), 4, 4, "interleaved", virtual_stages=2, memory_budget=(0.1 * GiB,) * 4)
     with pytest.raises(InfeasiblePlanError, match=r"needs at least \d+\.\d\d GiB per device \(rank \d \(stages \d, \d\)\)"):
         solve_stages(problem)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_least_peak_stage_memory_is_the_least_fullest_stage(schedule):
+    """The DP's least fullest stage (the search's proof that no one-stage-per-rank cut fits)
+    equals the enumeration's, and exact_chain_partition's pace scan its brute-force optimum
+    (the scan starts from the least slowest stage, found by the same DP)."""
+    for seed, (L, p) in enumerate(((7, 1), (9, 3), (12, 4), (10, 10))):
+        problem = with_variant(random_layers(seed, L), p, schedule, "links", microbatches=6, seed=seed)
+        costs = _ChainCosts(problem)
+        fullest = min(
+            max(costs.stage_memory(i, a, b - 1) for i, (a, b) in enumerate(zip((0, *cuts), (*cuts, L))))
+            for cuts in itertools.combinations(range(1, L), p - 1)
+        )
+        assert least_peak_stage_memory(problem) == fullest
+        assert exact_chain_partition(problem).step_time == pytest.approx(brute_force(problem).step_time, rel=1e-12)
 
 
 def test_more_stages_than_layers():
