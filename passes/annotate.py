@@ -34,19 +34,21 @@ Layers
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-import operator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 
+from partc.errors import ErrorContext, PartcError
 from partc.passes.ir import (
     META_KEY,
     SAVES_NOTHING,
     SAVES_OUTPUT,
+    AttributeReader,
     LayerInfo,
     NodeInfo,
     OpKind,
@@ -67,26 +69,29 @@ _BACKWARD_RATIO = {OpKind.ATTENTION: 2.5}
 
 
 @gc_paused()
-def annotate(gm: fx.GraphModule) -> fx.GraphModule:
-    """Write ``node.meta["partc"]`` on every node and the layers into ``gm.meta["partc"]``."""
+def annotate(gm: fx.GraphModule, *, reuse_from: fx.GraphModule | None = None) -> fx.GraphModule:
+    """Write ``node.meta["partc"]`` on every node and the layers into ``gm.meta["partc"]``.
+
+    ``reuse_from``: an annotated graph that ``gm`` is a copy of (the same nodes in the same
+    order, propagated at other input shapes: the search's batch-1 graph). What does not
+    depend on shapes, each node's operator, module, layer and source line, is taken from it
+    instead of being worked out again."""
     nodes = list(gm.graph.nodes)
-    kinds = {n: op_kind(n) for n in nodes}
-    names = {n: canonical_name(n) for n in nodes}
-    specs = {n: _specs(n.meta.get("val")) for n in nodes}
-    requires_grad = _requires_grad(gm, nodes, kinds, specs)
-    param_numel, param_bytes = _parameter_sizes(gm, nodes)
-    base = _storage_owners(nodes, kinds, specs)
-    saved_extra, saved_by = _saved_for_backward(nodes, kinds, names, specs, requires_grad, base)
-    modules = {n: owning_module(n) for n in nodes}
-    layer_of, layer_names = _assign_layers(nodes, kinds, modules)
-    # Repeated blocks are traced from the same source lines: parse each stack trace once.
-    sources: dict[str | None, str | None] = {}
+    placement = _placement(nodes) if reuse_from is None else _placement_of_copy(nodes, reuse_from)
+    names, kinds, placed = placement.names, placement.kinds, placement.where
+    made: dict = {}  # one TensorSpec per (shape, dtype): a block's shapes repeat in every block
+    specs = {n: _specs(n.meta.get("val"), made) for n in nodes}
+    tensor_args = {n: _tensor_args(n) for n in nodes}
+    attributes = _attributes(gm, nodes)
+    requires_grad = _requires_grad(nodes, kinds, names, specs, attributes)
+    param_numel, param_bytes = _parameter_sizes(nodes, attributes)
+    base = _storage_owners(nodes, kinds, names, specs)
+    saved_extra, saved_by = _saved_for_backward(nodes, kinds, names, specs, requires_grad, base, tensor_args)
 
     for n in nodes:
-        kind, module = kinds[n], modules[n]
-        if kind == OpKind.PARAMETER:
-            module = (n.target.rpartition(".")[0], "")
-        fwd = _forward_flops(n, kind, names[n], specs)
+        kind = kinds[n]
+        module, module_type, layer, source = placed[n]
+        fwd = _forward_flops(n, kind, names[n], specs, tensor_args[n])
         ratio = _BACKWARD_RATIO.get(kind, 2.0)
         n.meta[META_KEY] = NodeInfo(
             op=kind,
@@ -94,28 +99,77 @@ def annotate(gm: fx.GraphModule) -> fx.GraphModule:
             outputs=specs[n],
             fwd_flops=fwd,
             bwd_flops=int(fwd * ratio) if requires_grad[n] else 0,
-            bytes_moved=_bytes_moved(n, kind, specs),
+            bytes_moved=_bytes_moved(n, kind, specs, tensor_args[n]),
             param_bytes=param_bytes.get(n, 0),
             param_numel=param_numel.get(n, 0),
             activation_bytes=(sum(s.nbytes for s in specs[n]) if n in saved_by else 0) + saved_extra.get(n, 0),
             requires_grad=requires_grad[n],
-            module=module[0],
-            module_type=module[1],
-            layer=layer_of[n],
-            source=sources[trace] if (trace := n.meta.get("stack_trace")) in sources else sources.setdefault(trace, user_source(n)),
+            module=module,
+            module_type=module_type,
+            layer=layer,
+            source=source,
         )
-    layers = _summarise_layers(nodes, layer_of, layer_names, specs, base)
+    layer_of = {n: placed[n][2] for n in nodes}
+    layers = _summarise_layers(nodes, layer_of, placement.layer_names, names, specs, base)
     inputs = tuple(s for n in nodes if kinds[n] == OpKind.INPUT for s in specs[n])
     gm.meta[META_KEY] = replace(graph_info(gm), layers=layers, input_specs=inputs)
     return gm
 
 
+# -- what each node is and where it comes from ---------------------------------------------------
+@dataclass(frozen=True)
+class _Placement:
+    """What each node is and where it comes from: nothing that depends on shapes."""
+
+    names: dict[fx.Node, str]  # canonical operator names
+    kinds: dict[fx.Node, OpKind]
+    where: dict[fx.Node, tuple[str, str, int, str | None]]  # (module, its class, layer, source line); a parameter's module is its owner
+    layer_names: list[str]
+
+
+def _placement(nodes: list[fx.Node]) -> _Placement:
+    names = {n: canonical_name(n) for n in nodes}
+    kinds = {n: op_kind(n, names[n]) for n in nodes}
+    modules = {n: owning_module(n) for n in nodes}
+    layer_of, layer_names = _assign_layers(nodes, kinds, modules)
+    sources: dict[str | None, str | None] = {}  # repeated blocks share source lines: parse each stack trace once
+    placed = {}
+    for n in nodes:
+        module = (n.target.rpartition(".")[0], "") if kinds[n] == OpKind.PARAMETER else modules[n]
+        trace = n.meta.get("stack_trace")
+        if trace not in sources:
+            sources[trace] = user_source(n)
+        placed[n] = (module[0], module[1], layer_of[n], sources[trace])
+    return _Placement(names, kinds, placed, layer_names)
+
+
+def _placement_of_copy(nodes: list[fx.Node], original: fx.GraphModule) -> _Placement:
+    """:func:`_placement` of a copy of the annotated ``original``, read from its NodeInfos."""
+    originals = list(original.graph.nodes)
+    if len(originals) != len(nodes) or any(a.op != b.op or a.name != b.name or a.target != b.target for a, b in zip(originals, nodes)):
+        raise PartcError("annotate(reuse_from=...) needs the graph that this one is a copy of", ErrorContext(pass_name="annotate", fix="annotate the graph without reuse_from"))
+    infos = {n: node_meta(a) for a, n in zip(originals, nodes)}
+    names = {n: info.name for n, info in infos.items()}
+    kinds = {n: info.op for n, info in infos.items()}
+    placed = {n: (info.module, info.module_type, info.layer, info.source) for n, info in infos.items()}
+    return _Placement(names, kinds, placed, [layer.name for layer in graph_info(original).layers])
+
+
 # -- shapes ---------------------------------------------------------------------------------
-def _specs(value: Any) -> tuple[TensorSpec, ...]:
+def _specs(value: Any, made: dict) -> tuple[TensorSpec, ...]:
+    """The TensorSpecs of a node's value; ``made``: (shape, dtype) -> (spec,) made before
+    (frozen, so shared)."""
     if isinstance(value, torch.Tensor):
-        return (TensorSpec(tuple(int(d) for d in value.shape), value.dtype),)
+        try:
+            key = (value.shape, value.dtype)
+            found = made.get(key)
+        except TypeError:  # a symbolic size cannot be hashed
+            return (TensorSpec(tuple(int(d) for d in value.shape), value.dtype),)
+        if found is None:
+            found = made[key] = (TensorSpec(tuple(int(d) for d in value.shape), value.dtype),)
+        return found
     if isinstance(value, (tuple, list)):
-        return tuple(s for v in value for s in _specs(v))
+        return tuple(s for v in value for s in _specs(v, made))
     return ()
 
 
@@ -131,28 +185,30 @@ def _first_spec(node: Any, specs) -> TensorSpec | None:
 
 
 # -- gradients and parameters ---------------------------------------------------------------
-def _requires_grad(gm, nodes, kinds, specs) -> dict[fx.Node, bool]:
+_DETACHING = frozenset(("detach", "argmax", "argmin"))  # outputs no gradient flows through
+_NO_GRADIENT_KINDS = frozenset((OpKind.INPUT, OpKind.FACTORY, OpKind.SHAPE))
+
+
+def _requires_grad(nodes, kinds, names, specs, attributes) -> dict[fx.Node, bool]:
     result: dict[fx.Node, bool] = {}
     for n in nodes:
         floating = bool(specs[n]) and specs[n][0].dtype.is_floating_point
         if kinds[n] == OpKind.PARAMETER:
-            result[n] = floating and bool(getattr(_fetch(gm, n.target), "requires_grad", False))
-        elif kinds[n] in (OpKind.INPUT, OpKind.FACTORY, OpKind.SHAPE) or names_detach(n):
+            result[n] = floating and bool(getattr(attributes[n], "requires_grad", False))
+        elif kinds[n] in _NO_GRADIENT_KINDS or names[n] in _DETACHING:
             result[n] = False
         else:
-            result[n] = floating and any(result.get(a, False) for a in _tensor_args(n))
+            result[n] = floating and any(result.get(a, False) for a in n.all_input_nodes)
     return result
 
 
-def names_detach(node: fx.Node) -> bool:
-    return canonical_name(node) in ("detach", "argmax", "argmin")
+def _attributes(gm: fx.GraphModule, nodes) -> dict[fx.Node, Any]:
+    """What each get_attr node reads (``gm.<target>``)."""
+    read = AttributeReader(gm)
+    return {n: read(n.target) for n in nodes if n.op == "get_attr"}
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    return operator.attrgetter(target)(gm)
-
-
-def _parameter_sizes(gm, nodes) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
+def _parameter_sizes(nodes, attributes) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
     """Trainable elements and bytes per get_attr node; a tensor reached twice counts once."""
     seen: set[int] = set()
     numel: dict[fx.Node, int] = {}
@@ -160,7 +216,7 @@ def _parameter_sizes(gm, nodes) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]
     for n in nodes:
         if n.op != "get_attr":
             continue
-        tensor = _fetch(gm, n.target)
+        tensor = attributes[n]
         if not isinstance(tensor, torch.Tensor) or id(tensor) in seen:
             continue
         seen.add(id(tensor))
@@ -171,7 +227,7 @@ def _parameter_sizes(gm, nodes) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]
 
 
 # -- FLOPs and bytes --------------------------------------------------------------------------
-def _forward_flops(node: fx.Node, kind: OpKind, name: str, specs) -> int:
+def _forward_flops(node: fx.Node, kind: OpKind, name: str, specs, tensor_args: list[fx.Node]) -> int:
     out = specs[node]
     if kind in _FREE or kind in (OpKind.INDEX, OpKind.CAT, OpKind.FACTORY, OpKind.EMBEDDING) or not out:
         return 0
@@ -183,7 +239,7 @@ def _forward_flops(node: fx.Node, kind: OpKind, name: str, specs) -> int:
         return 2 * out_numel * (x.shape[-1] if x and x.shape else 1) + (out_numel if has_bias else 0)
     if kind == OpKind.MATMUL:
         if name == "einsum":
-            return _einsum_flops(args[0], [_first_spec(a, specs) for a in _tensor_args(node)])
+            return _einsum_flops(args[0], [_first_spec(a, specs) for a in tensor_args])
         a = _first_spec(args[1] if name == "baddbmm" else args[0], specs)
         return 2 * out_numel * (a.shape[-1] if a and a.shape else 1)
     if kind == OpKind.ATTENTION:
@@ -213,27 +269,27 @@ def _einsum_flops(equation: Any, operands: list[TensorSpec | None]) -> int:
     return 2 * math.prod(sizes.values())
 
 
-def _bytes_moved(node: fx.Node, kind: OpKind, specs) -> int:
+def _bytes_moved(node: fx.Node, kind: OpKind, specs, tensor_args: list[fx.Node]) -> int:
     if kind in _FREE:
         return 0
     if kind == OpKind.EMBEDDING:  # a lookup reads the indices and the rows it gathers, not the whole table
-        inputs = [specs[a][0] for a in _tensor_args(node) if specs.get(a)]
+        inputs = [specs[a][0] for a in tensor_args if specs.get(a)]
         tables = [s for s in inputs if s.dtype.is_floating_point and len(s.shape) == 2]
         indices = [s for s in inputs if not s.dtype.is_floating_point]
         if len(tables) == 1 and indices:
             rows = indices[0].numel * tables[0].shape[1] * tables[0].dtype.itemsize
             return indices[0].nbytes + rows + sum(s.nbytes for s in specs[node])
-    read = sum(specs[a][0].nbytes for a in _tensor_args(node) if specs.get(a))
+    read = sum(specs[a][0].nbytes for a in tensor_args if specs.get(a))
     return read + sum(s.nbytes for s in specs[node])
 
 
 # -- activations saved for backward -----------------------------------------------------------
-def _storage_owners(nodes, kinds, specs) -> dict[fx.Node, fx.Node]:
+def _storage_owners(nodes, kinds, names, specs) -> dict[fx.Node, fx.Node]:
     """For every tensor node, the node that allocated its storage (views share their base's)."""
     base: dict[fx.Node, fx.Node] = {}
     for n in nodes:
         source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        aliases = kinds[n] in _ALIASING or (kinds[n] == OpKind.INDEX and canonical_name(n) in ("getitem", "select", "slice", "narrow"))
+        aliases = kinds[n] in _ALIASING or (kinds[n] == OpKind.INDEX and names[n] in ("getitem", "select", "slice", "narrow"))
         if aliases and source is not None and kinds.get(source) not in (None,) and _is_view_source(source, kinds, specs):
             owner = base.get(source, source)
             base[n] = owner if _shares_storage(n, owner) else n
@@ -261,7 +317,7 @@ def _is_view_source(source: fx.Node, kinds, specs) -> bool:
     return isinstance(source.meta.get("val"), torch.Tensor) or kinds[source] == OpKind.SPLIT
 
 
-def _saved_for_backward(nodes, kinds, names, specs, requires_grad, base):
+def _saved_for_backward(nodes, kinds, names, specs, requires_grad, base, tensor_args):
     """(extra bytes each node saves of its own, the set of storage owners autograd keeps)."""
     extra: dict[fx.Node, int] = {}
     kept: set[fx.Node] = set()
@@ -278,7 +334,7 @@ def _saved_for_backward(nodes, kinds, names, specs, requires_grad, base):
             continue
         kind, name, args = kinds[n], names[n], n.args
         out = specs[n][0]
-        tensors = _tensor_args(n)
+        tensors = tensor_args[n]
         if kind == OpKind.LINEAR:
             keep([args[1] if name == "addmm" else args[0]])
         elif kind in (OpKind.MATMUL, OpKind.CONV, OpKind.REDUCTION, OpKind.OTHER) and name not in ("sum", "mean"):
@@ -306,6 +362,7 @@ def _saved_for_backward(nodes, kinds, names, specs, requires_grad, base):
 
 
 # -- layers -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1 << 14)  # a block's nodes share their modules' paths
 def layer_key(module_path: str) -> str | None:
     """'blocks.3.attn.qkv' -> 'blocks.3'; 'lm_head' -> 'lm_head'; '' -> None."""
     if not module_path:
@@ -343,11 +400,12 @@ def _assign_layers(nodes, kinds, modules) -> tuple[dict[fx.Node, int], list[str]
     return layer_of, layer_names
 
 
-def _summarise_layers(nodes, layer_of, layer_names, specs, base) -> tuple[LayerInfo, ...]:
+def _summarise_layers(nodes, layer_of, layer_names, names, specs, base) -> tuple[LayerInfo, ...]:
     members: list[list[fx.Node]] = [[] for _ in layer_names]
     for n in nodes:
         members[layer_of[n]].append(n)
     layers = []
+    spec_texts: dict[tuple[TensorSpec, ...], str] = {}
     for index, group in enumerate(members):
         infos = [node_meta(n) for n in group]
         crossing = {base[n] for n in group if any(layer_of[u] > index for u in n.users) and node_meta(n).op not in (OpKind.PARAMETER,)}
@@ -356,7 +414,7 @@ def _summarise_layers(nodes, layer_of, layer_names, specs, base) -> tuple[LayerI
                 index=index,
                 name=layer_names[index],
                 nodes=tuple(n.name for n in group),
-                signature=_signature(group, specs),
+                signature=_signature(group, names, specs, spec_texts),
                 fwd_flops=sum(i.fwd_flops for i in infos),
                 bwd_flops=sum(i.bwd_flops for i in infos),
                 bytes_moved=sum(i.bytes_moved for i in infos),
@@ -373,27 +431,35 @@ def node_meta(node: fx.Node) -> NodeInfo:
     return node.meta[META_KEY]
 
 
-def _signature(group: list[fx.Node], specs) -> str:
-    """A hash of the layer's structure: operators, shapes, constants and internal edges."""
+def _signature(group: list[fx.Node], names, specs, spec_texts: dict) -> str:
+    """A hash of the layer's structure: operators, shapes, constants and internal edges.
+    ``spec_texts``: specs -> their text, filled as it goes (shapes repeat across layers)."""
     # The model's inputs join the first layer that reads them; like any value from outside
     # the layer they are not its structure, so blocks.0 hashes like blocks.1.
     group = [n for n in group if n.op != "placeholder"]
     position = {n: i for i, n in enumerate(group)}
 
-    def describe(arg: Any) -> Any:
-        if isinstance(arg, fx.Node):
-            return f"#{position[arg]}" if arg in position else f"ext{_spec_text(specs[arg])}"
-        if isinstance(arg, (tuple, list)):
-            return [describe(a) for a in arg]
-        if isinstance(arg, dict):
-            return {k: describe(v) for k, v in sorted(arg.items())}
-        return repr(arg)
+    def spec_text(node_specs: tuple[TensorSpec, ...]) -> str:
+        text = spec_texts.get(node_specs)
+        if text is None:
+            text = spec_texts[node_specs] = _spec_text(node_specs)
+        return text
 
-    digest = hashlib.sha1()
-    for n in group:
-        text = f"{n.op}|{canonical_name(n)}|{_spec_text(specs[n])}|{describe(n.args)}|{describe(n.kwargs)}"
-        digest.update(text.encode())
-    return digest.hexdigest()[:16]
+    def describe(arg: Any) -> str:
+        """The text of an argument: a node as its position in the layer (or its specs when
+        it is from outside), containers as lists and dicts of those, sorted by key,
+        constants by repr, all written as ``str`` writes lists and dicts of strings."""
+        if isinstance(arg, fx.Node):
+            return repr(f"#{position[arg]}" if arg in position else f"ext{spec_text(specs[arg])}")
+        if isinstance(arg, (tuple, list)):
+            return "[" + ", ".join([describe(a) for a in arg]) + "]"
+        if isinstance(arg, dict):
+            return "{" + ", ".join([f"{k!r}: {describe(v)}" for k, v in sorted(arg.items())]) + "}"
+        return repr(repr(arg))
+
+    # one update of the concatenation: the same digest as one update per node
+    text = "".join(f"{n.op}|{names[n]}|{spec_text(specs[n])}|{describe(n.args)}|{describe(n.kwargs)}" for n in group)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _spec_text(specs: tuple[TensorSpec, ...]) -> str:

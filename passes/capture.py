@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from partc.errors import ErrorContext, TraceError
-from partc.passes.ir import EXPORT_FRONTEND, FX_FRONTEND, META_KEY, GraphInfo, error_context, gc_paused, is_library_file
+from partc.passes.ir import EXPORT_FRONTEND, FX_FRONTEND, META_KEY, GraphInfo, UncompiledGraphModule, error_context, gc_paused, is_library_file
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -477,19 +477,27 @@ class _RepeatedBlocks:
         env: dict[fx.Node, fx.Node] = {node: call.leaves[i].node for node, i in record.inputs.items()}
         copies = []
         cache = tracer._parameter_proxy_cache
-        for node, name, suffix, inner, (scope_path, scope_type) in zip(record.nodes, record.names, record.stack_suffixes, record.inner_stacks, record.scopes):
+        # A block's nodes share a few module stacks, scopes and stack traces: rename each once.
+        stacks: dict[tuple, list] = {}
+        scopes: dict[tuple, tuple[str, Any]] = {}
+        traces: dict[str, str] = {}
+        for node, name, suffix, inner, scope in zip(record.nodes, record.names, record.stack_suffixes, record.inner_stacks, record.scopes):
             target = prefix + node.target[len(record.prefix) :] if node.op == "get_attr" else node.target
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
             copy = graph.create_node(node.op, target, args, kwargs, name, node.type)
             if name is not None:
                 self.name_given[copy] = name  # a record of an enclosing block copies it with this name
-            tracer.node_name_to_scope[copy.name] = (prefix + scope_path, scope_type)
-            copy.meta["nn_module_stack"] = collections.OrderedDict(
-                outer_stack + [(prefix + key, (prefix + path, module_type)) for key, path, module_type in inner]
-            )
+            if scope not in scopes:
+                scopes[scope] = (prefix + scope[0], scope[1])
+            tracer.node_name_to_scope[copy.name] = scopes[scope]
+            if inner not in stacks:
+                stacks[inner] = outer_stack + [(prefix + key, (prefix + path, module_type)) for key, path, module_type in inner]
+            copy.meta["nn_module_stack"] = collections.OrderedDict(stacks[inner])
             if suffix is not None:
-                copy.stack_trace = "\n".join(part for part in (outer_frames, suffix) if part)
+                if suffix not in traces:
+                    traces[suffix] = "\n".join(part for part in (outer_frames, suffix) if part)
+                copy.meta["stack_trace"] = traces[suffix]  # what Node.stack_trace's setter writes
             env[node] = copy
             copies.append(copy)
         for i in record.cached:
@@ -640,7 +648,10 @@ def _symbolic_trace(model: nn.Module, num_args: int, reuse_blocks: bool = True) 
         if node.users:
             raise TypeError(f"forward() argument {node.target!r} is used although it was left at its default")
         graph.erase_node(node)
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    # Its code is generated when it first runs: partc.plan adds the loss (attach_loss) and
+    # then only reads the nodes. fx generates code for any graph tracing makes (every
+    # argument is one Tracer.create_arg accepts), so nothing that fails here is deferred.
+    gm = UncompiledGraphModule(model, graph, class_name=type(model).__name__)
     gm.meta[META_KEY] = GraphInfo(frontend=FX_FRONTEND)
     return gm
 

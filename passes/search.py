@@ -688,7 +688,14 @@ def _one_sample_graph(gm: fx.GraphModule) -> fx.GraphModule:
     if found is not None:
         value, old_output = found
         graph.output(value, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
-    one = _UncompiledGraphModule(gm, graph)  # only read here: its Python code is never needed
+    # Only read here: its Python code is never needed. It holds gm's own top-level submodules
+    # and tensors (fx takes an attribute a get_attr node names as it is), so no module tree is
+    # rebuilt for the parameters (~0.03 s at 96 layers); the model's tensors are not copied.
+    tops = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    for name in dict.fromkeys(n.target.split(".", 1)[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")):
+        tops.get_attr(name)
+    one = _UncompiledGraphModule(gm, tops)
+    one.graph = graph
     one.meta[META_KEY] = graph_info(gm)
     inputs = []
     for n in one.graph.nodes:
@@ -701,7 +708,7 @@ def _one_sample_graph(gm: fx.GraphModule) -> fx.GraphModule:
                 shape = (1,) + shape[1:]
             value = torch.empty(shape, dtype=value.dtype, device="meta")
         inputs.append(value)
-    annotate(propagate(one, inputs))
+    annotate(propagate(one, inputs, reuse_from=gm), reuse_from=gm)
     if [l.name for l in graph_info(one).layers] != [l.name for l in graph_info(gm).layers]:
         raise PartcError("the layers of the batch-1 graph differ from the traced graph's", ErrorContext(pass_name=_PASS))
     return one

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import partc.models
+from partc.errors import PartcError
 from partc.passes.annotate import annotate
 from partc.passes.capture import capture
 from partc.passes.ir import OpKind, graph_info, node_info
@@ -377,3 +378,11 @@ def test_gpt2_block_activation_bytes(gpt2):
     assert 14 * U <= block.activation_bytes <= 20 * U
     assert {layers[f"blocks.{i}"].activation_bytes for i in range(12)} == {block.activation_bytes}
     assert block.output_bytes == U  # the residual stream handed to blocks.6
+
+
+def test_reuse_from_a_graph_that_gm_is_no_copy_of_is_refused():
+    gm = _pipeline(_OneLinear(), torch.randn(2, 16))
+    other = _pipeline(nn.Sequential(nn.Linear(16, 8), nn.ReLU()), torch.randn(2, 16))
+    with pytest.raises(PartcError, match="copy") as error:
+        annotate(gm, reuse_from=other)
+    assert error.value.context.fix == "annotate the graph without reuse_from"

@@ -8,12 +8,13 @@ import resource
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 import partc
 import partc.models
 from partc.passes.annotate import annotate
-from partc.passes.capture import capture
+from partc.passes.capture import attach_loss, capture
 from partc.passes.ir import OpKind, graph_info, node_info, op_kind
 from partc.passes.propagate import propagate
 
@@ -59,6 +60,18 @@ def test_fx_path_on_gpt_tiny_traces_through_modules_and_reproduces_the_model():
     assert _fetch(gm, "blocks.0.attn.qkv.weight") is model.blocks[0].attn.qkv.weight
     assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["idx"]
     torch.testing.assert_close(gm(idx), model(idx))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_graph_with_the_loss_attached_runs_and_prints_the_loss(frontend):
+    """The fx frontend's module generates its code when first run or read (planning only
+    reads nodes): attaching the loss afterwards must still be in that code."""
+    model, (idx,) = _build("gpt-tiny")
+    targets = idx.roll(-1, dims=1)  # token ids: valid class indices
+    gm = attach_loss(capture(model, (idx,), frontend=frontend), lambda logits, t: F.cross_entropy(logits.flatten(0, 1), t.flatten()))
+    assert "cross_entropy" in gm.code
+    expected = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(gm(idx, targets), expected)
 
 
 # -- the torch.export fallback ------------------------------------------------------------------

@@ -170,3 +170,71 @@ def test_small_gpt_both_frontends(frontend):
     expected = [dataclasses.astuple(node_info(n)) for n in gm.graph.nodes]
     annotate(propagate(gm, inputs, memoize=True))
     assert [dataclasses.astuple(node_info(n)) for n in gm.graph.nodes] == expected
+
+
+# -- the search's batch-1 graph: a copy propagated and annotated again, reusing what it can ----------
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """gm's nodes copied under another GraphModule (as the search's batch-1 graph is)."""
+    graph = fx.Graph()
+    value, _ = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(value)
+    copied = fx.GraphModule(gm, graph)
+    copied.meta["partc"] = gm.meta["partc"]
+    return copied
+
+
+def _annotated_gpt_tiny(frontend: str):
+    from partc.models import build
+
+    model, (idx,) = build("gpt-tiny", batch_size=4)
+    gm = capture(model, (idx,), frontend=frontend)
+    return annotate(propagate(gm, (idx,))), idx
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_reuse_from_gives_the_values_of_a_fresh_propagation_with_the_parameters_fakes(frontend):
+    gm, idx = _annotated_gpt_tiny(frontend)
+    one = _copy(gm)
+    reused = fake_values(one, (idx[:1],), reuse_from=gm)
+    assert _metadata(reused) == _metadata(fake_values(one, (idx[:1],)))
+    pairs = [(a, b) for a, b in zip(gm.graph.nodes, one.graph.nodes) if a.op == "get_attr"]
+    assert pairs and all(reused[b] is a.meta["val"] for a, b in pairs)
+    logits = next(n for n in reversed(one.graph.nodes) if n.op == "output").args[0]
+    assert reused[logits].shape[0] == 1 and gm.graph.find_nodes(op="output")[0].args[0].meta["val"].shape[0] == 4
+
+
+def test_reuse_from_skips_a_fake_that_no_longer_describes_its_parameter():
+    x = torch.randn(2, 3, 16)
+    gm = propagate(capture(_Stack(), (x,)), (x,))
+    weight = next(n for n in gm.graph.nodes if n.op == "get_attr")
+    with weight.meta["val"].fake_mode:
+        weight.meta["val"] = stale = torch.empty(5)  # a fake, of another shape than the tensor
+    one = _copy(gm)
+    reused = fake_values(one, (x,), reuse_from=gm)
+    assert reused[next(n for n in one.graph.nodes if n.op == "get_attr")] is not stale
+    assert _metadata(reused) == _metadata(fake_values(one, (x,)))
+
+
+def test_reuse_from_the_graph_of_another_model_shares_no_fake():
+    gm, idx = _annotated_gpt_tiny("fx")
+    other, _ = _annotated_gpt_tiny("fx")  # the same names and shapes, other tensors
+    reused = fake_values(gm, (idx[:1],), reuse_from=other)
+    fakes_there = {id(n.meta["val"]) for n in other.graph.nodes if n.op == "get_attr"}
+    assert not fakes_there & {id(v) for v in reused.values()}
+    assert _metadata(reused) == _metadata(fake_values(gm, (idx[:1],)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_search_batch_one_graph_is_what_a_fresh_propagation_and_annotation_give(frontend):
+    from partc.passes.search import _one_sample_graph
+
+    gm, idx = _annotated_gpt_tiny(frontend)
+    one = _one_sample_graph(gm)
+    fresh = annotate(propagate(_copy(gm), (idx[:1],)))
+    assert _metadata({n: n.meta["val"] for n in one.graph.nodes}) == _metadata({n: n.meta["val"] for n in fresh.graph.nodes})
+    assert [node_info(n) for n in one.graph.nodes] == [node_info(n) for n in fresh.graph.nodes]
+    assert one.meta["partc"] == fresh.meta["partc"]
+    assert one.meta["partc"].input_specs[0].shape[0] == 1
+    # the model's own tensors, through gm's submodules; gm keeps its traced-batch annotations
+    assert {k: id(v) for k, v in one.named_parameters()} == {k: id(v) for k, v in gm.named_parameters()}
+    assert gm.meta["partc"].input_specs[0].shape[0] == 4
