@@ -33,6 +33,9 @@ backward, so that gradients stay consistent without any hook outside the graph::
     divide_by_kept_targets(loss, t, tp)      torch's "mean" of a batch-parallel class loss:
                                              this rank's summed loss over the all-reduced
                                              count (or class-weight sum) of kept targets
+    divide_by_global_normaliser(loss, n)     a microbatch's summed loss over the whole
+                                             global batch's normaliser (a buffer, no
+                                             communication)
 
 ``blocks=k`` (fused projections such as GPT's qkv) means the sharded dim holds k equal
 blocks, each sliced over the ranks on its own: rank r holds its slice of every block.
@@ -84,6 +87,8 @@ __all__ = [
     "vocab_parallel_embedding",
     "vocab_parallel_cross_entropy",
     "divide_by_kept_targets",
+    "divide_by_global_normaliser",
+    "kept_target_normaliser",
     "vocab_parallel_embedding_bag",
     "table_wise_embedding",
     "table_wise_embedding_bag",
@@ -766,22 +771,38 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(logits, target, _as_group(tp), ignore_index, reduction)
 
 
+def kept_target_normaliser(target: torch.Tensor, *, weight: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """What torch's ``reduction="mean"`` of ``cross_entropy`` / ``nll_loss`` over class
+    indices divides the summed loss by: the number of kept targets (``target !=
+    ignore_index``), or with ``weight=`` the sum of their class weights (label smoothing's
+    term is divided by the same). A float64 scalar on ``target``'s device, without gradient
+    (torch's carries none). The one place that knows the rule: the tensor-parallel lowering
+    and the global batch's normaliser (:mod:`partc.passes.global_mean`) both call it."""
+    kept = target != ignore_index
+    if weight is None:
+        return kept.sum(dtype=torch.float64)
+    classes = target.masked_fill(~kept, 0).reshape(-1)
+    weights = weight.detach().to(target.device, torch.float64).gather(0, classes)
+    return weights.masked_fill(~kept.reshape(-1), 0.0).sum()
+
+
 def divide_by_kept_targets(
     loss_sum: torch.Tensor, target: torch.Tensor, tp, *, weight: torch.Tensor | None = None, ignore_index: int = -100
 ) -> torch.Tensor:
     """torch's ``reduction="mean"`` of ``cross_entropy`` / ``nll_loss`` over class indices,
     with the samples sharded over the ranks: ``loss_sum`` (this rank's loss with
-    ``reduction="sum"``) divided by the normaliser of the whole batch, the sum over every
-    rank's kept targets (``target != ignore_index``) of their class ``weight``, or their
-    count without one. The ranks' results add up to the mean (a P). One all-reduce of a
-    float64 scalar in forward; the normaliser carries no gradient (nor does torch's)."""
-    kept = target != ignore_index
-    if weight is None:
-        local = kept.sum(dtype=torch.float64)
-    else:
-        classes = target.masked_fill(~kept, 0).reshape(-1)
-        local = weight.detach().to(torch.float64).gather(0, classes).masked_fill(~kept.reshape(-1), 0.0).sum()
+    ``reduction="sum"``) divided by the normaliser of the whole batch, the sum over the
+    ranks of :func:`kept_target_normaliser`. The ranks' results add up to the mean (a P).
+    One all-reduce of a float64 scalar in forward; the normaliser carries no gradient."""
+    local = kept_target_normaliser(target, weight=weight, ignore_index=ignore_index)
     normaliser = _as_group(tp).all_reduce(local, phase="forward")
+    return loss_sum / normaliser.to(loss_sum.dtype)
+
+
+def divide_by_global_normaliser(loss_sum: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+    """A microbatch's summed loss over the normaliser of the whole global batch (a buffer
+    the runner sets before each step, :class:`partc.passes.global_mean.GlobalMeanLoss`):
+    the microbatches' results over every replica add up to torch's "mean" of the batch."""
     return loss_sum / normaliser.to(loss_sum.dtype)
 
 
@@ -810,6 +831,8 @@ GENERATED_CODE_FUNCTIONS = {
         vocab_parallel_embedding,
         vocab_parallel_cross_entropy,
         divide_by_kept_targets,
+        divide_by_global_normaliser,
+        kept_target_normaliser,
         vocab_parallel_embedding_bag,
         table_wise_embedding,
         table_wise_embedding_bag,
