@@ -42,6 +42,7 @@ from partc.passes.split_stages import StageModule, split_stages
 from partc.passes.tp_codegen import emit_tensor_parallel
 from partc.runtime.data_parallel import ReplicaRunner, check_data_parallel_options, fsdp_units, replicate_over_dp
 from partc.runtime.checkpoint import load_whole_tensor_state, whole_tensor_state
+from partc.runtime.loss_normaliser import GlobalLossNormaliser
 from partc.runtime.mesh import RankMesh, build_rank_mesh
 from partc.runtime.mixed_precision import cast_outputs_to_trace, compute_dtype
 from partc.runtime.pipeline import LocalPipelineRunner, PipelineRunner
@@ -178,12 +179,16 @@ def compile(
     example_targets, a ``cross_entropy`` / ``nll_loss`` "mean" over class indices that the
     graph returns is torch's mean over the whole global batch (its sum divided by the
     whole batch's count of targets that are not ``ignore_index``, or their class-weight
-    sum; :mod:`partc.passes.global_mean`), however unevenly padding falls. Without
-    example_targets partc cannot see ``ignore_index``: loss_fn runs on each microbatch and
-    a "mean" averages the microbatches' and replicas' results, as DDP does, which is the
-    global mean only when every piece keeps as many targets. For the exact mean then,
-    either pass example_targets, or pass ``loss_reduction="sum"`` with a loss_fn that sums
-    and divides by the whole batch's count, computed by the caller::
+    sum; :mod:`partc.passes.global_mean`), however unevenly padding falls; also behind
+    casts and scalar factors (``loss.float() / accum_steps``), and from either frontend.
+    Without example_targets loss_fn runs on each microbatch and a "mean" averages the
+    microbatches' and replicas' results, as DDP does, which is the global mean only when
+    every piece keeps as many targets (a model that computes such a mean itself gets a
+    warning). So does a mean that partc cannot count ahead of the step: inside a larger
+    loss (``ce + aux``), or over targets drawn at random in forward (BERT-style masking).
+    For the exact mean then, pass example_targets (masking the labels in the data
+    pipeline), or pass ``loss_reduction="sum"`` with a loss_fn that sums and divides by
+    the whole batch's count, computed by the caller::
 
         kept = (targets != -100).sum()
         loss_fn = lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / kept
@@ -208,14 +213,16 @@ def compile(
     precision = compute_dtype(result.options)
     # A traced "mean" over class indices, divided by the whole global batch's normaliser
     # instead of each microbatch's: its pieces then add up as a summed loss does.
-    global_mean = global_mean_loss(result.graph, dp * result.microbatches) if with_loss else None
+    global_mean = global_mean_loss(result.graph, dp * result.microbatches, targets_traced=with_loss)
+    normaliser: GlobalLossNormaliser | None = None  # set by cut(): the rewritten loss's
     if global_mean is not None:
         loss_reduction = "sum"
 
     def cut(source: fx.GraphModule, stage_of_layer: list[int]) -> list[StageModule]:
+        nonlocal normaliser
         stages = split_stages(source, stage_of_layer, _microbatch_inputs(graph_inputs, dp * result.microbatches), persistent_names=persistent)
         if global_mean is not None:
-            global_mean.rewrite(stages[-1].module)  # before recomputation wraps the loss's layer
+            normaliser = global_mean.rewrite(stages[-1].module)  # before recomputation wraps the loss's layer
         for st in stages if recompute else ():
             checkpoint_layers(st.module)
         for st in stages[:-1] if precision is not None else ():
@@ -225,7 +232,7 @@ def compile(
     if not distributed:
         stages = cut(result.graph, result.stage_of_layer())
         runner = LocalPipelineRunner(
-            stages, microbatches=result.microbatches * dp, loss_fn=None if with_loss else loss_fn, loss_reduction=loss_reduction, autocast_dtype=precision, global_mean=global_mean
+            stages, microbatches=result.microbatches * dp, loss_fn=None if with_loss else loss_fn, loss_reduction=loss_reduction, autocast_dtype=precision, normaliser=normaliser
         )
         return ParallelModule(result, runner, [st.module for st in stages], model)
 
@@ -249,7 +256,7 @@ def compile(
             device=device,
             replicate=replicate,
             autocast_dtype=precision,
-            global_mean=global_mean,
+            normaliser=normaliser,
         )
         modules = [st.module for st in runner.local]
     else:
@@ -268,7 +275,7 @@ def compile(
             loss_reduction=loss_reduction,
             device=device,
             autocast_dtype=precision,
-            global_mean=global_mean,
+            normaliser=normaliser,
         )
         modules = [program]
     return ParallelModule(result, runner, modules, model, mesh)

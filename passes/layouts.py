@@ -833,6 +833,80 @@ def bind_loss_arguments(name: str, args: Sequence[Any], kwargs: dict[str, Any]) 
     return bound
 
 
+# The class-index losses, as torch.nn.functional's functions (fx graphs) and as the aten
+# overloads that torch.export graphs hold. The aten ones take reduction as torch's enum
+# (torch.nn._reduction.get_enum: 0 "none", 1 "mean", 2 "sum") and no legacy flags.
+CLASS_LOSS_FUNCTIONS = {torch.nn.functional.cross_entropy: "cross_entropy", torch.nn.functional.nll_loss: "nll_loss"}
+_ATEN_NLL_PARAMETERS = ("input", "target", "weight", "reduction", "ignore_index")
+ATEN_CLASS_LOSS_PARAMETERS = {
+    "cross_entropy_loss": (*_ATEN_NLL_PARAMETERS, "label_smoothing"),
+    "nll_loss_nd": _ATEN_NLL_PARAMETERS,
+    "nll_loss": _ATEN_NLL_PARAMETERS,
+    "nll_loss2d": _ATEN_NLL_PARAMETERS,
+}
+_REDUCTION_NAMES = ("none", "mean", "sum")  # by torch's enum value
+
+
+def class_loss_arguments(node: Any) -> dict[str, Any] | None:
+    """The arguments by parameter name of a ``cross_entropy`` / ``nll_loss`` call, whichever
+    frontend captured it (``F.cross_entropy``, ``aten.cross_entropy_loss.default``,
+    ``aten.nll_loss_nd.default``, ...), with ``reduction`` a string as in
+    :func:`bind_loss_arguments`; None when ``node`` is no such call."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if isinstance(node.target, torch._ops.OpOverload):
+        parameters = ATEN_CLASS_LOSS_PARAMETERS.get(canonical_name(node))
+        if parameters is None:
+            return None
+        bound = dict(zip(parameters, node.args))
+        bound.update(node.kwargs)
+        bound["reduction"] = _REDUCTION_NAMES[bound.get("reduction", 1)]
+        return bound
+    name = CLASS_LOSS_FUNCTIONS.get(node.target)
+    return None if name is None else bind_loss_arguments(name, node.args, node.kwargs)
+
+
+def holds_class_indices(node: Any, output_index: int = 0) -> bool:
+    """True when ``node``'s value (its ``output_index``-th for a tuple) is known to be an
+    integer tensor: a loss target of class indices, not probabilities. The one test of
+    "class-index target" for planning, code generation and the global mean; a value whose
+    dtype was not recorded (no fake value, no annotation) is not assumed to be one."""
+    if not isinstance(node, fx.Node):
+        return False
+    value = _values(node)[output_index] if output_index < len(_values(node)) else None
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() and not value.is_complex()
+    info = node.meta.get("partc")
+    dtype = getattr(info, "dtype", None) if output_index == 0 else None
+    return isinstance(dtype, torch.dtype) and not dtype.is_floating_point and not dtype.is_complex
+
+
+def class_index_mean(node: Any) -> dict[str, Any] | None:
+    """The arguments (:func:`class_loss_arguments`) of a ``cross_entropy`` / ``nll_loss``
+    "mean" over class indices: torch divides its sum by the normaliser of the kept targets
+    (``collectives.kept_target_normaliser``), not by a count fixed by the shapes. None for
+    any other node."""
+    bound = class_loss_arguments(node)
+    if bound is None or bound["reduction"] != "mean" or not holds_class_indices(bound.get("target")):
+        return None
+    return bound
+
+
+def sum_class_loss(node: fx.Node) -> None:
+    """Rewrite the class loss ``node`` in place to ``reduction="sum"`` (the aten overloads:
+    enum 2), its other arguments unchanged."""
+    bound = class_loss_arguments(node)
+    if bound is None:
+        raise UnsupportedOpError(f"{node.format_node()} is no cross_entropy / nll_loss", error_context(node, "layouts"))
+    if isinstance(node.target, torch._ops.OpOverload):
+        parameters = ATEN_CLASS_LOSS_PARAMETERS[canonical_name(node)]
+        node.args = tuple(bound.get(p) for p in parameters[:3])
+        node.kwargs = {**{p: bound[p] for p in parameters[3:] if p in bound}, "reduction": _REDUCTION_NAMES.index("sum")}
+        return
+    node.args = (bound.pop("input"), bound.pop("target"))
+    node.kwargs = {**bound, "reduction": "sum"}
+
+
 def _loss(b: _Builder, name: str):
     if name not in LOSS_PARAMETERS or len(b.inputs) < 2 or [r.path[0] for r in b.inputs[:2]] != [0, 1]:
         return False
@@ -902,7 +976,7 @@ def _batch_parallel_class_loss(b: _Builder, reduction: str, weight: Any) -> None
     if reduction != "mean":
         b.add("batch_parallel", inputs, Shard(0) if reduction == "none" else P, memory_factor=1.0)
         return
-    if _values(b.inputs[1].node)[b.inputs[1].output_index].is_floating_point():
+    if not holds_class_indices(b.inputs[1].node, b.inputs[1].output_index):
         b.add("batch_parallel", inputs, P, local_scale=1.0 / b.tp, memory_factor=1.0)
         return
     if isinstance(weight, fx.Node) and _trainable(weight):

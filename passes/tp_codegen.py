@@ -80,7 +80,7 @@ import torch.nn as nn
 from partc.errors import ErrorContext, PartcError, PlanMismatchError, UnsupportedOpError
 from partc.passes.capture import copy_output_type
 from partc.passes.ir import OpKind, canonical_name, error_context, op_kind
-from partc.passes.layouts import Shard, bind_loss_arguments, tensor_inputs
+from partc.passes.layouts import Shard, bind_loss_arguments, holds_class_indices, tensor_inputs
 from partc.passes.sharding import ParameterSharding, Reshard, ShardingPlan
 from partc.runtime import collectives as C
 from partc.runtime.collectives import TensorParallelGroup
@@ -422,8 +422,7 @@ class _Emitter:
     def _vocab_parallel_cross_entropy(self, node, args, kwargs) -> fx.Node:
         bound = bind_loss_arguments("cross_entropy", args, kwargs)
         target = bound["target"]
-        target_val = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
-        if target_val is not None and target_val.is_floating_point():
+        if not holds_class_indices(node.args[1] if len(node.args) > 1 else node.kwargs.get("target")):
             raise UnsupportedOpError(
                 "vocabulary-parallel cross entropy takes class indices, not class probabilities",
                 error_context(node, PASS_NAME, fix="pass integer targets, or plan the loss replicated"),

@@ -10,7 +10,8 @@ padded unevenly (parity_worker.pad_unevenly: the first microbatch of 4 keeps no 
 all), so every case fails unless partc divides by the whole batch's normaliser:
 a traced loss (``loss_in_graph``: compile's ``example_targets``) over DDP, FSDP2, a 1F1B
 pipeline, gradient accumulation, tensor parallelism with data parallelism, and a model
-that computes a class-weighted cross entropy itself; and the documented recipe for an
+that computes a class-weighted cross entropy itself (also captured by torch.export, whose
+graph holds ``aten.cross_entropy_loss``); and the documented recipe for an
 untraced loss (``global_count_loss``: ``loss_reduction="sum"``, divided by the caller's
 global count). Each checks the loss, every gradient, and the parameters after 3 AdamW
 steps on every rank.
@@ -24,6 +25,7 @@ from parity import case_key, run_parity
 
 TRACED = {"loss_in_graph": True, "padded_targets": True}
 TP_PAYS = "tp-test:1e10"  # devices slow enough that tensor parallelism shards (test_parity.TP_PAYS); slower still, the loss too
+# "zero_stage": a pinned mesh of one kind plans microbatches only when the search runs, as zero_stage makes it.
 CASES = {
     2: [
         {"model": "gpt", "mesh": {"dp": 2}, "data_parallel": "ddp", **TRACED},
@@ -31,6 +33,9 @@ CASES = {
         {"model": "gpt", "mesh": {"dp": 2}, "microbatches": 2, "zero_stage": 0, **TRACED},  # ReplicaRunner's accumulation
         {"model": "gpt", "mesh": {"pp": 2}, "schedule": "1f1b", "microbatches": 4, **TRACED},
         {"model": "tagger-weighted", "mesh": {"dp": 2}, "microbatches": 2, "zero_stage": 0, **TRACED},
+        # torch.export's aten.cross_entropy_loss, in FSDP2's replicas and in a pipeline's last stage
+        {"model": "tagger-weighted", "mesh": {"dp": 2}, "data_parallel": "fsdp", "frontend": "export", **TRACED},
+        {"model": "tagger-weighted", "mesh": {"pp": 2}, "schedule": "1f1b", "microbatches": 4, "frontend": "export", **TRACED},
         {"model": "gpt", "mesh": {"dp": 2}, "microbatches": 2, "zero_stage": 0, "padded_targets": True, "global_count_loss": True},
         {"model": "gpt", "mesh": {"pp": 2}, "schedule": "1f1b", "microbatches": 4, "padded_targets": True, "global_count_loss": True},
     ],
@@ -42,9 +47,6 @@ CASES = {
         {"model": "gpt", "mesh": {"pp": 2, "dp": 2}, "schedule": "1f1b", "microbatches": 2, "data_parallel": "fsdp", **TRACED},
     ],
 }
-
-
-# (A pinned mesh of one kind plans microbatches only when the search runs, as zero_stage makes it.)
 
 
 @pytest.fixture(scope="module")

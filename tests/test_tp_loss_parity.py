@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from parity import case_key, run_parity
+from tp_worker import LOSS_MODELS
 
 WORKER = Path(__file__).parent / "distributed" / "tp_worker.py"
-LOSS_MODELS = ("tagger-padded", "tagger-weighted", "tagger-smoothed", "tagger-nll")  # tp_worker.LOSS_MODELS
 WORLDS = (2, 4)
 # "fsdp": devices slow against their links, so the planner shards the loss over the samples.
 CASES = [{"model": model, "cluster": "fsdp", "loss": "batch_parallel"} for model in LOSS_MODELS]

@@ -801,7 +801,7 @@ def divide_by_kept_targets(
 
 def divide_by_global_normaliser(loss_sum: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
     """A microbatch's summed loss over the normaliser of the whole global batch (a buffer
-    the runner sets before each step, :class:`partc.passes.global_mean.GlobalMeanLoss`):
+    the runner sets before each step, :class:`partc.runtime.loss_normaliser.GlobalLossNormaliser`):
     the microbatches' results over every replica add up to torch's "mean" of the batch."""
     return loss_sum / normaliser.to(loss_sum.dtype)
 

@@ -25,7 +25,7 @@ losses; with ``"sum"`` the local loss is scaled by the replica count before back
 the averaged gradients are those of the summed loss, and the returned loss is the sum.
 A "mean" over class indices traced into the graph runs as ``"sum"``: compile rewrote it
 to divide by the whole global batch's normaliser, which the runner sets before each step
-(``global_mean``, :mod:`partc.passes.global_mean`), since the replicas' and microbatches'
+(:class:`partc.runtime.loss_normaliser.GlobalLossNormaliser`, :mod:`partc.passes.global_mean`), since the replicas' and microbatches'
 means average to torch's only when they keep equal numbers of targets.
 """
 
@@ -46,7 +46,7 @@ from partc.runtime.mixed_precision import autocast
 from partc.runtime.pipeline import split_microbatches
 
 if TYPE_CHECKING:
-    from partc.passes.global_mean import GlobalMeanLoss
+    from partc.runtime.loss_normaliser import GlobalLossNormaliser
 
 GRADIENT_COMPRESSION = ("bf16", "fp16", "powersgd")
 
@@ -185,11 +185,11 @@ class ReplicaRunner:
         device: torch.device,
         microbatches: int = 1,
         autocast_dtype: torch.dtype | None = None,
-        global_mean: GlobalMeanLoss | None = None,
+        normaliser: GlobalLossNormaliser | None = None,
     ):
         """module: already wrapped by :func:`replicate_over_dp`. loss_fn: applied to the
         output; None when the module's graph ends in the loss (targets are its last input).
-        global_mean: the graph's loss divides by the global batch's normaliser, set here."""
+        normaliser: the graph's loss divides by the global batch's normaliser, set here."""
         if loss_reduction not in ("mean", "sum"):
             raise PartcError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}", ErrorContext(fix="say how loss_fn reduces over the batch"))
         self.module, self.mesh, self.device = module, mesh, device
@@ -197,7 +197,7 @@ class ReplicaRunner:
         self.loss_in_graph = loss_fn is None
         self.microbatches = microbatches
         self.autocast_dtype = autocast_dtype  # mixed precision: forward and loss under autocast
-        self.global_mean = global_mean
+        self.normaliser = normaliser
 
     def _local(self, value: Any) -> Any:
         value = replica_slice(value, self.mesh)
@@ -219,8 +219,8 @@ class ReplicaRunner:
 
     def step(self, inputs: Sequence[Any], targets: Any) -> torch.Tensor:
         m = self.microbatches
-        if self.global_mean is not None:
-            self.global_mean.set_batch((*inputs, targets))
+        if self.normaliser is not None:
+            self.normaliser.set_batch((*inputs, targets))
         chunks = [split_microbatches(self._local(x), m, what="the replica's batch") for x in (*inputs, targets)]
         total = torch.zeros((), device=self.device)
         for i in range(m):

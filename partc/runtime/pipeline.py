@@ -15,7 +15,8 @@ Loss and gradients
     microbatch means is not torch's mean when microbatches keep different numbers of
     targets, so compile rewrites it to a sum over the whole batch's normaliser
     (:mod:`partc.passes.global_mean`), runs it as ``"sum"``, and the runner sets the
-    normaliser from the global batch before each step (``global_mean``).
+    normaliser from the global batch before each step
+    (:mod:`partc.runtime.loss_normaliser`).
 
 Tied parameters
     A parameter held by stages on different ranks (an embedding tied to the LM head) gets
@@ -50,7 +51,7 @@ from partc.runtime.mesh import RankMesh, is_dtensor
 from partc.runtime.mixed_precision import autocast
 
 if TYPE_CHECKING:
-    from partc.passes.global_mean import GlobalMeanLoss
+    from partc.runtime.loss_normaliser import GlobalLossNormaliser
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 
@@ -103,17 +104,17 @@ class LocalPipelineRunner:
         loss_fn: Callable | None,
         loss_reduction: str = "mean",
         autocast_dtype: torch.dtype | None = None,
-        global_mean: GlobalMeanLoss | None = None,
+        normaliser: GlobalLossNormaliser | None = None,
     ):
         """loss_fn: applied to the last stage's output; None when the graph computes the
-        loss itself (then the targets are the stages' last input). global_mean: the
+        loss itself (then the targets are the stages' last input). normaliser: the
         graph's loss divides by the global batch's normaliser, set here before each step."""
         self.stages = list(stages)
         self.microbatches = microbatches
         self.loss_in_graph = loss_fn is None
         self.loss_fn = scaled_loss(loss_fn, microbatches, loss_reduction)
         self.autocast_dtype = autocast_dtype
-        self.global_mean = global_mean
+        self.normaliser = normaliser
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         values: tuple = inputs
@@ -125,8 +126,8 @@ class LocalPipelineRunner:
 
     def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
         inputs = (*inputs, targets) if self.loss_in_graph else tuple(inputs)
-        if self.global_mean is not None:
-            self.global_mean.set_batch(inputs)
+        if self.normaliser is not None:
+            self.normaliser.set_batch(inputs)
         chunks = [split_microbatches(x, self.microbatches, what="inputs") for x in inputs]
         target_chunks = split_microbatches(targets, self.microbatches, what="targets")
         total = torch.zeros(())
@@ -154,12 +155,12 @@ class PipelineRunner:
         device: torch.device,
         replicate: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module,
         autocast_dtype: torch.dtype | None = None,
-        global_mean: GlobalMeanLoss | None = None,
+        normaliser: GlobalLossNormaliser | None = None,
     ):
         """loss_fn: applied to the last stage's output; None when the graph computes the
         loss itself (the targets then enter at stage 0 and are routed to the loss).
         microbatches: per data-parallel replica. replicate: wraps a stage module for the
-        "dp" group (:func:`partc.runtime.data_parallel.replicate_over_dp`). global_mean:
+        "dp" group (:func:`partc.runtime.data_parallel.replicate_over_dp`). normaliser:
         the last stage's loss divides by the global batch's normaliser, set here."""
         from torch.distributed import pipelining
 
@@ -181,7 +182,7 @@ class PipelineRunner:
         self.microbatches = microbatches
         self.reduction = loss_reduction
         self.loss_in_graph = loss_fn is None
-        self.global_mean = global_mean
+        self.normaliser = normaliser
         self.stage_rank = [s % pp_size for s in range(num_stages)]
         self.local = [st for st in stages if self.stage_rank[st.index] == mesh.pp_index]
         # Shapes are known from the plan: giving them makes torch skip its shape inference,
@@ -228,8 +229,8 @@ class PipelineRunner:
     def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
         from partc.runtime.data_parallel import average_buffers_over_dp, average_over_dp, replica_slice
 
-        if self.global_mean is not None and self.holds_last:
-            self.global_mean.set_batch((*inputs, targets))
+        if self.normaliser is not None and self.holds_last:
+            self.normaliser.set_batch((*inputs, targets))
         inputs, targets = [replica_slice(x, self.mesh) for x in inputs], replica_slice(targets, self.mesh)
         for x in (*inputs, targets):
             split_microbatches(x, self.microbatches, what="inputs and targets")  # clear error before any send

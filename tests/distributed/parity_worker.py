@@ -127,7 +127,7 @@ def run_case(case: dict) -> list[str]:
     if isinstance(model, Tagger):  # its forward reads the labels and returns the loss
         case_loss, model_inputs = loss_is_output, (inputs, targets)
 
-    options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages", "recompute", "zero_stage", "mixed_precision", "data_parallel", "gradient_compression") if key in case}
+    options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages", "recompute", "zero_stage", "mixed_precision", "data_parallel", "gradient_compression", "frontend") if key in case}
     if case.get("loss_in_graph"):
         options["example_targets"] = targets
     if case.get("global_count_loss"):
@@ -218,7 +218,7 @@ def compressed_gradients(pm: partc.ParallelModule, reference: nn.Module, inputs,
 
 
 def main() -> int:
-    return serve(run_case, cases_help="a JSON list of cases: {model, mesh, microbatches?, schedule?, virtual_stages?, loss_in_graph?, cluster?, padded_targets?, global_count_loss?, loss_strategy?}")
+    return serve(run_case, cases_help="a JSON list of cases: {model, mesh, microbatches?, schedule?, virtual_stages?, loss_in_graph?, cluster?, padded_targets?, global_count_loss?, loss_strategy?, frontend?}")
 
 
 if __name__ == "__main__":
