@@ -35,12 +35,14 @@ from partc.errors import ErrorContext, PartcError, PlanMismatchError
 from partc.plan import Plan
 from partc.planner import plan as make_plan
 from partc.planner import replan
+from partc.passes.global_mean import global_mean_loss
 from partc.passes.ir import FX_FRONTEND
 from partc.passes.recompute import checkpoint_layers
 from partc.passes.split_stages import StageModule, split_stages
 from partc.passes.tp_codegen import emit_tensor_parallel
 from partc.runtime.data_parallel import ReplicaRunner, check_data_parallel_options, fsdp_units, replicate_over_dp
 from partc.runtime.checkpoint import load_whole_tensor_state, whole_tensor_state
+from partc.runtime.loss_normaliser import GlobalLossNormaliser
 from partc.runtime.mesh import RankMesh, build_rank_mesh
 from partc.runtime.mixed_precision import cast_outputs_to_trace, compute_dtype
 from partc.runtime.pipeline import LocalPipelineRunner, PipelineRunner
@@ -172,6 +174,24 @@ def compile(
     plan_options: the keywords of :func:`partc.plan` (mesh, microbatches, schedule, ...).
         Without a mesh, compile searches data, tensor and pipeline parallelism and their
         combinations and runs the fastest plan that fits.
+
+    The loss of a step split into microbatches and data-parallel replicas: with
+    example_targets, a ``cross_entropy`` / ``nll_loss`` "mean" over class indices that the
+    graph returns is torch's mean over the whole global batch (its sum divided by the
+    whole batch's count of targets that are not ``ignore_index``, or their class-weight
+    sum; :mod:`partc.passes.global_mean`), however unevenly padding falls; also behind
+    casts and scalar factors (``loss.float() / accum_steps``), and from either frontend.
+    Without example_targets loss_fn runs on each microbatch and a "mean" averages the
+    microbatches' and replicas' results, as DDP does, which is the global mean only when
+    every piece keeps as many targets (a model that computes such a mean itself gets a
+    warning). So does a mean that partc cannot count ahead of the step: inside a larger
+    loss (``ce + aux``), or over targets drawn at random in forward (BERT-style masking).
+    For the exact mean then, pass example_targets (masking the labels in the data
+    pipeline), or pass ``loss_reduction="sum"`` with a loss_fn that sums and divides by
+    the whole batch's count, computed by the caller::
+
+        kept = (targets != -100).sum()
+        loss_fn = lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / kept
     """
     if not callable(loss_fn):
         raise PartcError("compile() needs loss_fn(outputs, targets) -> scalar loss", ErrorContext(fix="pass loss_fn=..."))
@@ -191,9 +211,18 @@ def compile(
 
     recompute = bool(result.search and result.search["recompute"])
     precision = compute_dtype(result.options)
+    # A traced "mean" over class indices, divided by the whole global batch's normaliser
+    # instead of each microbatch's: its pieces then add up as a summed loss does.
+    global_mean = global_mean_loss(result.graph, dp * result.microbatches, targets_traced=with_loss)
+    normaliser: GlobalLossNormaliser | None = None  # set by cut(): the rewritten loss's
+    if global_mean is not None:
+        loss_reduction = "sum"
 
     def cut(source: fx.GraphModule, stage_of_layer: list[int]) -> list[StageModule]:
+        nonlocal normaliser
         stages = split_stages(source, stage_of_layer, _microbatch_inputs(graph_inputs, dp * result.microbatches), persistent_names=persistent)
+        if global_mean is not None:
+            normaliser = global_mean.rewrite(stages[-1].module)  # before recomputation wraps the loss's layer
         for st in stages if recompute else ():
             checkpoint_layers(st.module)
         for st in stages if precision is not None else ():
@@ -204,7 +233,9 @@ def compile(
 
     if not distributed:
         stages = cut(result.graph, result.stage_of_layer())
-        runner = LocalPipelineRunner(stages, microbatches=result.microbatches * dp, loss_fn=None if with_loss else loss_fn, loss_reduction=loss_reduction, autocast_dtype=precision)
+        runner = LocalPipelineRunner(
+            stages, microbatches=result.microbatches * dp, loss_fn=None if with_loss else loss_fn, loss_reduction=loss_reduction, autocast_dtype=precision, normaliser=normaliser
+        )
         return ParallelModule(result, runner, [st.module for st in stages], model)
 
     mesh = build_rank_mesh(pp, dp, tp, device.type)
@@ -227,16 +258,27 @@ def compile(
             device=device,
             replicate=replicate,
             autocast_dtype=precision,
+            normaliser=normaliser,
         )
         modules = [st.module for st in runner.local]
     else:
         # The user's model runs as it is only when fx traced it: a model that needed torch.export
-        # may branch on shapes, and a replica must take the branch the global batch took.
-        if recompute or (program is model and result.frontend != FX_FRONTEND):
+        # may branch on shapes, and a replica must take the branch the global batch took. A
+        # loss taken over the global batch runs in the rewritten graph.
+        if recompute or global_mean is not None or (program is model and result.frontend != FX_FRONTEND):
             program = cut(source, [0] * len(result.layers))[0].module  # one stage (layers checkpointed if recompute)
         loss_in_program = with_loss and program is not model  # the user's model computes no loss; the graphs do
         units = fsdp_units(model, [layer.name for layer in result.layers]) if program is model else ()
-        runner = ReplicaRunner(replicate(program, units=units), microbatches=result.microbatches, mesh=mesh, loss_fn=None if loss_in_program else loss_fn, loss_reduction=loss_reduction, device=device, autocast_dtype=precision)
+        runner = ReplicaRunner(
+            replicate(program, units=units),
+            microbatches=result.microbatches,
+            mesh=mesh,
+            loss_fn=None if loss_in_program else loss_fn,
+            loss_reduction=loss_reduction,
+            device=device,
+            autocast_dtype=precision,
+            normaliser=normaliser,
+        )
         modules = [program]
     return ParallelModule(result, runner, modules, model, mesh)
 

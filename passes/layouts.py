@@ -52,7 +52,10 @@ every node also keeps ``replicate`` (all R), so a plan always exists.
     getitem, select, narrow, slice
                   follow S(d) of a dimension that is kept whole
     cross entropy vocab_parallel on class-sharded logits (2 all-reduces of N and 2N fp32
-                  values, no gather); batch_parallel (-> P); replicate
+    nll_loss      values, no gather); batch_parallel over the samples (-> P; a "mean" over
+                  class indices divides the local sum by the all-reduced count or weight sum
+                  of the kept targets, torch's normaliser); replicate
+    mse, l1       follow S(d) (-> P; a mean scales its local result by 1/tp); no weight=
     anything else replicate only, with a warning naming the node (``OpRule.supported``)
 
 A dimension whose size does not divide by ``tp`` never carries S.
@@ -807,24 +810,120 @@ def _reduction(b: _Builder, name: str):
         b.add("partial", [P], P, compute_factor=1.0)
 
 
+# Parameter names of the torch.nn.functional losses, in positional order.
+LOSS_PARAMETERS = {
+    "cross_entropy": ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing"),
+    "nll_loss": ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction"),
+    "mse_loss": ("input", "target", "size_average", "reduce", "reduction", "weight"),
+    "l1_loss": ("input", "target", "size_average", "reduce", "reduction", "weight"),
+    "smooth_l1_loss": ("input", "target", "size_average", "reduce", "reduction", "beta"),
+}
+
+
+def bind_loss_arguments(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call of ``torch.nn.functional.<name>`` by parameter name, with
+    ``reduction`` always present and resolved as torch resolves it: the deprecated
+    ``size_average`` / ``reduce`` flags, when either is given, decide it (and are dropped)."""
+    bound = dict(zip(LOSS_PARAMETERS[name], args))
+    bound.update(kwargs)
+    size_average, reduce = bound.pop("size_average", None), bound.pop("reduce", None)
+    if size_average is not None or reduce is not None:
+        bound["reduction"] = torch.nn._reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+    bound.setdefault("reduction", "mean")
+    return bound
+
+
+# The class-index losses, as torch.nn.functional's functions (fx graphs) and as the aten
+# overloads that torch.export graphs hold. The aten ones take reduction as torch's enum
+# (torch.nn._reduction.get_enum: 0 "none", 1 "mean", 2 "sum") and no legacy flags.
+CLASS_LOSS_FUNCTIONS = {torch.nn.functional.cross_entropy: "cross_entropy", torch.nn.functional.nll_loss: "nll_loss"}
+_ATEN_NLL_PARAMETERS = ("input", "target", "weight", "reduction", "ignore_index")
+ATEN_CLASS_LOSS_PARAMETERS = {
+    "cross_entropy_loss": (*_ATEN_NLL_PARAMETERS, "label_smoothing"),
+    "nll_loss_nd": _ATEN_NLL_PARAMETERS,
+    "nll_loss": _ATEN_NLL_PARAMETERS,
+    "nll_loss2d": _ATEN_NLL_PARAMETERS,
+}
+_REDUCTION_NAMES = ("none", "mean", "sum")  # by torch's enum value
+
+
+def class_loss_arguments(node: Any) -> dict[str, Any] | None:
+    """The arguments by parameter name of a ``cross_entropy`` / ``nll_loss`` call, whichever
+    frontend captured it (``F.cross_entropy``, ``aten.cross_entropy_loss.default``,
+    ``aten.nll_loss_nd.default``, ...), with ``reduction`` a string as in
+    :func:`bind_loss_arguments`; None when ``node`` is no such call."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if isinstance(node.target, torch._ops.OpOverload):
+        parameters = ATEN_CLASS_LOSS_PARAMETERS.get(canonical_name(node))
+        if parameters is None:
+            return None
+        bound = dict(zip(parameters, node.args))
+        bound.update(node.kwargs)
+        bound["reduction"] = _REDUCTION_NAMES[bound.get("reduction", 1)]
+        return bound
+    name = CLASS_LOSS_FUNCTIONS.get(node.target)
+    return None if name is None else bind_loss_arguments(name, node.args, node.kwargs)
+
+
+def holds_class_indices(node: Any, output_index: int = 0) -> bool:
+    """True when ``node``'s value (its ``output_index``-th for a tuple) is known to be an
+    integer tensor: a loss target of class indices, not probabilities. The one test of
+    "class-index target" for planning, code generation and the global mean; a value whose
+    dtype was not recorded (no fake value, no annotation) is not assumed to be one."""
+    if not isinstance(node, fx.Node):
+        return False
+    value = _values(node)[output_index] if output_index < len(_values(node)) else None
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() and not value.is_complex()
+    info = node.meta.get("partc")
+    dtype = getattr(info, "dtype", None) if output_index == 0 else None
+    return isinstance(dtype, torch.dtype) and not dtype.is_floating_point and not dtype.is_complex
+
+
+def class_index_mean(node: Any) -> dict[str, Any] | None:
+    """The arguments (:func:`class_loss_arguments`) of a ``cross_entropy`` / ``nll_loss``
+    "mean" over class indices: torch divides its sum by the normaliser of the kept targets
+    (``collectives.kept_target_normaliser``), not by a count fixed by the shapes. None for
+    any other node."""
+    bound = class_loss_arguments(node)
+    if bound is None or bound["reduction"] != "mean" or not holds_class_indices(bound.get("target")):
+        return None
+    return bound
+
+
+def sum_class_loss(node: fx.Node) -> None:
+    """Rewrite the class loss ``node`` in place to ``reduction="sum"`` (the aten overloads:
+    enum 2), its other arguments unchanged."""
+    bound = class_loss_arguments(node)
+    if bound is None:
+        raise UnsupportedOpError(f"{node.format_node()} is no cross_entropy / nll_loss", error_context(node, "layouts"))
+    if isinstance(node.target, torch._ops.OpOverload):
+        parameters = ATEN_CLASS_LOSS_PARAMETERS[canonical_name(node)]
+        node.args = tuple(bound.get(p) for p in parameters[:3])
+        node.kwargs = {**{p: bound[p] for p in parameters[3:] if p in bound}, "reduction": _REDUCTION_NAMES.index("sum")}
+        return
+    node.args = (bound.pop("input"), bound.pop("target"))
+    node.kwargs = {**bound, "reduction": "sum"}
+
+
 def _loss(b: _Builder, name: str):
-    if len(b.inputs) < 2 or [r.path[0] for r in b.inputs[:2]] != [0, 1]:
+    if name not in LOSS_PARAMETERS or len(b.inputs) < 2 or [r.path[0] for r in b.inputs[:2]] != [0, 1]:
         return False
     if isinstance(b.node.target, torch._ops.OpOverload):
         return False  # aten loss overloads take reduction enums: replicate
     x, target = b.in_shapes[:2]
-    reduction = _arg(b.node, 6 if name in ("cross_entropy", "nll_loss") else 4, "reduction", "mean")
+    bound = bind_loss_arguments(name, b.node.args, b.node.kwargs)
+    reduction = bound["reduction"]
     if reduction not in ("mean", "sum", "none"):
         return False
     extra = len(b.inputs) - 2
-    reduced = reduction != "none"
-    scale = 1.0 / b.tp if reduction == "mean" else 1.0
     if name in ("cross_entropy", "nll_loss"):
-        # batch-parallel over the leading (sample) dim: local sum / global count -> P
         if x and target and x[0] == target[0]:
-            b.add("batch_parallel", [Shard(0), Shard(0)] + [R] * extra, P if reduced else Shard(0), local_scale=scale if reduced else 1.0, memory_factor=1.0)
-        smoothing = _arg(b.node, 7, "label_smoothing", 0.0)
-        if name == "cross_entropy" and extra == 0 and not smoothing and len(x) >= 1:
+            _batch_parallel_class_loss(b, reduction, bound.get("weight"))
+        if name == "cross_entropy" and extra == 0 and not bound.get("label_smoothing") and len(x) >= 1:
+            # Target replicated, every row on every rank: "mean" divides by the count of
+            # kept targets of the whole batch (collectives.vocab_parallel_cross_entropy).
             cdim = 1 if len(x) >= 2 else 0
             rows = math.prod(x) // x[cdim]
             comm = (
@@ -833,11 +932,57 @@ def _loss(b: _Builder, name: str):
             )
             b.add("vocab_parallel", [Shard(cdim), R], R, comm=comm, compute_factor=1.0 / b.tp, memory_factor=1.0)
         return
-    if name in ("mse_loss", "l1_loss", "smooth_l1_loss") and x == target:
+    if x == target and extra == 0:
+        # Elementwise losses without weight=: every shard holds numel / tp elements, so the
+        # local mean times 1/tp is the global mean. (A weighted "mean" divides by the sum of
+        # the weights, and the weights would have to be sharded too: replicated.)
+        reduced = reduction != "none"
+        scale = 1.0 / b.tp if reduction == "mean" else 1.0
         for d in range(len(x)):
-            b.add("batch_parallel" if d == 0 else "follow", [Shard(d), Shard(d)] + [R] * extra, P if reduced else Shard(d), local_scale=scale if reduced else 1.0, memory_factor=1.0 if reduced else 1.0 / b.tp)
+            b.add("batch_parallel" if d == 0 else "follow", [Shard(d), Shard(d)], P if reduced else Shard(d), local_scale=scale, memory_factor=1.0 if reduced else 1.0 / b.tp)
         return
     return False
+
+
+def _trainable(node: fx.Node) -> bool:
+    """True when ``node``'s value depends on a parameter that requires grad, as
+    passes/annotate.py recorded (planning's fake values carry no ``requires_grad``);
+    without an annotation, assumed."""
+    info = node.meta.get("partc")
+    return True if info is None else bool(info.requires_grad)
+
+
+# Bytes of the normaliser a batch-parallel class-loss "mean" all-reduces (one float64).
+NORMALISER_BYTES = 8
+
+
+def _batch_parallel_class_loss(b: _Builder, reduction: str, weight: Any) -> None:
+    """cross_entropy / nll_loss with input and target sharded over the samples (dim 0).
+
+    "none" gives S(0) and "sum" a P. "mean" is the delicate one. With probability targets
+    (floating point) torch divides by the number of rows, the same on every rank, so 1/tp
+    of the local mean is exact. With class indices torch divides by the NORMALISER: the
+    number of kept targets (those not ``ignore_index``), or with ``weight=`` the sum of
+    their class weights (label smoothing's term is divided by the same). A rank's own mean
+    would divide by its own normaliser, and the ranks' results would not add up to the
+    global mean whenever they keep different numbers of targets (padding is rarely spread
+    evenly) or different weights. So the strategy carries one all-reduce of the normaliser
+    (``comm``) and tp_codegen lowers it to the local ``reduction="sum"`` loss divided by
+    the global normaliser (``collectives.divide_by_kept_targets``, which gives the
+    normaliser no gradient, as torch does). A weight that requires grad is the exception:
+    with label smoothing torch differentiates the normaliser too, so the loss is not
+    offered batch-parallel then."""
+    inputs = [Shard(0), Shard(0)] + [R] * (len(b.inputs) - 2)
+    if reduction != "mean":
+        b.add("batch_parallel", inputs, Shard(0) if reduction == "none" else P, memory_factor=1.0)
+        return
+    if not holds_class_indices(b.inputs[1].node, b.inputs[1].output_index):
+        b.add("batch_parallel", inputs, P, local_scale=1.0 / b.tp, memory_factor=1.0)
+        return
+    if isinstance(weight, fx.Node) and _trainable(weight):
+        return
+    comm = (Comm("all_reduce", NORMALISER_BYTES, "forward", "count (or class-weight sum) of the kept targets"),)
+    b.add("batch_parallel", inputs, P, comm=comm, memory_factor=1.0)
 
 
 # -- views --------------------------------------------------------------------------------------

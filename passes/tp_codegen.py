@@ -36,8 +36,11 @@ What changes, node by node
       lookups become ``table_wise_embedding[_bag]`` (the owner looks up, the others give
       zeros; their copy of the table is an empty [0, D] slice under the same name);
       ``vocab_parallel`` cross entropy becomes ``vocab_parallel_cross_entropy``
-      (Megatron's two all-reduces, local backward). A strategy's ``local_scale`` multiplies
-      the node's result (a mean over a sharded dim).
+      (Megatron's two all-reduces, local backward). A ``batch_parallel`` cross_entropy /
+      nll_loss "mean" over class indices becomes the same loss with ``reduction="sum"``
+      divided by ``divide_by_kept_targets`` (the all-reduced count or class-weight sum of
+      the batch's kept targets: torch's normaliser, not this rank's). A strategy's
+      ``local_scale`` multiplies the node's result (a mean over a sharded dim).
     * ``plan.view_rewrites`` change hard-coded sizes (12 heads -> 12/tp) or divide a traced
       size; ``plan.size_rewrites`` turn a shard's ``size()`` into the whole tensor's
       (times tp) so traced sizes mean what the single-device program meant. A traced size
@@ -77,7 +80,7 @@ import torch.nn as nn
 from partc.errors import ErrorContext, PartcError, PlanMismatchError, UnsupportedOpError
 from partc.passes.capture import copy_output_type
 from partc.passes.ir import OpKind, canonical_name, error_context, op_kind
-from partc.passes.layouts import Shard, tensor_inputs
+from partc.passes.layouts import Shard, bind_loss_arguments, holds_class_indices, tensor_inputs
 from partc.passes.sharding import ParameterSharding, Reshard, ShardingPlan
 from partc.runtime import collectives as C
 from partc.runtime.collectives import TensorParallelGroup
@@ -383,6 +386,8 @@ class _Emitter:
             return self._vocab_parallel_embedding(node, args, kwargs)
         if kind == OpKind.LOSS and strategy.name == "vocab_parallel":
             return self._vocab_parallel_cross_entropy(node, args, kwargs)
+        if kind == OpKind.LOSS and strategy.name == "batch_parallel" and strategy.comm:
+            return self._mean_over_kept_targets(node, args, kwargs)
         if strategy.comm:
             raise UnsupportedOpError(
                 f"no code generation for strategy {strategy} (it communicates inside the operator)",
@@ -415,27 +420,40 @@ class _Emitter:
         return self._copy(node, (indices, weight, self.tp_node), {"mode": bound.get("mode", "mean")}, target=C.vocab_parallel_embedding_bag)
 
     def _vocab_parallel_cross_entropy(self, node, args, kwargs) -> fx.Node:
-        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
-        bound = dict(zip(names, args))
-        bound.update(kwargs)
+        bound = bind_loss_arguments("cross_entropy", args, kwargs)
         target = bound["target"]
-        target_val = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
-        if target_val is not None and target_val.is_floating_point():
+        if not holds_class_indices(node.args[1] if len(node.args) > 1 else node.kwargs.get("target")):
             raise UnsupportedOpError(
                 "vocabulary-parallel cross entropy takes class indices, not class probabilities",
                 error_context(node, PASS_NAME, fix="pass integer targets, or plan the loss replicated"),
             )
         if bound.get("weight") is not None or bound.get("label_smoothing", 0.0):
             raise UnsupportedOpError("vocabulary-parallel cross entropy takes no class weights or label smoothing", error_context(node, PASS_NAME))
-        reduction = bound.get("reduction", "mean")
-        if bound.get("size_average") is not None or bound.get("reduce") is not None:
-            reduction = torch.nn._reduction.legacy_get_string(bound.get("size_average"), bound.get("reduce"))
         extra = {}
         if bound.get("ignore_index", -100) != -100:
             extra["ignore_index"] = bound["ignore_index"]
-        if reduction != "mean":
-            extra["reduction"] = reduction
+        if bound["reduction"] != "mean":
+            extra["reduction"] = bound["reduction"]
         return self._copy(node, (bound["input"], target, self.tp_node), extra, target=C.vocab_parallel_cross_entropy)
+
+    def _mean_over_kept_targets(self, node, args, kwargs) -> fx.Node:
+        """A batch-parallel cross_entropy / nll_loss "mean" over class indices: this rank's
+        ``reduction="sum"`` loss divided by the all-reduced normaliser (layouts._batch_parallel_class_loss)."""
+        name = canonical_name(node)
+        bound = bind_loss_arguments(name, args, kwargs)
+        if bound["reduction"] != "mean":
+            raise PlanMismatchError(
+                f"the plan divides {name} by the kept targets of the batch, but its reduction is {bound['reduction']!r}",
+                error_context(node, PASS_NAME, fix="emit from the graph the plan was made for"),
+            )
+        logits, target = bound.pop("input"), bound.pop("target")
+        summed = self._copy(node, (logits, target), {**bound, "reduction": "sum"})
+        keywords = {}
+        if bound.get("weight") is not None:
+            keywords["weight"] = bound["weight"]
+        if bound.get("ignore_index", -100) != -100:
+            keywords["ignore_index"] = bound["ignore_index"]
+        return self._named(C.divide_by_kept_targets, (summed, target, self.tp_node), f"{node.name}_mean", keywords, like=node)
 
     def _keep_shards(self, node: fx.Node, new: fx.Node, args, kwargs) -> None:
         """After a consumer of gathered values marked ``regather``: keep only their shards."""

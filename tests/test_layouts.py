@@ -196,7 +196,57 @@ def test_vocab_parallel_cross_entropy_reduces_two_small_vectors():
     assert vocab.inputs == (Shard(1), R) and vocab.outputs == (R,)
     assert [(c.collective, c.nbytes) for c in vocab.comm] == [("all_reduce", 32 * 4), ("all_reduce", 2 * 32 * 4)]
     batch = strategies(gm, "cross_entropy", 4)["batch_parallel"][0]
-    assert batch.outputs == (P,) and batch.local_scale == 0.25
+    assert batch.outputs == (P,) and batch.local_scale == 1.0  # divided by the global count instead
+
+
+def loss_strategies(fn, x, t, tp: int = 4, **children) -> dict[str, list[Strategy]]:
+    gm = traced(Fn2(fn, **children), x, t)
+    (loss,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.name.startswith(("cross_entropy", "nll_loss", "mse_loss"))]
+    return strategies(gm, loss.name, tp)
+
+
+@pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
+def test_batch_parallel_class_loss_mean_all_reduces_the_kept_targets_normaliser():
+    """torch's "mean" over class indices divides by the count (or class-weight sum) of the
+    kept targets of the WHOLE batch: the strategy carries that scalar's all-reduce, and no
+    1/tp scale (exact only when every rank keeps as many targets with equal weights)."""
+    logits, labels = torch.randn(32, 7), torch.randint(0, 7, (32,))
+    weights = nn.Parameter(torch.rand(7), requires_grad=False)
+    normaliser = ("all_reduce", 8, "forward")
+    for fn in (
+        lambda m, x, t: F.cross_entropy(x, t),
+        lambda m, x, t: F.cross_entropy(x, t, weight=m.w, ignore_index=3, label_smoothing=0.1),
+        lambda m, x, t: F.nll_loss(x.log_softmax(-1), t, m.w),
+    ):
+        (batch,) = loss_strategies(fn, logits, labels, w=weights)["batch_parallel"]
+        assert batch.inputs[:2] == (Shard(0), Shard(0)) and batch.outputs == (P,)
+        assert [(c.collective, c.nbytes, c.phase) for c in batch.comm] == [normaliser] and batch.local_scale == 1.0
+    # "sum" and "none" need no normaliser; neither do probability targets (torch divides by the rows)
+    (summed,) = loss_strategies(lambda m, x, t: F.cross_entropy(x, t, reduction="sum"), logits, labels)["batch_parallel"]
+    assert summed.comm == () and summed.local_scale == 1.0 and summed.outputs == (P,)
+    (rows,) = loss_strategies(lambda m, x, t: F.cross_entropy(x, t, reduction="none"), logits, labels)["batch_parallel"]
+    assert rows.comm == () and rows.outputs == (Shard(0),)
+    (soft,) = loss_strategies(lambda m, x, t: F.cross_entropy(x, t), logits, torch.rand(32, 7).softmax(-1))["batch_parallel"]
+    assert soft.comm == () and soft.local_scale == 0.25
+    # the deprecated flags decide the reduction as torch lets them: size_average=False is a sum
+    (legacy,) = loss_strategies(lambda m, x, t: F.cross_entropy(x, t, size_average=False), logits, labels)["batch_parallel"]
+    assert legacy.comm == () and legacy.local_scale == 1.0
+
+
+def test_class_loss_mean_with_trained_weights_and_weighted_mse_are_not_batch_parallel():
+    """Where no exact lowering exists the strategy is not offered: with label smoothing torch
+    differentiates the normaliser through a weight that requires grad; a weighted mse's
+    "mean" divides by the weights' sum, and its weights would need sharding too."""
+    logits, labels = torch.randn(32, 7), torch.randint(0, 7, (32,))
+    trained = nn.Parameter(torch.rand(7))
+    smoothed = loss_strategies(lambda m, x, t: F.cross_entropy(x, t, weight=m.w, label_smoothing=0.1), logits, labels, w=trained)
+    assert "batch_parallel" not in smoothed and "replicate" in smoothed
+    assert "batch_parallel" in loss_strategies(lambda m, x, t: F.cross_entropy(x, t, weight=m.w, reduction="sum"), logits, labels, w=trained)
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    weighted = loss_strategies(lambda m, a, b: F.mse_loss(a, b, weight=torch.ones_like(a)), x, y)
+    assert set(weighted) == {"replicate"}
+    plain = loss_strategies(lambda m, a, b: F.mse_loss(a, b), x, y)
+    assert plain["batch_parallel"][0].local_scale == 0.25 and plain["batch_parallel"][0].comm == ()
 
 
 def test_an_operator_without_a_rule_is_replicated_only():
@@ -312,3 +362,22 @@ def test_reshard_collective_choice_and_price(cost_model):
     # a group across nodes pays the slower link
     two_nodes = CostModel(Cluster.preset("h100", nodes=2, devices_per_node=2))
     assert reshard_cost(P, R, n, two_nodes, [0, 2])[0] > reshard_cost(P, R, n, two_nodes, [0, 1])[0]
+
+
+def test_the_sharding_plan_prices_the_normaliser_all_reduce_of_a_batch_parallel_mean():
+    """The ILP sees the loss's own all-reduce: the plan counts it among the step's
+    collectives and its forward communication time is that all-reduce plus the output's."""
+    from partc.cluster import DeviceSpec, Link, NodeSpec
+    from partc.passes.sharding import plan_sharding
+
+    slow = DeviceSpec("slow", {"float32": 1e6}, 2**34, 1e6, 1.0)  # loss compute dominates: shard it
+    link = Link(1e-6, 1e10)
+    cost = CostModel(Cluster(nodes=(NodeSpec(slow, 4, link),), inter_link=link, name="slow"))
+    gm = traced(Fn2(lambda m, x, t: F.cross_entropy(x, t)), torch.randn(64, 7), torch.randint(0, 7, (64,)))
+    plan = plan_sharding(gm, cost, tp=4)
+    strategy = plan.strategies["cross_entropy"]
+    assert strategy.name == "batch_parallel" and len(strategy.comm) == 1
+    assert plan.collectives_per_step()["forward"] == {"all_reduce": 2}  # the normaliser, then the P loss -> R
+    ranks = list(range(4))
+    want = cost.all_reduce(8, ranks) + cost.all_reduce(4, ranks)
+    assert plan.forward_communication_time == pytest.approx(want, rel=1e-9)

@@ -318,6 +318,81 @@ def test_vocab_parallel_cross_entropy(tp, reduction):
     assert groups[0].counter.per_step() == {"forward": {"all_reduce": 2}, "backward": {}}
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("loss", ["padded", "weighted", "smoothed", "nll"])
+def test_divide_by_kept_targets_gives_torchs_mean_when_ranks_keep_unequal_targets(tp, loss):
+    """Rank r's summed loss over its slice of the samples, divided by the batch's normaliser:
+    the ranks' results add up to torch's "mean" and its gradient, although the padding
+    (ignored targets) lies in the first half of the batch only."""
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.randn(8 * tp, 5, generator=generator) * 2
+    target = torch.randint(1, 5, (8 * tp,), generator=generator)
+    target[: 6 * tp] = torch.where(torch.arange(6 * tp) % 3 == 0, target[: 6 * tp], -100)  # rank 0 keeps fewest
+    options = {
+        "padded": {},
+        "weighted": {"weight": torch.tensor([0.3, 1.0, 2.5, 0.7, 1.9])},
+        "smoothed": {"weight": torch.tensor([0.3, 1.0, 2.5, 0.7, 1.9]), "label_smoothing": 0.2},
+        "nll": {"weight": torch.tensor([0.3, 1.0, 2.5, 0.7, 1.9]), "ignore_index": 2},
+    }[loss]
+    if loss == "nll":
+        target[target == -100] = 2
+
+    def loss_of(x, t, reduction):
+        if loss == "nll":
+            return F.nll_loss(x.log_softmax(-1), t, reduction=reduction, **options)
+        return F.cross_entropy(x, t, reduction=reduction, **options)
+
+    whole = logits.clone().requires_grad_()
+    want = loss_of(whole, target, "mean")
+    want.backward()
+    divide = {k: v for k, v in options.items() if k in ("weight", "ignore_index")}
+
+    def body(r, g):
+        mine = C.shard_of(logits, 0, r, tp).clone().requires_grad_()
+        part = C.divide_by_kept_targets(loss_of(mine, C.shard_of(target, 0, r, tp), "sum"), C.shard_of(target, 0, r, tp), g, **divide)
+        part.backward()
+        return part.detach(), mine.grad
+
+    results, groups = run_ranks(tp, body)
+    torch.testing.assert_close(sum(p for p, _ in results), want.detach(), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.cat([grad for _, grad in results]), whole.grad, rtol=RTOL, atol=ATOL)
+    assert groups[0].counter.per_step() == {"forward": {"all_reduce": 1}, "backward": {}}
+    # what the old lowering computed, each rank's own mean / tp, is not torch's mean here
+    own_means = sum(loss_of(C.shard_of(logits, 0, r, tp), C.shard_of(target, 0, r, tp), "mean") / tp for r in range(tp))
+    assert not torch.allclose(own_means, want.detach(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("name", W.LOSS_MODELS)
+def test_batch_parallel_losses_match_the_single_device_model(name, tp):
+    """The token classifiers of tests/test_tp_loss_parity.py, ranks as threads: padded
+    labels, class weights, label smoothing, nll_loss; the loss runs batch-parallel."""
+    failures, plan = simulate(name, tp, steps=2, cluster=W.favourable_cluster(*W.CLUSTERS["fsdp"]))
+    (loss,) = [s for n, s in plan.strategies.items() if n.startswith(("cross_entropy", "nll_loss"))]
+    assert loss.name == "batch_parallel" and loss.comm, loss
+    assert not failures, failures[:10]
+
+
+def test_vocab_parallel_cross_entropy_of_a_batch_of_padding_is_torchs():
+    """Every target ignored: torch's "mean" is 0 / 0 (nan) and its gradient zero, not nan
+    (a nan gradient would poison every parameter through the optimizer)."""
+    tp = 2
+    logits = torch.randn(6, 4 * tp)
+    target = torch.full((6,), -100)
+    whole = logits.clone().requires_grad_()
+    F.cross_entropy(whole, target).backward()
+    assert torch.equal(whole.grad, torch.zeros_like(logits))
+
+    def body(r, g):
+        mine = C.shard_of(logits, 1, r, tp).clone().requires_grad_()
+        loss = C.vocab_parallel_cross_entropy(mine, target, g)
+        loss.backward()
+        return loss.detach(), mine.grad
+
+    for loss, grad in run_ranks(tp, body)[0]:
+        assert loss.isnan() and torch.equal(grad, torch.zeros_like(grad))
+
+
 def test_vocab_parallel_embedding_sums_to_the_lookup():
     tp = 2
     weight = torch.randn(10, 4)

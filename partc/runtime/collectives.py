@@ -30,6 +30,12 @@ backward, so that gradients stay consistent without any hook outside the graph::
     vocab_parallel_cross_entropy(z, t, tp)   on class-sharded logits: all-reduce of the row
                                              max, one all-reduce of (sum of exp, target
                                              logit); backward is local (softmax - one-hot)
+    divide_by_kept_targets(loss, t, tp)      torch's "mean" of a batch-parallel class loss:
+                                             this rank's summed loss over the all-reduced
+                                             count (or class-weight sum) of kept targets
+    divide_by_global_normaliser(loss, n)     a microbatch's summed loss over the whole
+                                             global batch's normaliser (a buffer, no
+                                             communication)
 
 ``blocks=k`` (fused projections such as GPT's qkv) means the sharded dim holds k equal
 blocks, each sliced over the ranks on its own: rank r holds its slice of every block.
@@ -80,6 +86,9 @@ __all__ = [
     "keep_shard_for_backward",
     "vocab_parallel_embedding",
     "vocab_parallel_cross_entropy",
+    "divide_by_kept_targets",
+    "divide_by_global_normaliser",
+    "kept_target_normaliser",
     "vocab_parallel_embedding_bag",
     "table_wise_embedding",
     "table_wise_embedding_bag",
@@ -739,13 +748,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         softmax, local_target, mine, valid, count = ctx.saved_tensors
         g = softmax.clone()
         g.scatter_add_(-1, local_target.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
-        g = g * valid.unsqueeze(-1)
-        if ctx.reduction == "none":
-            g = g * grad.unsqueeze(-1)
-        elif ctx.reduction == "sum":
-            g = g * grad
-        else:
-            g = g * (grad / count)
+        scale = grad.unsqueeze(-1) if ctx.reduction == "none" else grad if ctx.reduction == "sum" else grad / count
+        # ignored rows get exactly zero, as in torch, also when every target is ignored
+        # (a "mean" of 0 / 0: the loss is nan, the gradient zero)
+        g = (g * scale).masked_fill(~valid.unsqueeze(-1), 0.0)
         return g.to(ctx.input_dtype), None, None, None, None
 
 
@@ -763,6 +769,41 @@ def vocab_parallel_cross_entropy(
     if logits.dim() >= 2:
         logits = logits.movedim(1, -1)
     return _VocabParallelCrossEntropy.apply(logits, target, _as_group(tp), ignore_index, reduction)
+
+
+def kept_target_normaliser(target: torch.Tensor, *, weight: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """What torch's ``reduction="mean"`` of ``cross_entropy`` / ``nll_loss`` over class
+    indices divides the summed loss by: the number of kept targets (``target !=
+    ignore_index``), or with ``weight=`` the sum of their class weights (label smoothing's
+    term is divided by the same). A float64 scalar on ``target``'s device, without gradient
+    (torch's carries none). The one place that knows the rule: the tensor-parallel lowering
+    and the global batch's normaliser (:mod:`partc.passes.global_mean`) both call it."""
+    kept = target != ignore_index
+    if weight is None:
+        return kept.sum(dtype=torch.float64)
+    classes = target.masked_fill(~kept, 0).reshape(-1)
+    weights = weight.detach().to(target.device, torch.float64).gather(0, classes)
+    return weights.masked_fill(~kept.reshape(-1), 0.0).sum()
+
+
+def divide_by_kept_targets(
+    loss_sum: torch.Tensor, target: torch.Tensor, tp, *, weight: torch.Tensor | None = None, ignore_index: int = -100
+) -> torch.Tensor:
+    """torch's ``reduction="mean"`` of ``cross_entropy`` / ``nll_loss`` over class indices,
+    with the samples sharded over the ranks: ``loss_sum`` (this rank's loss with
+    ``reduction="sum"``) divided by the normaliser of the whole batch, the sum over the
+    ranks of :func:`kept_target_normaliser`. The ranks' results add up to the mean (a P).
+    One all-reduce of a float64 scalar in forward; the normaliser carries no gradient."""
+    local = kept_target_normaliser(target, weight=weight, ignore_index=ignore_index)
+    normaliser = _as_group(tp).all_reduce(local, phase="forward")
+    return loss_sum / normaliser.to(loss_sum.dtype)
+
+
+def divide_by_global_normaliser(loss_sum: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+    """A microbatch's summed loss over the normaliser of the whole global batch (a buffer
+    the runner sets before each step, :class:`partc.runtime.loss_normaliser.GlobalLossNormaliser`):
+    the microbatches' results over every replica add up to torch's "mean" of the batch."""
+    return loss_sum / normaliser.to(loss_sum.dtype)
 
 
 def global_size(size: Sequence[int], dim: int, factor: int) -> torch.Size:
@@ -789,6 +830,9 @@ GENERATED_CODE_FUNCTIONS = {
         keep_shard_for_backward,
         vocab_parallel_embedding,
         vocab_parallel_cross_entropy,
+        divide_by_kept_targets,
+        divide_by_global_normaliser,
+        kept_target_normaliser,
         vocab_parallel_embedding_bag,
         table_wise_embedding,
         table_wise_embedding_bag,

@@ -23,12 +23,16 @@ the wrapper averages gradients. With ``loss_reduction="mean"`` that is the gradi
 mean loss over the global batch and the returned loss is the mean of the replicas'
 losses; with ``"sum"`` the local loss is scaled by the replica count before backward so
 the averaged gradients are those of the summed loss, and the returned loss is the sum.
+A "mean" over class indices traced into the graph runs as ``"sum"``: compile rewrote it
+to divide by the whole global batch's normaliser, which the runner sets before each step
+(:class:`partc.runtime.loss_normaliser.GlobalLossNormaliser`, :mod:`partc.passes.global_mean`), since the replicas' and microbatches'
+means average to torch's only when they keep equal numbers of targets.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,6 +44,9 @@ from partc.errors import ErrorContext, PartcError
 from partc.runtime.mesh import RankMesh, is_dtensor
 from partc.runtime.mixed_precision import autocast
 from partc.runtime.pipeline import split_microbatches
+
+if TYPE_CHECKING:
+    from partc.runtime.loss_normaliser import GlobalLossNormaliser
 
 GRADIENT_COMPRESSION = ("bf16", "fp16", "powersgd")
 
@@ -178,9 +185,11 @@ class ReplicaRunner:
         device: torch.device,
         microbatches: int = 1,
         autocast_dtype: torch.dtype | None = None,
+        normaliser: GlobalLossNormaliser | None = None,
     ):
         """module: already wrapped by :func:`replicate_over_dp`. loss_fn: applied to the
-        output; None when the module's graph ends in the loss (targets are its last input)."""
+        output; None when the module's graph ends in the loss (targets are its last input).
+        normaliser: the graph's loss divides by the global batch's normaliser, set here."""
         if loss_reduction not in ("mean", "sum"):
             raise PartcError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}", ErrorContext(fix="say how loss_fn reduces over the batch"))
         self.module, self.mesh, self.device = module, mesh, device
@@ -188,6 +197,7 @@ class ReplicaRunner:
         self.loss_in_graph = loss_fn is None
         self.microbatches = microbatches
         self.autocast_dtype = autocast_dtype  # mixed precision: forward and loss under autocast
+        self.normaliser = normaliser
 
     def _local(self, value: Any) -> Any:
         value = replica_slice(value, self.mesh)
@@ -209,6 +219,8 @@ class ReplicaRunner:
 
     def step(self, inputs: Sequence[Any], targets: Any) -> torch.Tensor:
         m = self.microbatches
+        if self.normaliser is not None:
+            self.normaliser.set_batch((*inputs, targets))
         chunks = [split_microbatches(self._local(x), m, what="the replica's batch") for x in (*inputs, targets)]
         total = torch.zeros((), device=self.device)
         for i in range(m):

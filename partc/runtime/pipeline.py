@@ -10,7 +10,13 @@ Loss and gradients
     microbatch's loss is divided by the microbatch count, so the sum of the microbatch
     losses, and the gradients it produces, equal the single-device run on the whole batch.
     With ``"sum"``, nothing is scaled. torch's own ``scale_grads`` is turned off so that
-    scaling happens in exactly one place.
+    scaling happens in exactly one place. A loss traced into the graph whose "mean" runs
+    over class indices (``ignore_index``, class weights) is the exception: the average of
+    microbatch means is not torch's mean when microbatches keep different numbers of
+    targets, so compile rewrites it to a sum over the whole batch's normaliser
+    (:mod:`partc.passes.global_mean`), runs it as ``"sum"``, and the runner sets the
+    normaliser from the global batch before each step
+    (:mod:`partc.runtime.loss_normaliser`).
 
 Tied parameters
     A parameter held by stages on different ranks (an embedding tied to the LM head) gets
@@ -33,7 +39,7 @@ what ``partc.compile`` returns outside torchrun.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,6 +49,9 @@ from partc.errors import ErrorContext, PartcError
 from partc.passes.split_stages import StageModule
 from partc.runtime.mesh import RankMesh, is_dtensor
 from partc.runtime.mixed_precision import autocast
+
+if TYPE_CHECKING:
+    from partc.runtime.loss_normaliser import GlobalLossNormaliser
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 
@@ -87,14 +96,25 @@ def split_microbatches(value: Any, microbatches: int, *, what: str) -> list[Any]
 class LocalPipelineRunner:
     """All stages in this process, microbatch by microbatch (GPipe order)."""
 
-    def __init__(self, stages: Sequence[StageModule], *, microbatches: int, loss_fn: Callable | None, loss_reduction: str = "mean", autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        stages: Sequence[StageModule],
+        *,
+        microbatches: int,
+        loss_fn: Callable | None,
+        loss_reduction: str = "mean",
+        autocast_dtype: torch.dtype | None = None,
+        normaliser: GlobalLossNormaliser | None = None,
+    ):
         """loss_fn: applied to the last stage's output; None when the graph computes the
-        loss itself (then the targets are the stages' last input)."""
+        loss itself (then the targets are the stages' last input). normaliser: the
+        graph's loss divides by the global batch's normaliser, set here before each step."""
         self.stages = list(stages)
         self.microbatches = microbatches
         self.loss_in_graph = loss_fn is None
         self.loss_fn = scaled_loss(loss_fn, microbatches, loss_reduction)
         self.autocast_dtype = autocast_dtype
+        self.normaliser = normaliser
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         values: tuple = inputs
@@ -106,6 +126,8 @@ class LocalPipelineRunner:
 
     def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
         inputs = (*inputs, targets) if self.loss_in_graph else tuple(inputs)
+        if self.normaliser is not None:
+            self.normaliser.set_batch(inputs)
         chunks = [split_microbatches(x, self.microbatches, what="inputs") for x in inputs]
         target_chunks = split_microbatches(targets, self.microbatches, what="targets")
         total = torch.zeros(())
@@ -133,11 +155,13 @@ class PipelineRunner:
         device: torch.device,
         replicate: Callable[[torch.nn.Module], torch.nn.Module] = lambda module: module,
         autocast_dtype: torch.dtype | None = None,
+        normaliser: GlobalLossNormaliser | None = None,
     ):
         """loss_fn: applied to the last stage's output; None when the graph computes the
         loss itself (the targets then enter at stage 0 and are routed to the loss).
         microbatches: per data-parallel replica. replicate: wraps a stage module for the
-        "dp" group (:func:`partc.runtime.data_parallel.replicate_over_dp`)."""
+        "dp" group (:func:`partc.runtime.data_parallel.replicate_over_dp`). normaliser:
+        the last stage's loss divides by the global batch's normaliser, set here."""
         from torch.distributed import pipelining
 
         if schedule not in SCHEDULES:
@@ -158,6 +182,7 @@ class PipelineRunner:
         self.microbatches = microbatches
         self.reduction = loss_reduction
         self.loss_in_graph = loss_fn is None
+        self.normaliser = normaliser
         self.stage_rank = [s % pp_size for s in range(num_stages)]
         self.local = [st for st in stages if self.stage_rank[st.index] == mesh.pp_index]
         # Shapes are known from the plan: giving them makes torch skip its shape inference,
@@ -204,6 +229,8 @@ class PipelineRunner:
     def step(self, inputs: Sequence[torch.Tensor], targets: Any) -> torch.Tensor:
         from partc.runtime.data_parallel import average_buffers_over_dp, average_over_dp, replica_slice
 
+        if self.normaliser is not None and self.holds_last:
+            self.normaliser.set_batch((*inputs, targets))
         inputs, targets = [replica_slice(x, self.mesh) for x in inputs], replica_slice(targets, self.mesh)
         for x in (*inputs, targets):
             split_microbatches(x, self.microbatches, what="inputs and targets")  # clear error before any send

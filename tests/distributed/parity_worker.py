@@ -6,6 +6,16 @@ the loss of every step, every gradient this rank holds (by original parameter na
 every parameter after the steps (fp32, rtol 1e-5, atol 1e-6); and that the union of the
 ranks' state-dict keys is the model's. Any mismatch exits non-zero with the details.
 
+Loss cases (tests/test_loss_mean_parity.py): ``"padded_targets": true`` pads the targets
+with ``-100`` unevenly (:func:`pad_unevenly`: the first rows most, the first two entirely),
+so microbatches and replicas keep different numbers of targets and torch's "mean" over
+the kept targets is not the average of their means. ``"tagger-weighted"`` is a token
+classifier whose forward computes a cross entropy with class weights from its labels
+(an input); its loss_fn returns that output. ``"global_count_loss": true`` is the recipe
+for an untraced loss: ``loss_reduction="sum"`` with a loss_fn that sums and divides by
+the caller's count of kept targets in the whole batch. ``"loss_strategy"`` names how the
+tensor-parallel plan must run the loss (the case fails on any other).
+
     torchrun --nproc-per-node 2 tests/distributed/parity_worker.py \
         --cases '[{"model": "gpt", "mesh": {"pp": 2}, "schedule": "1f1b", "microbatches": 4}]'
 """
@@ -25,9 +35,15 @@ import torch.nn.functional as F
 import partc
 from partc.models import GPT, GPTConfig, Llama
 from partc.models.llama import llama_tiny
+from partc.passes.ir import OpKind, node_info
 
 BATCH, SEQ, VOCAB = 8, 16, 128
+IGNORE_INDEX = -100  # F.cross_entropy's default: the HF convention for padded labels
+# Positions padded at the end of each of the BATCH rows: in 4 microbatches of 2 rows the
+# first keeps no target at all, the others 11, 24 and 31; in 2 replicas, 11 and 55.
+PADDING_PER_ROW = (16, 16, 12, 9, 5, 3, 1, 0)
 from harness import ATOL, LR, RTOL, case_cluster, serve, train_and_compare  # noqa: E402, F401 (LR: checkpoint_worker's)
+from tp_worker import CLASSES, Tagger  # noqa: E402
 
 
 class SkipNet(nn.Module):
@@ -61,11 +77,37 @@ def build(name: str) -> nn.Module:
         return Llama(dataclasses.replace(llama_tiny(), n_layer=6))
     if name == "skip":
         return SkipNet()
+    if name == "tagger-weighted":  # forward(idx, labels) -> cross entropy with class weights
+        return Tagger(class_weights=True)
     raise SystemExit(f"unknown model {name}")
 
 
 def loss_fn(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def loss_is_output(output, targets):
+    """loss_fn of a model whose forward returns its loss."""
+    return output
+
+
+def pad_unevenly(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with the last PADDING_PER_ROW[r] positions of row r set to IGNORE_INDEX."""
+    labels = labels.clone()
+    for row, padding in enumerate(PADDING_PER_ROW):
+        labels[row, labels.shape[1] - padding :] = IGNORE_INDEX
+    return labels
+
+
+def global_count_loss(targets: torch.Tensor):
+    """The recipe for a loss partc does not trace: the sum over this piece of the batch
+    divided by the number of kept targets in the whole batch (``loss_reduction="sum"``)."""
+    kept = (targets != IGNORE_INDEX).sum()
+
+    def summed_over_global_count(logits, targets):
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum") / kept
+
+    return summed_over_global_count
 
 
 def run_case(case: dict) -> list[str]:
@@ -77,13 +119,21 @@ def run_case(case: dict) -> list[str]:
     reference = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-    targets = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    targets = torch.randint(0, CLASSES if isinstance(model, Tagger) else VOCAB, (BATCH, SEQ), generator=generator)
+    if case.get("padded_targets"):
+        targets = pad_unevenly(targets)
+    case_loss = loss_fn
+    model_inputs = (inputs,)
+    if isinstance(model, Tagger):  # its forward reads the labels and returns the loss
+        case_loss, model_inputs = loss_is_output, (inputs, targets)
 
-    options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages", "recompute", "zero_stage", "mixed_precision", "data_parallel", "gradient_compression") if key in case}
+    options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages", "recompute", "zero_stage", "mixed_precision", "data_parallel", "gradient_compression", "frontend") if key in case}
     if case.get("loss_in_graph"):
         options["example_targets"] = targets
+    if case.get("global_count_loss"):
+        case_loss, options["loss_reduction"] = global_count_loss(targets), "sum"
     cluster = case_cluster(case.get("cluster"), dist.get_world_size(), case.get("nodes", 1))
-    pm = partc.compile(model, cluster, (inputs,), loss_fn=loss_fn, **options)
+    pm = partc.compile(model, cluster, model_inputs, loss_fn=case_loss, **options)
     if case.get("nodes", 1) > 1 and pm.rank_mesh.tp > 1:
         # torchrun's node of every rank in this tensor-parallel group: all the same one
         nodes: list = [None] * pm.rank_mesh.tp
@@ -92,6 +142,10 @@ def run_case(case: dict) -> list[str]:
             return [f"the tensor-parallel group spans torchrun nodes {sorted(set(nodes))}"]
     if case["mesh"].get("tp", 1) > 1 and not any(str(p.layout) != "R" for p in pm.plan.sharding.parameters.values()):
         return ["the tensor-parallel plan shards nothing: the case would test nothing"]
+    if "loss_strategy" in case:
+        losses = {n.name: pm.plan.sharding.strategies[n.name].name for n in pm.plan.graph.graph.nodes if n.op == "call_function" and node_info(n).op == OpKind.LOSS}
+        if not losses or set(losses.values()) != {case["loss_strategy"]}:
+            return [f"the loss runs as {losses}; the case is about {case['loss_strategy']}"]
     if "gradient_compression" in case:
         return compressed_gradients(pm, reference, inputs, targets, case["gradient_compression"])
     if case.get("mixed_precision") == "bf16":
@@ -112,7 +166,7 @@ def run_case(case: dict) -> list[str]:
             hook.remove()
         ran_bf16 = [] if entered and all(on and dtype == torch.bfloat16 for on, dtype in entered) else [f"not every forward ran under bf16 autocast: {sorted(set(entered), key=str)}"]
         return comparison.failures + ran_bf16
-    return train_and_compare(pm, reference, (inputs,), targets, loss_fn, steps=case.get("steps", 3)).failures
+    return train_and_compare(pm, reference, model_inputs, targets, case_loss, steps=case.get("steps", 3)).failures
 
 
 def bf16_whole_batch_step(reference: nn.Module, inputs: tuple, targets, loss_fn) -> torch.Tensor:
@@ -172,7 +226,7 @@ def compressed_gradients(pm: partc.ParallelModule, reference: nn.Module, inputs,
 
 
 def main() -> int:
-    return serve(run_case, cases_help="a JSON list of cases: {model, mesh, microbatches?, schedule?, virtual_stages?, loss_in_graph?, cluster?}")
+    return serve(run_case, cases_help="a JSON list of cases: {model, mesh, microbatches?, schedule?, virtual_stages?, loss_in_graph?, cluster?, padded_targets?, global_count_loss?, loss_strategy?, frontend?}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Tensor-parallel parity worker, launched by torchrun from tests/test_tp_parity.py (not
-collected by pytest). tests/test_tp_codegen.py imports its model and plan builders.
+"""Tensor-parallel parity worker, launched by torchrun from tests/test_tp_parity.py and
+tests/test_tp_loss_parity.py (not collected by pytest). tests/test_tp_codegen.py imports
+its model and plan builders.
 
 Every rank builds the same model (same seed), captures and plans it (each rank plans on
 its own; the ranks compare plans first), emits its tensor-parallel module and trains it
@@ -9,6 +10,9 @@ Megatron layout (not replication), the whole output of every step, the gradient 
 parameter it holds against the reference gradient sliced by the parameter's slice rule,
 every parameter after the steps (fp32, rtol 1e-5, atol 1e-6), the collectives run per
 step against ``plan.collectives_per_step()``, and the state-dict keys against the model's.
+A case with a ``"loss"`` key (the token classifiers of tests/test_tp_loss_parity.py, whose
+padded labels leave the ranks unequal numbers of targets) checks that its loss runs as
+that strategy instead of checking the Megatron layout.
 
     torchrun --nproc-per-node 2 tests/distributed/tp_worker.py --cases '[{"model": "gpt"}]' --report-dir /tmp/r
 """
@@ -31,7 +35,7 @@ from partc.cost_model import CostModel
 from partc.models import GPT, GPTConfig, Llama, LlamaConfig
 from partc.passes.annotate import annotate
 from partc.passes.capture import capture
-from partc.passes.ir import node_info
+from partc.passes.ir import OpKind, node_info
 from partc.passes.propagate import propagate
 from partc.passes.sharding import ShardingPlan, plan_sharding
 
@@ -48,6 +52,11 @@ STEPS = 3
 BATCH, SEQ, VOCAB, WIDTH = 8, 16, 128, 64
 MODELS = ("mlp", "gpt", "gpt-tied", "llama", "gpt-loss")
 from harness import serve  # noqa: E402
+
+# Token classifiers whose loss runs batch-parallel (see Tagger): torch's "mean" over kept,
+# weighted targets when the ranks keep different numbers of them.
+LOSS_MODELS = ("tagger-padded", "tagger-weighted", "tagger-smoothed", "tagger-nll")
+CLASSES = 7  # no tp divides it: the loss cannot run vocabulary-parallel
 
 
 # Clusters the cases plan on: (FLOP/s and bytes/s of a device, link latency, link bandwidth).
@@ -93,6 +102,45 @@ class WithLoss(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+class Tagger(nn.Module):
+    """A token classifier whose forward returns its loss from HF-style labels, where the
+    ignored label marks padding: the loss is a "mean" over the kept targets only (weighted
+    by ``class_weights``, with ``label_smoothing``, or as ``nll_loss`` of log-probabilities)."""
+
+    def __init__(self, *, class_weights: bool = False, label_smoothing: float = 0.0, nll: bool = False, ignore_index: int = -100):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.fc1, self.fc2 = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, CLASSES)
+        self.register_buffer("class_weights", torch.linspace(0.5, 2.0, CLASSES) if class_weights else None)
+        self.label_smoothing, self.nll, self.ignore_index = label_smoothing, nll, ignore_index
+
+    def forward(self, idx, labels):
+        logits = self.fc2(F.gelu(self.fc1(self.embed(idx))))
+        logits, labels = logits.view(-1, CLASSES), labels.view(-1)
+        if self.nll:
+            return F.nll_loss(F.log_softmax(logits, -1), labels, weight=self.class_weights, ignore_index=self.ignore_index)
+        return F.cross_entropy(logits, labels, weight=self.class_weights, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing)
+
+
+def padded_labels(generator: torch.Generator, ignore_index: int) -> torch.Tensor:
+    """(BATCH, SEQ) labels whose sequences end in padding (``ignore_index``): 12 of 16
+    positions in the first half of the batch, 2 in the second, so the tensor-parallel ranks,
+    each holding a slice of the samples, keep different numbers of targets (at tp=4: 8, 8,
+    28, 28)."""
+    labels = torch.randint(1, CLASSES, (BATCH, SEQ), generator=generator)  # 0 is the nll case's ignored class
+    labels[: BATCH // 2, SEQ - 12 :] = ignore_index
+    labels[BATCH // 2 :, SEQ - 2 :] = ignore_index
+    return labels
+
+
+TAGGERS = {
+    "tagger-padded": {},
+    "tagger-weighted": {"class_weights": True},
+    "tagger-smoothed": {"class_weights": True, "label_smoothing": 0.1},
+    "tagger-nll": {"class_weights": True, "nll": True, "ignore_index": 0},
+}
+
+
 def lm_loss(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
@@ -112,6 +160,10 @@ def build(name: str):
         model = GPT(GPTConfig(**gpt, tie_weights=name == "gpt-tied"))
     elif name == "llama":  # grouped-query attention: 8 query heads, 4 k/v heads (tp=4: one each)
         model = Llama(LlamaConfig(vocab_size=VOCAB, max_seq_len=32, n_layer=2, n_head=8, n_kv_head=4, d_model=WIDTH, ffn_hidden=2 * WIDTH))
+    elif name in TAGGERS:
+        model = Tagger(**TAGGERS[name])
+        idx = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+        return model, (idx, padded_labels(generator, model.ignore_index)), None, None
     elif name == "gpt-loss":  # a larger vocabulary: vocabulary-parallel embedding and cross entropy
         model = WithLoss(GPT(GPTConfig(**{**gpt, "vocab_size": 1024}, tie_weights=True)))
         vocab = 1024
@@ -172,6 +224,13 @@ def layout_failures(name: str, gm, plan: ShardingPlan) -> list[str]:
     return failures
 
 
+def loss_strategy_failures(gm, plan: ShardingPlan, want: str) -> list[str]:
+    """Where a loss of the graph does not run as strategy ``want``."""
+    losses = [n for n in gm.graph.nodes if node_info(n).op == OpKind.LOSS]
+    found = [f"{n.name}: {plan.strategies[n.name]}, expected {want}" for n in losses if plan.strategies[n.name].name != want]
+    return found if losses else ["no loss in the graph"]
+
+
 def plan_digest(plan: ShardingPlan) -> str:
     text = json.dumps([sorted((k, str(v)) for k, v in plan.strategies.items()), [str(r) for r in plan.reshards]])
     return hashlib.sha256(text.encode()).hexdigest()
@@ -192,7 +251,9 @@ def run_case(case: dict) -> list[str]:
     reference = copy.deepcopy(model)
     cluster = case.get("cluster", "megatron")
     gm, plan = make_plan(model, inputs, tp, cluster=favourable_cluster(*CLUSTERS[cluster]))
-    if cluster == "megatron":
+    if "loss" in case:
+        failures = loss_strategy_failures(gm, plan, case["loss"])
+    elif cluster == "megatron":
         failures = layout_failures(case["model"], gm, plan)
     else:  # not the Megatron layout, but collectives of every kind (see CLUSTERS)
         kinds = {c for phase in plan.collectives_per_step().values() for c in phase}
@@ -239,7 +300,9 @@ def run_case(case: dict) -> list[str]:
 
 
 def main() -> int:
-    return serve(run_case, cases_help='a JSON list of cases: {"model": one of ' + ", ".join(MODELS) + ', "cluster"?: one of ' + ", ".join(CLUSTERS) + "}", backend="gloo")
+    models = ", ".join(MODELS + LOSS_MODELS)
+    cases_help = f'a JSON list of cases: {{"model": one of {models}, "cluster"?: one of {", ".join(CLUSTERS)}, "loss"?: the strategy the loss must get}}'
+    return serve(run_case, cases_help=cases_help, backend="gloo")
 
 
 if __name__ == "__main__":
