@@ -25,7 +25,6 @@ from parity import case_key, run_parity
 
 TRACED = {"loss_in_graph": True, "padded_targets": True}
 TP_PAYS = "tp-test:1e10"  # devices slow enough that tensor parallelism shards (test_parity.TP_PAYS); slower still, the loss too
-# "zero_stage": a pinned mesh of one kind plans microbatches only when the search runs, as zero_stage makes it.
 CASES = {
     2: [
         {"model": "gpt", "mesh": {"dp": 2}, "data_parallel": "ddp", **TRACED},

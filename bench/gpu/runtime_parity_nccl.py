@@ -2,7 +2,7 @@
 
     python3 bench/gpu/runtime_parity_nccl.py [--gpus 2|4|8]
 
-Runs tests/test_parity.py's cases for that many processes (one per GPU; with 8 the
+Runs tests/test_parity.py's and tests/test_loss_mean_parity.py's cases for that many processes (one per GPU; with 8 the
 dp x tp x pp cases) through the same worker, on CUDA devices and NCCL instead of CPUs and
 gloo, plus the NCCL-only bf16 gradient compression hook: loss, gradients and parameters
 after 3 AdamW steps against the single-device model, with the CPU tests' tolerances.
@@ -17,6 +17,7 @@ import sys
 
 sys.path[:0] = ["tests", "tests/distributed"]
 from parity import case_key, run_parity  # noqa: E402
+from test_loss_mean_parity import CASES as LOSS_MEAN_CASES  # noqa: E402
 from test_parity import CASES  # noqa: E402
 
 from partc.planner import _PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS as OLD_PIPELINING  # noqa: E402
@@ -34,8 +35,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=2, choices=sorted(CASES))
     args = parser.parse_args()
-    cases = [c for c in CASES[args.gpus] if not refused_here(c)]
-    skipped = len(CASES[args.gpus]) - len(cases)
+    wanted = CASES[args.gpus] + LOSS_MEAN_CASES.get(args.gpus, [])
+    cases = [c for c in wanted if not refused_here(c)]
+    skipped = len(wanted) - len(cases)
     if args.gpus == 2:
         cases.append({"model": "gpt", "mesh": {"dp": 2}, "gradient_compression": "bf16"})  # needs NCCL
     verdicts = run_parity(cases, args.gpus, timeout=580)
