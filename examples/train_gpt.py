@@ -73,8 +73,6 @@ def main() -> None:
         seconds = time.perf_counter() - start
         if rank == 0:
             print(f"step {step:4d}  loss {loss.item():.4f}  {args.batch * args.seq / seconds:10,.0f} tokens/s", flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # partc.compile started it under torchrun
 
 
 if __name__ == "__main__":
