@@ -365,7 +365,8 @@ class _NodeCosts:
         params, computes, kept = [], [], []
         self.activation_nodes: list[tuple[str, int, float, bool]] = []  # (name, layer, bytes in the compute dtype, batch-dependent)
         self.output_nodes: list[tuple[str, tuple[float, ...], bool, bool]] = []  # (name, bytes per output, batch-dependent, an input)
-        diff_dep, diff_fixed = np.zeros(L + 1), np.zeros(L + 1)  # live-range differences of cut bytes
+        diff_dep, diff_fixed = [0.0] * (L + 1), [0.0] * (L + 1)  # live-range differences of cut bytes
+        peak_flops: dict[torch.dtype, float] = {}
         for n in ctx.nodes:
             info = infos[n]
             if info.op == OpKind.PARAMETER:
@@ -380,22 +381,26 @@ class _NodeCosts:
             if info.op != OpKind.INPUT and (info.fwd_flops or info.bytes_moved):
                 weights = sum(infos[a].outputs[0].nbytes for a in n.all_input_nodes if a.op == "get_attr" and infos[a].outputs) * scale
                 dtype = compute_dtype if (compute_dtype is not None and info.dtype is not None and info.dtype.is_floating_point) else (info.dtype or torch.float32)
-                rate = ctx.device.flops(dtype) * kernel_efficiency(info, ctx.device, dtype)
+                if dtype not in peak_flops:
+                    peak_flops[dtype] = ctx.device.flops(dtype)
+                rate = peak_flops[dtype] * kernel_efficiency(info, ctx.device, dtype)
                 computes.append((n.name, info.layer, rate, info.fwd_flops, info.bwd_flops, info.bytes_moved * scale, weights, is_dep, bool(info.bwd_flops)))
             self.activation_nodes.append((n.name, info.layer, info.activation_bytes * scale, is_dep))
             if not info.outputs or not n.users:
                 continue
             is_input = info.op == OpKind.INPUT
-            self.output_nodes.append((n.name, tuple(spec.nbytes * scale for spec in info.outputs), is_dep, is_input))
+            nbytes = tuple(spec.nbytes * scale for spec in info.outputs)
+            self.output_nodes.append((n.name, nbytes, is_dep, is_input))
             if n in ctx.recomputed:
                 continue  # rebuilt by each stage that reads it: never sent, never kept
             made = 0 if is_input else info.layer
             readers = sorted({infos[u].layer for u in n.users})
-            whole = sum(spec.nbytes * scale for spec in info.outputs)
+            whole = sum(nbytes)
             last = readers[-1]
             if last > made:
-                (diff_dep if is_dep else diff_fixed)[made] += whole
-                (diff_dep if is_dep else diff_fixed)[last] -= whole
+                diff = diff_dep if is_dep else diff_fixed
+                diff[made] += whole
+                diff[last] -= whole
             kept += [(len(self.output_nodes) - 1, reader, is_dep) for reader in readers if reader > made or is_input]
         # bytes live across a cut right after layer j (0 after the last), whole tensors
         self.boundary_dep = np.cumsum(diff_dep)[:L]
@@ -474,9 +479,11 @@ class _LayerPrices:
         local = nodes.whole_output.copy()
         for k, (name, nbytes, _, _) in enumerate(nodes.output_nodes):
             strategy = strategies.get(name)
-            layouts = strategy.outputs if strategy is not None else ()
-            if any(isinstance(layout, Shard) for layout in layouts[: len(nbytes)]):
-                local[k] = sum(b / (tp if j < len(layouts) and isinstance(layouts[j], Shard) else 1) for j, b in enumerate(nbytes))
+            if strategy is None:
+                continue
+            sharded = [isinstance(layout, Shard) for layout in strategy.outputs[: len(nbytes)]]
+            if True in sharded:
+                local[k] = sum(b / (tp if j < len(sharded) and sharded[j] else 1) for j, b in enumerate(nbytes))
         produced = ~nodes.output_input
         out_dep = float(local[produced & nodes.output_dep].max(initial=0.0))
         out_fixed = float(local[produced & ~nodes.output_dep].max(initial=0.0))
@@ -829,9 +836,11 @@ class _Search:
         self.inflight: dict[tuple, tuple[float, ...]] = {}  # (stages, v, m, schedule) -> microbatches in flight per stage
         self.param_bytes: dict[tuple, np.ndarray] = {}  # (tp, dp, zero) -> parameter bytes per layer
         self.stage_sums: dict[tuple, list[float]] = {}  # (table, cut, column) -> per-stage sums (_stage_sums)
+        self.bound_parts: dict[tuple, tuple] = {}  # (tp, pp, dp, m, schedule, v, recompute) -> what lower_bound shares across ZeRO stages
+        self.prefixes: dict[int, tuple[np.ndarray, list[float]]] = {}  # id(array) -> (the array, its prefix sums) (_prefix)
         self.cut_hints: dict[tuple, list[int]] = {}  # (tp, pp, dp, recompute, schedule, v) -> last interleaved cut
-        forbidden = gradient_free_cuts(ctx.gm, every_value=True) if _NEEDS_GRADIENTS_ACROSS_CUTS else frozenset()
-        self.forbidden = {s: forbidden | (gradient_free_cuts(ctx.gm) if s == "zero_bubble" else frozenset()) for s in SCHEDULES}
+        forbidden = gradient_free_cuts(ctx.gm, every_value=True, recomputed=ctx.recomputed) if _NEEDS_GRADIENTS_ACROSS_CUTS else frozenset()
+        self.forbidden = {s: forbidden | (gradient_free_cuts(ctx.gm, recomputed=ctx.recomputed) if s == "zero_bubble" else frozenset()) for s in SCHEDULES}
 
     def sort_key(self, c: Candidate) -> tuple:
         spec = _Spec(c.mesh["pp"], c.mesh["dp"], c.mesh["tp"], c.microbatches, c.schedule, c.virtual_stages, c.recompute, c.zero_stage)
@@ -933,20 +942,27 @@ class _Search:
 
     def lower_bound(self, spec: _Spec) -> tuple[float, float]:
         """(seconds, bytes) no pricing of ``spec`` can beat (module doc, "Search")."""
-        ctx, table, prices = self.ctx, self._table(spec), self.prices[spec.tp]
-        R, m, d = spec.pp, spec.microbatches, spec.fill_drain_divisor
-        S = table.total_time
-        if R == 1:
-            pipeline = m * S
-        else:
-            per_rank = max(S / R, table.max_time if spec.virtual_stages == 1 else 0.0)
-            pipeline = (m - 1.0 / d) * per_rank + S / d
-        numel = prices.total_owned_numel / R  # the mean rank holds at least this
-        itemsize = ctx.param_dtype.itemsize
-        exposed = self._dp_exposed(spec, 0, numel * itemsize, table.total_forward, table.total_backward, table.total_backward)
+        ctx = self.ctx
+        # the parts every ZeRO stage shares, computed once for them
+        key = (spec.tp, spec.pp, spec.dp, spec.microbatches, spec.schedule, spec.virtual_stages, spec.recompute)
+        shared = self.bound_parts.get(key)
+        if shared is None:
+            table, prices = self._table(spec), self.prices[spec.tp]
+            R, m, d = spec.pp, spec.microbatches, spec.fill_drain_divisor
+            S = table.total_time
+            if R == 1:
+                pipeline = m * S
+            else:
+                per_rank = max(S / R, table.max_time if spec.virtual_stages == 1 else 0.0)
+                pipeline = (m - 1.0 / d) * per_rank + S / d
+            numel = prices.total_owned_numel / R  # the mean rank holds at least this
+            buffers = prices.total_buffers / R
+            acts = table.total_activations / R * (1 if R == 1 else self._least_inflight(spec))
+            shared = self.bound_parts[key] = (table, pipeline, numel, buffers, acts)
+        table, pipeline, numel, buffers, acts = shared
+        exposed = self._dp_exposed(spec, 0, numel * ctx.param_dtype.itemsize, table.total_forward, table.total_backward, table.total_backward)
         optimizer = self._optimizer_time(numel, spec)
-        static = numel * ctx.bytes_per_param(spec.zero_stage, spec.dp) + prices.total_buffers / R
-        acts = table.total_activations / R * (1 if R == 1 else self._least_inflight(spec))
+        static = numel * ctx.bytes_per_param(spec.zero_stage, spec.dp) + buffers
         return pipeline + exposed + optimizer, static + acts + self._transient(spec, table)
 
     @staticmethod
@@ -1189,7 +1205,7 @@ class _Search:
         if isinstance(fastest, PartcError):
             return _spec_rejection(spec, "schedule", f"no stage cut: {fastest.message}", None, None)
         inflight = self._inflight(spec)
-        if self._fullest_rank(spec, table, fastest.starts, inflight) <= budget:
+        if self._fits(spec, table, fastest.starts, inflight, budget):
             # its stage times and step are this schedule's too (same objective); its stage
             # memory is re-priced with this ZeRO stage for the candidates returned
             return self._pipeline_candidate(spec, table, fastest, inflight, transient)
@@ -1209,7 +1225,7 @@ class _Search:
             if least <= budget * (1 + 1e-9):
                 problem = self._stage_problem(spec, table, spec.schedule, spec.zero_stage, budget)
                 lightest = _lightest_cut(problem, forbidden)
-                feasible = lightest is not None and self._fullest_rank(spec, table, lightest, inflight) <= budget
+                feasible = lightest is not None and self._fits(spec, table, lightest, inflight, budget)
         if feasible:
             found = self._cut(problem, forbidden, budget)
             if isinstance(found, InfeasiblePlanError):
@@ -1249,6 +1265,33 @@ class _Search:
         rank's bytes, every stage holding the fewest microbatches in flight."""
         params = self._layer_param_bytes(spec.tp, spec.dp, spec.zero_stage)
         return float(params.sum() + min(inflight) * table.total_activations) / spec.pp
+
+    def _fits(self, spec: _Spec, table: _LayerTable, starts: Sequence[int], inflight: Sequence[float], budget: float) -> bool:
+        """Whether ``_fullest_rank(...) <= budget``: from prefix sums when they clear the
+        budget by a margin (1e-9 of the budget or of all the bytes, far above what summing
+        in another order changes), by :meth:`_fullest_rank` otherwise."""
+        params = self._prefix(self._layer_param_bytes(spec.tp, spec.dp, spec.zero_stage))
+        acts = self._prefix(table.activations)
+        ends = list(starts[1:]) + [self.ctx.num_layers]
+        ranks = [0.0] * spec.pp
+        for i, (a, b) in enumerate(zip(starts, ends)):
+            ranks[i % spec.pp] += params[b] - params[a] + inflight[i] * (acts[b] - acts[a])
+        margin = 1e-9 * max(budget, params[-1] + max(inflight) * acts[-1])
+        fullest = max(ranks)
+        if fullest < budget - margin:
+            return True
+        if fullest > budget + margin:
+            return False
+        return self._fullest_rank(spec, table, starts, inflight) <= budget
+
+    def _prefix(self, values: np.ndarray) -> list[float]:
+        """[0, values[0], values[0] + values[1], ...] (cached per array: the search's per-layer
+        arrays live as long as it does)."""
+        found = self.prefixes.get(id(values))
+        if found is None or found[0] is not values:
+            found = (values, [0.0] + np.cumsum(values).tolist())
+            self.prefixes[id(values)] = found
+        return found[1]
 
     def _fullest_rank(self, spec: _Spec, table: _LayerTable, starts: Sequence[int], inflight: Sequence[float]) -> float:
         """The largest bytes a pipeline rank holds for the cut ``starts`` (the ILP's memory row)."""
@@ -1373,11 +1416,22 @@ class _CutCosts:
         send[:-1] = transfer
         self._arrays = (prefix, speed, transfer, receive, send)  # for _polish's numpy screen
         self._positions = np.arange(1, L)  # where a cut may be: the first layer of a stage
+        self._uniform_speed = bool((speed == 1.0).all())
         beside = np.eye(self.R, dtype=bool)
         self._other_ranks = ~(beside | np.roll(beside, 1, axis=1))  # [r]: all but ranks r and r + 1
         self.prefix_time, self.boundary, self.speed = prefix.tolist(), boundary.tolist(), speed.tolist()
         self.alpha, self.inv_bw = alpha.tolist(), inv_bw.tolist()
-        self.receive, self.send = receive.tolist(), send.tolist()
+        # as lists for the fills' scalar reads; the rows of boundaries on equal links are
+        # equal, so each distinct row is converted once and shared (pipeline ranks on
+        # separate nodes all talk over one kind of link)
+        rows: dict[tuple[float, float], tuple[list[float], list[float]]] = {}
+        self.receive, self.send = [receive[0].tolist()], []
+        for k, link in enumerate(zip(self.alpha, self.inv_bw)):
+            if link not in rows:
+                rows[link] = (receive[k + 1].tolist(), send[k].tolist())
+            self.receive.append(rows[link][0])
+            self.send.append(rows[link][1])
+        self.send.append(send[p - 1].tolist())
         self.divisor = problem.fill_drain_divisor
         self.param = np.concatenate([[0.0], np.cumsum([l.param_bytes for l in layers])]).tolist()
         self.act = np.concatenate([[0.0], np.cumsum([l.activation_bytes for l in layers])]).tolist()
@@ -1395,30 +1449,33 @@ class _CutCosts:
         right), and only the step's rounding to 12 digits is bracketed, by a few ulps."""
         prefix, speed, transfer, receive, send = self._arrays
         L, p, R = self.L, self.p, self.R
-        at = np.array(starts)
-        end = np.append(at[1:], L)  # per stage: one past its last layer
-        j = self._positions
+        k_first = max(first_cut, 1)
+        bounds = np.array(starts + [L])  # stage i holds layers bounds[i] .. bounds[i + 1] - 1
+        at = bounds[:-1]
+        j = self._positions[starts[k_first - 1]:]  # the layers past cut k_first - 1: where cuts k >= k_first may go
         s = np.searchsorted(at, j, side="right") - 1  # the stage holding layer j
         free = (at[s] != j) & allowed[j - 1]  # j is no cut yet and may be one
-        # j can take cut s (moved later: stage s-1 grows) or cut s + 1 (moved earlier)
-        k = np.concatenate([s, s + 1])
-        cut = np.concatenate([j, j])
-        k_first = max(first_cut, 1)
-        usable = np.concatenate([free & (s >= k_first), free & (s + 1 >= k_first) & (s + 1 < p)])
-        k, cut = k[usable], cut[usable]
+        # j can take cut s (moved later: stage s-1 grows) or cut s + 1 (moved earlier; s + 1 >= k_first here)
+        later, earlier = free & (s >= k_first), free & (s < p - 1)
+        k = np.concatenate([s[later], s[earlier] + 1])
+        cut = np.concatenate([j[later], j[earlier]])
         i = k - 1  # the stage before cut k
-        first, last = at[i], end[k]
+        first, last = at[i], bounds[k + 1]
         moved = transfer[i, cut - 1]
-        before = (prefix[cut] - prefix[first]) / speed[i] + receive[i, first] + moved
-        after = (prefix[last] - prefix[cut]) / speed[k] + moved + send[k, last - 1]
+        if self._uniform_speed:  # x / 1.0 is x: the same floats without the divisions
+            before = prefix[cut] - prefix[first] + receive[i, first] + moved
+            after = prefix[last] - prefix[cut] + moved + send[k, last - 1]
+        else:
+            before = (prefix[cut] - prefix[first]) / speed[i] + receive[i, first] + moved
+            after = (prefix[last] - prefix[cut]) / speed[k] + moved + send[k, last - 1]
         stage_t, rank_t = np.array(stage), np.array(ranks)
         a = i % R  # cut k sits between ranks a and a + 1 (mod R)
         ra = rank_t[a] - stage_t[i] + before
         rb = rank_t[k % R] - stage_t[k] + after
         others = np.where(self._other_ranks, rank_t, 0.0)  # rank times are >= 0: a 0 changes no max or sum
         top = others.max(axis=1)[a]
-        total = np.cumsum(others, axis=1)[a, -1]
-        squares = np.cumsum(others * others, axis=1)[a, -1]
+        total = others.cumsum(axis=1)[:, -1][a]  # sums left to right, as _polish's
+        squares = (others * others).cumsum(axis=1)[:, -1][a]
         slowest = np.maximum(top, np.maximum(ra, rb))
         step = self.problem.microbatches * slowest + (total + ra + rb - slowest) / self.divisor
         evenness = squares + ra * ra + rb * rb
@@ -1464,10 +1521,17 @@ def _interleaved_cut(problem: StageProblem, forbidden: frozenset[int], budget: f
     def fits(starts) -> bool:
         return budget is None or costs.rank_memory(starts) <= budget
 
-    def fill(cap: float) -> list[int] | None:
+    # speed of stages i.. together: the compute they can hold under a cap, transfers aside
+    later_speed = np.cumsum(costs.speed[::-1])[::-1].tolist()
+
+    def fill(cap: float, known: Sequence[int] = ()) -> tuple[bool, list[int]]:
         def last_layer(i: int, first: int) -> int:
             # costs.stage_time(i, first, j), inlined: the fills run it ~100,000 times
             start, speed, receive, send = prefix[first], costs.speed[i], costs.receive[i][first], costs.send[i]
+            if prefix[L] - start > cap * later_speed[i] * (1 + 1e-9):
+                # the layers left exceed what stages i.. hold within the cap (their
+                # compute alone, with a margin over rounding): this fill fails
+                return first - 1
             if (prefix[first + 1] - start) / speed + receive + send[first] > cap and allowed[first]:
                 return first - 1  # not even one layer fits (the common failure: stop early)
             # the longest run within the cap on compute alone, then back to a cut that
@@ -1477,7 +1541,7 @@ def _interleaved_cut(problem: StageProblem, forbidden: frozenset[int], budget: f
                 j -= 1
             return j
 
-        return _greedy_cut(L, p, last_layer, lambda first: costs.stage_time(p - 1, first, L - 1) <= cap)
+        return _greedy_cut(L, p, last_layer, lambda first: costs.stage_time(p - 1, first, L - 1) <= cap, known)
 
     # Greedy filling succeeds once the cap reaches the mean stage plus the largest layer
     # and transfer (each stage but the last then holds at least the mean).
@@ -1492,7 +1556,7 @@ def _interleaved_cut(problem: StageProblem, forbidden: frozenset[int], budget: f
         # the balanced cut and a few looser ones: rank sums, not stages, pace the step
         cap = max(costs.stage_time(i, a, b - 1) for i, (a, b) in enumerate(zip(balanced, balanced[1:] + [L])))
         slack = (1.05,) if hinted else (1.02, 1.05, 1.1)
-        seeds = [balanced] + [found for more in slack if (found := fill(cap * more)) is not None]
+        seeds = [balanced] + [found for more in slack for placed, found in [fill(cap * more)] if placed]
     if hinted:
         seeds.append(list(hint))
     if budget is not None:
@@ -1597,44 +1661,60 @@ def _repair(costs: "_CutCosts", starts: list[int], allowed: list[bool], budget: 
     return starts
 
 
-def _smallest_cap(fill: Callable[[float], list[int] | None], guess: float, hi: float) -> list[int] | None:
+def _smallest_cap(fill: Callable[[float, Sequence[int]], tuple[bool, list[int]]], guess: float, hi: float) -> list[int] | None:
     """The cut ``fill`` gives at the smallest cap, to 1e-4 relative (the polish that follows
     does the rest): bisection from ``guess`` (or ``hi`` when the guess fails) down to 0;
-    None when even ``hi`` gives none."""
-    best = fill(guess)
-    if best is None:
-        guess, best = hi, fill(hi)
-        if best is None:
+    None when even ``hi`` gives none. ``fill(cap, known)`` is a :func:`_greedy_cut`.
+
+    A greedy stage's end is monotone in the cap once its first layer fits (its run grows
+    with the cap), so where the fills at the bisection's two ends agree on the first stages,
+    every cap between them fills those stages alike: each fill starts after the stages the
+    last failing fill and the last successful one share (the same cut, fewer stages filled)."""
+    placed, best = fill(guess, ())
+    if not placed:
+        guess = hi
+        placed, best = fill(hi, ())
+        if not placed:
             return None
     lo, hi = 0.0, guess
+    failed: list[int] = []  # the stage starts the fill at lo reached (none at 0: never filled)
     for _ in range(60):
         if hi - lo <= 1e-4 * hi:
             break
         mid = (lo + hi) / 2
-        found = fill(mid)
-        if found is None:
-            lo = mid
-        else:
+        shared = 0
+        for a, b in zip(failed, best):
+            if a != b:
+                break
+            shared += 1
+        placed, found = fill(mid, best[:shared])
+        if placed:
             hi, best = mid, found
+        else:
+            lo, failed = mid, found
     return best
 
 
-def _greedy_cut(L: int, p: int, last_layer: Callable[[int, int], int], last_stage_fits: Callable[[int], bool]) -> list[int] | None:
+def _greedy_cut(L: int, p: int, last_layer: Callable[[int, int], int], last_stage_fits: Callable[[int], bool], known: Sequence[int] = ()) -> tuple[bool, list[int]]:
     """Stages filled in order, each as far as it may go: stage ``i`` starts after the
     previous one and ends at ``last_layer(i, first)`` (below ``first``: nothing fits); the
-    last stage takes the rest if ``last_stage_fits(first)``. The stage starts, or None."""
-    starts, first = [], 0
-    for i in range(p):
+    last stage takes the rest if ``last_stage_fits(first)``. ``known``: the starts of the
+    first stages, known to be what filling them gives; the stage that starts at the last
+    of them is filled here. (whether every layer is placed, the stage starts reached: all
+    of them when placed)."""
+    starts = list(known[:-1])
+    first = known[-1] if known else 0
+    for i in range(len(starts), p):
         if first >= L:
-            return None
+            return False, starts
         starts.append(first)
         if i == p - 1:
-            return starts if last_stage_fits(first) else None
+            return last_stage_fits(first), starts
         j = last_layer(i, first)
         if j < first:
-            return None
+            return False, starts
         first = j + 1
-    return None
+    return False, starts
 
 
 def _lightest_cut(problem: StageProblem, forbidden: frozenset[int]) -> list[int] | None:
@@ -1647,7 +1727,7 @@ def _lightest_cut(problem: StageProblem, forbidden: frozenset[int]) -> list[int]
     held = [(param + n * act).tolist() for n in problem.inflights()]  # bytes of layers 0..j-1 on stage i
     allowed = [j not in forbidden for j in range(L)]
 
-    def fill(cap: float) -> list[int] | None:
+    def fill(cap: float, known: Sequence[int] = ()) -> tuple[bool, list[int]]:
         def last_layer(i: int, first: int) -> int:
             prefix = held[i]
             j = min(bisect.bisect_right(prefix, prefix[first] + cap) - 2, L - (p - i))
@@ -1655,7 +1735,7 @@ def _lightest_cut(problem: StageProblem, forbidden: frozenset[int]) -> list[int]
                 j -= 1
             return j
 
-        return _greedy_cut(L, p, last_layer, lambda first: held[p - 1][L] - held[p - 1][first] <= cap)
+        return _greedy_cut(L, p, last_layer, lambda first: held[p - 1][L] - held[p - 1][first] <= cap, known)
 
     most = float(max(h[L] for h in held))
     return _smallest_cap(fill, most, most)

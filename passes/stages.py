@@ -109,7 +109,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pulp
@@ -184,27 +184,27 @@ class StageProblem:
         for name in ("stage_speed", "memory_budget", "link_latency", "link_bandwidth"):
             object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
         p, v = self.stages, self.virtual_stages
-        _require(isinstance(p, int) and p >= 1, f"stages must be an integer >= 1, got {p!r}")
-        _require(isinstance(self.microbatches, int) and self.microbatches >= 1, f"microbatches must be an integer >= 1, got {self.microbatches!r}")
-        _require(self.schedule in SCHEDULES, f"unknown pipeline schedule {self.schedule!r}; accepted: {', '.join(SCHEDULES)}")
-        _require(isinstance(v, int) and v >= 1, f"virtual_stages must be an integer >= 1, got {v!r}")
-        _require(v == 1 or self.schedule in ("interleaved", "zero_bubble"), f"schedule {self.schedule!r} runs one stage per rank; virtual_stages={v} needs 'interleaved' or 'zero_bubble'")
-        _require(p % v == 0, f"{p} stages do not split into {v} virtual stages per rank")
+        _require(isinstance(p, int) and p >= 1, lambda: f"stages must be an integer >= 1, got {p!r}")
+        _require(isinstance(self.microbatches, int) and self.microbatches >= 1, lambda: f"microbatches must be an integer >= 1, got {self.microbatches!r}")
+        _require(self.schedule in SCHEDULES, lambda: f"unknown pipeline schedule {self.schedule!r}; accepted: {', '.join(SCHEDULES)}")
+        _require(isinstance(v, int) and v >= 1, lambda: f"virtual_stages must be an integer >= 1, got {v!r}")
+        _require(v == 1 or self.schedule in ("interleaved", "zero_bubble"), lambda: f"schedule {self.schedule!r} runs one stage per rank; virtual_stages={v} needs 'interleaved' or 'zero_bubble'")
+        _require(p % v == 0, lambda: f"{p} stages do not split into {v} virtual stages per rank")
         _require(len(self.layers) >= 1, "a stage problem needs at least one layer")
         # one pass without generators: the search builds hundreds of problems
         inf = math.inf
         bad = [l for l in self.layers if not (0 <= l.time < inf and 0 <= l.param_bytes < inf and 0 <= l.activation_bytes < inf and 0 <= l.boundary_bytes < inf)]
         if bad:
-            _require(False, f"layer {bad[0].name!r}: costs must be finite and >= 0, got {bad[0]}")
+            _require(False, lambda: f"layer {bad[0].name!r}: costs must be finite and >= 0, got {bad[0]}")
         for name, length in (("stage_speed", p), ("memory_budget", p), ("link_latency", p - 1), ("link_bandwidth", p - 1)):
             values = getattr(self, name)
             _require(len(values) in (0, length), f"{name} needs {length} values (one per {'stage' if length == p else 'boundary'}) or none, got {len(values)}")
-        _require(all(0 < s < math.inf for s in self.stage_speed), f"stage speeds must be finite and > 0, got {self.stage_speed}")
-        _require(all(b > 0 for b in self.memory_budget), f"memory budgets must be > 0 bytes, got {self.memory_budget}")
-        _require(all(0 <= a < math.inf for a in self.link_latency), f"link latencies must be finite and >= 0 s, got {self.link_latency}")
-        _require(all(b > 0 for b in self.link_bandwidth), f"link bandwidths must be > 0 B/s, got {self.link_bandwidth}")
-        _require(self.time_limit > 0, f"time_limit must be > 0 s, got {self.time_limit}")
-        _require(0 <= self.reserved_bytes < math.inf, f"reserved_bytes must be finite and >= 0, got {self.reserved_bytes}")
+        _require(all(0 < s < math.inf for s in self.stage_speed), lambda: f"stage speeds must be finite and > 0, got {self.stage_speed}")
+        _require(all(b > 0 for b in self.memory_budget), lambda: f"memory budgets must be > 0 bytes, got {self.memory_budget}")
+        _require(all(0 <= a < math.inf for a in self.link_latency), lambda: f"link latencies must be finite and >= 0 s, got {self.link_latency}")
+        _require(all(b > 0 for b in self.link_bandwidth), lambda: f"link bandwidths must be > 0 B/s, got {self.link_bandwidth}")
+        _require(self.time_limit > 0, lambda: f"time_limit must be > 0 s, got {self.time_limit}")
+        _require(0 <= self.reserved_bytes < math.inf, lambda: f"reserved_bytes must be finite and >= 0, got {self.reserved_bytes}")
 
     @property
     def ranks(self) -> int:
@@ -273,10 +273,8 @@ class _ChainCosts:
         self.problem = problem
         layers = problem.layers
         self.L, self.p, self.R = len(layers), problem.stages, problem.ranks
-        self.time = np.array([l.time for l in layers], dtype=np.float64)
-        self.param = np.array([l.param_bytes for l in layers], dtype=np.float64)
-        self.act = np.array([l.activation_bytes for l in layers], dtype=np.float64)
-        self.boundary = np.array([l.boundary_bytes for l in layers], dtype=np.float64)
+        columns = np.array([(l.time, l.param_bytes, l.activation_bytes, l.boundary_bytes) for l in layers], dtype=np.float64).T
+        self.time, self.param, self.act, self.boundary = (np.ascontiguousarray(c) for c in columns)
         self.prefix_time = np.concatenate([[0.0], np.cumsum(self.time)])
         self.prefix_param = np.concatenate([[0.0], np.cumsum(self.param)])
         self.prefix_act = np.concatenate([[0.0], np.cumsum(self.act)])
@@ -290,6 +288,8 @@ class _ChainCosts:
         # (less what every device keeps for transient buffers)
         self.rank_budget = np.array([min(budget[i] for i in range(r, p, self.R)) - problem.reserved_bytes for r in range(self.R)])
         self.has_budget = bool(problem.memory_budget)
+        self._time_bands: np.ndarray | None = None
+        self._memory_bands: np.ndarray | None = None
 
     def transfer(self, boundary: int, last_layer: int) -> float:
         """Seconds per microbatch one stage beside ``boundary`` spends on it, the cut right after ``last_layer``."""
@@ -309,8 +309,27 @@ class _ChainCosts:
         return float(params + self.inflight[i] * (self.prefix_act[last + 1] - self.prefix_act[first]))
 
     def stage_times(self, starts: Sequence[int]) -> list[float]:
-        ends = list(starts[1:]) + [self.L]
-        return [self.stage_time(i, a, b - 1) for i, (a, b) in enumerate(zip(starts, ends))]
+        """:meth:`stage_time` of every stage of the cut ``starts`` (numpy over the stages:
+        the same operations on the same floats, a transfer a stage lacks adding 0.0)."""
+        first, end = self._runs(starts)
+        t = (self.prefix_time[end] - self.prefix_time[first]) / self.speed
+        receive, send = np.zeros(self.p), np.zeros(self.p)
+        receive[1:] = _TRANSFERS_PER_BOUNDARY * (self.alpha + self.boundary[first[1:] - 1] * self.inv_bw)
+        send[:-1] = _TRANSFERS_PER_BOUNDARY * (self.alpha + self.boundary[end[:-1] - 1] * self.inv_bw)
+        t += receive
+        t += send
+        return t.tolist()
+
+    def stage_memories(self, starts: Sequence[int]) -> list[float]:
+        """:meth:`stage_memory` of every stage of the cut ``starts``."""
+        first, end = self._runs(starts)
+        params = self.prefix_param[end] - self.prefix_param[first]
+        return (params + self.inflight * (self.prefix_act[end] - self.prefix_act[first])).tolist()
+
+    def _runs(self, starts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(first layer, one past the last) of every stage of the cut ``starts``."""
+        bounds = np.array(list(starts) + [self.L])
+        return bounds[:-1], bounds[1:]
 
     def step_time(self, stage_times: Sequence[float]) -> tuple[float, list[float]]:
         """(step seconds, rank times): m * slowest + (sum - slowest) / d over the ranks."""
@@ -322,8 +341,7 @@ class _ChainCosts:
         """Every rank within its memory budget."""
         if not self.has_budget:
             return True
-        ends = list(starts[1:]) + [self.L]
-        per_stage = [self.stage_memory(i, a, b - 1) for i, (a, b) in enumerate(zip(starts, ends))]
+        per_stage = self.stage_memories(starts)
         return all(sum(per_stage[i] for i in range(r, self.p, self.R)) <= self.rank_budget[r] for r in range(self.R))
 
     @property
@@ -335,22 +353,52 @@ class _ChainCosts:
         """Seconds of stage ``i`` (transfers included) holding layers ``i + a .. i + b``, as a
         W x W matrix [a, b] (``first - i``, ``last - i``: the only runs that leave every other
         stage a layer); inf where ``a > b``."""
-        W, p = self.width, self.p
-        first = np.arange(i, i + W)  # also the last layers: the same range
-        with np.errstate(invalid="ignore"):
-            t = (self.prefix_time[None, first + 1] - self.prefix_time[first, None]) / self.speed[i]
-            if i > 0:
-                t = t + (_TRANSFERS_PER_BOUNDARY * (self.alpha[i - 1] + self.boundary[first - 1] * self.inv_bw[i - 1]))[:, None]
-            if i < p - 1:
-                t = t + (_TRANSFERS_PER_BOUNDARY * (self.alpha[i] + self.boundary[first] * self.inv_bw[i]))[None, :]
-        return np.where(_reversed(W), np.inf, t)
+        return self.time_bands()[i].T
 
-    def memory_band(self, i: int) -> np.ndarray:
-        """Bytes of stage ``i`` holding layers ``i + a .. i + b`` ([a, b], as :meth:`time_band`)."""
-        first = np.arange(i, i + self.width)
-        run_param = self.prefix_param[None, first + 1] - self.prefix_param[first, None]
-        run_act = self.prefix_act[None, first + 1] - self.prefix_act[first, None]
-        return np.where(_reversed(self.width), np.inf, run_param + self.inflight[i] * run_act)
+    def time_bands(self) -> np.ndarray:
+        """:meth:`time_band` of every stage as one p x W x W array [i, b, a] (by last layer,
+        then first: the DP of :func:`_best_cut` takes its minima over contiguous rows). Built
+        once, in place (few passes over one array); each element is the same operations on
+        the same floats as stage by stage."""
+        if self._time_bands is None:
+            W, p = self.width, self.p
+            first = np.arange(W)[None, :] + np.arange(p)[:, None]  # [i, a]: layer i + a (also the last layers)
+            receive = np.zeros((p, W))  # [i, a]: stage i's receive when it starts at i + a (none for stage 0)
+            send = np.zeros((p, W))  # [i, b]: stage i's send when it ends at i + b (none for the last)
+            receive[1:] = _TRANSFERS_PER_BOUNDARY * (self.alpha[:, None] + self.boundary[first[1:] - 1] * self.inv_bw[:, None])
+            send[:-1] = _TRANSFERS_PER_BOUNDARY * (self.alpha[:, None] + self.boundary[first[:-1]] * self.inv_bw[:, None])
+            with np.errstate(invalid="ignore"):
+                t = self.prefix_time[first + 1][:, :, None] - self.prefix_time[first][:, None, :]
+                t /= self.speed[:, None, None]
+                t += receive[:, None, :]  # adding 0.0 leaves a float as it is
+                t += send[:, :, None]
+            np.copyto(t, np.inf, where=_reversed(W).T[None])
+            self._time_bands = t
+        return self._time_bands
+
+    def feasible_time_bands(self) -> np.ndarray:
+        """:meth:`time_bands`, inf where the run does not fit its stage's budget (one stage
+        per rank: stage i is rank i)."""
+        if not self.has_budget:
+            return self.time_bands()
+        over = np.less_equal(self.memory_bands(), self.rank_budget[:, None, None])
+        np.logical_not(over, out=over)  # not within: over, or NaN
+        times = self.time_bands().copy()
+        np.copyto(times, np.inf, where=over)
+        return times
+
+    def memory_bands(self) -> np.ndarray:
+        """Bytes of stage ``i`` holding layers ``i + a .. i + b``, as :meth:`time_bands`: [i, b, a]."""
+        if self._memory_bands is None:
+            W, p = self.width, self.p
+            first = np.arange(W)[None, :] + np.arange(p)[:, None]
+            held = self.prefix_param[first + 1][:, :, None] - self.prefix_param[first][:, None, :]  # the run's parameters
+            run_act = self.prefix_act[first + 1][:, :, None] - self.prefix_act[first][:, None, :]
+            run_act *= self.inflight[:, None, None]
+            held += run_act
+            np.copyto(held, np.inf, where=_reversed(W).T[None])
+            self._memory_bands = held
+        return self._memory_bands
 
     def time_matrix(self, i: int) -> np.ndarray:
         """:meth:`time_band` as an L x L matrix [first, last]; inf where stage ``i`` cannot
@@ -374,13 +422,14 @@ def evaluate_partition(problem: StageProblem, starts: Sequence[int], *, status: 
     if not valid:
         raise PartcError(f"starts {starts} is not a cut of {L} layers into {p} non-empty stages (need 0 = s_0 < s_1 < ... < s_{p - 1} < {L})")
     ends = starts[1:] + (L,)
+    names = [l.name for l in problem.layers]
     stage_times = tuple(costs.stage_times(starts))
-    stage_memory = tuple(costs.stage_memory(i, a, b - 1) for i, (a, b) in enumerate(zip(starts, ends)))
+    stage_memory = tuple(costs.stage_memories(starts))
     step, rank_times = costs.step_time(stage_times)
     slowest, total = max(rank_times), sum(rank_times)
     return StagePartition(
         starts=starts,
-        stage_layers=tuple(tuple(l.name for l in problem.layers[a:b]) for a, b in zip(starts, ends)),
+        stage_layers=tuple(tuple(names[a:b]) for a, b in zip(starts, ends)),
         stage_times=stage_times,
         stage_memory=stage_memory,
         step_time=step,
@@ -643,9 +692,7 @@ def _incumbent(problem: StageProblem, costs: _ChainCosts) -> StagePartition | No
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
         candidates.append(fill(hi))
-    bands = [costs.time_band(i) for i in range(p)]
-    if costs.has_budget and problem.virtual_stages == 1:
-        bands = [np.where(costs.memory_band(i) <= budget[i], bands[i], np.inf) for i in range(p)]
+    bands = costs.feasible_time_bands() if problem.virtual_stages == 1 else costs.time_bands()
     candidates += [list(_best_cut(bands, combine)[1]) for combine in (np.add, np.maximum)]
     best = None
     for starts in candidates:
@@ -764,7 +811,7 @@ def _min_max_memory(problem: StageProblem, costs: _ChainCosts) -> _MemoryBound:
     a DP for one stage per rank, a small ILP when ranks hold several stages."""
     L, p = costs.L, costs.p
     if problem.virtual_stages == 1:
-        _, starts = _best_cut([costs.memory_band(i) / costs.rank_budget[i] for i in range(p)], np.maximum)
+        _, starts = _best_cut(costs.memory_bands() / costs.rank_budget[:, None, None], np.maximum)
     else:
         starts = _min_max_memory_ilp(problem, costs)
     ends = starts[1:] + (L,)
@@ -795,7 +842,7 @@ def least_peak_stage_memory(problem: StageProblem) -> float:
     """The least, over cuts into one stage per rank, of the fullest stage's bytes
     (parameters and activations in flight, the budget ignored; a DP): no cut needs less."""
     costs = _ChainCosts(problem)
-    return _best_cut([costs.memory_band(i) for i in range(costs.p)], np.maximum)[0]
+    return _best_cut(costs.memory_bands(), np.maximum)[0]
 
 
 def _check_memory_feasible(problem: StageProblem, costs: _ChainCosts) -> None:
@@ -854,20 +901,20 @@ def _check_stage_count(problem: StageProblem) -> None:
         )
 
 
-def _best_cut(bands: list[np.ndarray], combine, cap: float = math.inf) -> tuple[float, tuple[int, ...]]:
+def _best_cut(bands: np.ndarray, combine, cap: float = math.inf) -> tuple[float, tuple[int, ...]]:
     """(best value, its starts) over cuts into ``len(bands)`` non-empty stages, where stage
-    i holding layers i+a..i+b is worth ``bands[i][a, b]`` (:meth:`_ChainCosts.time_band`),
+    i holding layers i+a..i+b is worth ``bands[i][b, a]`` (:meth:`_ChainCosts.time_bands`),
     stages combine with ``combine`` (np.add: a sum; np.maximum: the worst stage), and no
     stage may exceed ``cap``. A DP over (stage, last layer); (inf, ()) when no cut qualifies."""
     p, W = len(bands), bands[0].shape[0]
     best = np.full(W, np.inf)  # best[a]: layers 0..i+a-1 in stages 0..i-1 (stage i starts at i+a)
     best[0] = 0.0
     choice = np.zeros((p, W), dtype=np.int64)
+    rows = np.arange(W)
     for i in range(p):
-        allowed = bands[i] if cap == math.inf else np.where(bands[i] <= cap, bands[i], np.inf)
-        value = combine(best[:, None], allowed)
-        choice[i] = value.argmin(axis=0)
-        best = value.min(axis=0)  # by b: stage i ends at i+b, so stage i+1 starts at (i+1)+b
+        value = combine(bands[i] if cap == math.inf else np.where(bands[i] <= cap, bands[i], np.inf), best[None, :])  # [b, a]
+        choice[i] = value.argmin(axis=1)
+        best = value[rows, choice[i]]  # the row minima; by b: stage i ends at i+b, so stage i+1 starts at (i+1)+b
     if not math.isfinite(best[W - 1]):
         return math.inf, ()
     starts, end = [], W + p - 2  # the last layer
@@ -897,12 +944,7 @@ def exact_chain_partition(problem: StageProblem) -> StagePartition:
             ErrorContext(pass_name=_PASS, fix="use solve_stages for virtual_stages > 1"),
         )
     costs = _ChainCosts(problem)
-    times = []
-    for i in range(costs.p):
-        t = costs.time_band(i)
-        if costs.has_budget:
-            t = np.where(costs.memory_band(i) <= costs.rank_budget[i], t, np.inf)
-        times.append(t)
+    times = costs.feasible_time_bands()
 
     def least_sum(pace: float) -> tuple[float, tuple[int, ...]]:
         return _best_cut(times, np.add, pace)
@@ -933,11 +975,19 @@ def exact_chain_partition(problem: StageProblem) -> StagePartition:
     return evaluate_partition(problem, starts, status="optimal", solve_seconds=time.perf_counter() - start)
 
 
-def _distinct_paces(times: list[np.ndarray], above: float, split: float):
-    """The distinct finite stage times in ``times`` greater than ``above``, ascending: those
-    up to ``split`` first, then (computed only when the caller gets that far) the rest."""
-    yield from np.unique(np.concatenate([t[(t > above) & (t <= split) & (t < math.inf)] for t in times]))
-    yield from np.unique(np.concatenate([t[(t > above) & ~(t <= split) & (t < math.inf)] for t in times]))
+def _distinct_paces(times: np.ndarray, above: float, split: float):
+    """The distinct finite stage times in ``times`` (p x W x W) greater than ``above``,
+    ascending: those up to ``split`` first, then (computed only when the caller gets that
+    far) the rest, the smallest of them before the others are sorted (the caller mostly
+    stops at it)."""
+    above_finite = (times > above) & (times < math.inf)
+    within = times <= split
+    yield from np.unique(times[above_finite & within])
+    rest = times[above_finite & ~within]
+    if rest.size:
+        least = rest.min()
+        yield least
+        yield from np.unique(rest[rest > least])
 
 
 # -- from an annotated graph --------------------------------------------------------------------------
@@ -1083,13 +1133,15 @@ def stage_problem_from_graph(
     )
 
 
-def _require(condition: bool, message: str) -> None:
+def _require(condition: bool, message: str | Callable[[], str]) -> None:
+    """Raise a PartcError with ``message`` unless ``condition``; a callable message is built
+    only then (StageProblem's checks would otherwise format its tuples for every problem)."""
     if not condition:
-        raise PartcError(message, ErrorContext(pass_name=_PASS))
+        raise PartcError(message() if callable(message) else message, ErrorContext(pass_name=_PASS))
 
 
 # -- cuts a schedule cannot use ----------------------------------------------------------------
-def gradient_free_cuts(gm: fx.GraphModule, *, every_value: bool = False) -> frozenset[int]:
+def gradient_free_cuts(gm: fx.GraphModule, *, every_value: bool = False, recomputed: set[fx.Node] | None = None) -> frozenset[int]:
     """Layers ``j`` after which a cut would send tensors that carry no gradient back.
 
     ``every_value=False``: cuts across which *nothing* carries a gradient. torch's
@@ -1103,12 +1155,13 @@ def gradient_free_cuts(gm: fx.GraphModule, *, every_value: bool = False) -> froz
     expecting to send gradients").
 
     The planner solves with these cuts merged away (:func:`solve_stages_without_cuts`).
+    ``recomputed``: ``recomputable_nodes(gm)`` when the caller has it already.
     """
     layer_of = {n: node_info(n).layer for n in gm.graph.nodes}
     num_layers = len(graph_info(gm).layers)
     with_gradient = [False] * num_layers
     without_gradient = [False] * num_layers
-    local = recomputable_nodes(gm)
+    local = recomputable_nodes(gm) if recomputed is None else recomputed
     for n in gm.graph.nodes:
         if n in local or not node_info(n).outputs:
             continue

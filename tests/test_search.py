@@ -285,8 +285,9 @@ def test_interleaved_local_search_against_the_exact_cuts():
 
 def test_polish_screen_keeps_every_cut_that_can_move():
     """_polish prices exactly only the cuts its numpy screen keeps: on random chains and cuts
-    (equal layers too, whose many equal steps tie on the rounded score) every cut with a
-    position that the exact rule takes over the current score is kept."""
+    (equal layers too, whose many equal steps tie on the rounded score; uneven stage speeds)
+    every cut from the first screened on with a position that the exact rule takes over the
+    current score is kept."""
     import random
 
     import numpy as np
@@ -300,7 +301,8 @@ def test_polish_screen_keeps_every_cut_that_can_move():
             continue
         equal = rng.random() < 0.5
         layers = tuple(LayerCost(f"l{j}", 1.0 if equal else rng.uniform(0.1, 3.0), 1.0, 1.0, 1.0 if equal else rng.uniform(0, 2)) for j in range(L))
-        problem = StageProblem(layers, stages=p, microbatches=2 * ranks, schedule="interleaved", virtual_stages=v, link_latency=(0.01,) * (p - 1), link_bandwidth=(4.0,) * (p - 1))
+        speeds = tuple(rng.choice([1.0, 0.5, 2.0]) for _ in range(ranks)) * v if rng.random() < 0.3 else ()
+        problem = StageProblem(layers, stages=p, microbatches=2 * ranks, schedule="interleaved", virtual_stages=v, stage_speed=speeds, link_latency=(0.01,) * (p - 1), link_bandwidth=(4.0,) * (p - 1))
         costs = _CutCosts(problem)
         allowed = [rng.random() < 0.9 for _ in range(L)]
         starts = [0] + sorted(rng.sample(range(1, L), p - 1))
@@ -310,8 +312,10 @@ def test_polish_screen_keeps_every_cut_that_can_move():
         m, d = problem.microbatches, costs.divisor
         slowest = max(rank_times)
         best = (round(m * slowest + (sum(rank_times) - slowest) / d, 12), sum(t * t for t in rank_times))
-        kept = costs.movable_cuts(starts, stage, rank_times, best, np.array(allowed), 1)
-        for k in range(1, p):
+        first = rng.choice([1, rng.randint(1, p - 1)])
+        kept = costs.movable_cuts(starts, stage, rank_times, best, np.array(allowed), first)
+        assert all(first <= k < p for k in kept)
+        for k in range(first, p):
             a, b = (k - 1) % ranks, k % ranks
             others = [t for r, t in enumerate(rank_times) if r not in (a, b)]
             nxt = starts[k + 1] if k + 1 < p else L
@@ -329,6 +333,55 @@ def test_polish_screen_keeps_every_cut_that_can_move():
             moves += movable
             skipped += k not in kept
     assert moves > 10 and skipped > 100  # both outcomes were exercised
+
+
+def test_bisection_from_shared_stages_cuts_as_filling_every_stage(monkeypatch):
+    """_smallest_cap starts each greedy fill after the stages that the fills at its two
+    brackets share (a stage's end grows with the cap); filling every stage anew at every
+    cap, as the bisection did before, gives the same cuts on random chains (interleaved
+    and lightest cuts; uneven layers, speeds and links, forbidden cuts, budgets)."""
+    import random
+
+    import partc.passes.search as search_pass
+
+    def refill_every_stage(fill, guess, hi):
+        placed, best = fill(guess, ())
+        if not placed:
+            guess = hi
+            placed, best = fill(hi, ())
+            if not placed:
+                return None
+        lo, hi = 0.0, guess
+        for _ in range(60):
+            if hi - lo <= 1e-4 * hi:
+                break
+            mid = (lo + hi) / 2
+            placed, found = fill(mid, ())
+            if placed:
+                hi, best = mid, found
+            else:
+                lo = mid
+        return best
+
+    rng = random.Random(3)
+    compared = 0
+    for _ in range(120):
+        L, ranks, v = rng.randint(4, 40), rng.randint(2, 5), rng.choice([2, 3, 4])
+        p = ranks * v
+        if p > L:
+            continue
+        layers = tuple(LayerCost(f"l{j}", rng.choice([1.0, rng.uniform(0.1, 3.0)]), rng.uniform(0, 10), rng.uniform(0, 5), rng.choice([0.0, 1.0, rng.uniform(0, 4)])) for j in range(L))
+        links = {"link_latency": tuple(rng.uniform(0, 0.1) for _ in range(p - 1)), "link_bandwidth": tuple(rng.uniform(1, 10) for _ in range(p - 1))} if rng.random() < 0.6 else {}
+        speeds = tuple(rng.choice([1.0, 0.5]) for _ in range(ranks)) * v if rng.random() < 0.3 else ()
+        problem = StageProblem(layers, stages=p, microbatches=2 * ranks, schedule=rng.choice(["interleaved", "zero_bubble"]), virtual_stages=v, stage_speed=speeds, **links)
+        forbidden = frozenset(rng.sample(range(L - 1), rng.randint(0, (L - p) // 2))) if rng.random() < 0.4 else frozenset()
+        budget = rng.uniform(0.4, 1.3) * sum(l.param_bytes + 2 * ranks * l.activation_bytes for l in layers) / ranks if rng.random() < 0.5 else None
+        ours = (_interleaved_cut(problem, forbidden, budget), search_pass._lightest_cut(problem, forbidden))
+        with monkeypatch.context() as patched:
+            patched.setattr(search_pass, "_smallest_cap", refill_every_stage)
+            assert ours == (_interleaved_cut(problem, forbidden, budget), search_pass._lightest_cut(problem, forbidden))
+        compared += ours[0] is not None
+    assert compared > 40
 
 
 def test_model_flops_utilization(small):
