@@ -56,7 +56,7 @@ import torch
 import torch.fx as fx
 
 from partc.errors import PartcError, PlanMismatchError
-from partc.passes.ir import META_KEY, canonical_name, error_context, node_info, op_kind
+from partc.passes.ir import META_KEY, canonical_name, error_context, graph_info, node_info, op_kind
 from partc.passes.layouts import class_index_mean, class_loss_arguments, sum_class_loss
 from partc.runtime import collectives as C
 from partc.runtime.loss_normaliser import NORMALISER_BUFFER, PASS_NAME, GlobalLossNormaliser
@@ -155,6 +155,20 @@ def global_mean_loss(gm: fx.GraphModule, pieces: int, *, targets_traced: bool = 
         )
         return None
     return GlobalMean(_counter(gm, cone, bound), pieces)
+
+
+def takes_global_mean(gm: fx.GraphModule) -> bool:
+    """Whether partc.compile divides ``gm``'s traced loss by the global batch's normaliser
+    once the batch is split (it then runs the captured graph, not the user's module: one
+    FSDP2 unit, which the search prices). Quiet: the warnings are compile's to give."""
+    if not graph_info(gm).loss_in_graph:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return global_mean_loss(gm, 2) is not None
+        except PartcError:
+            return False  # compile refuses this loss with the reason
 
 
 def _warn_per_piece_mean(node: fx.Node, why: str) -> None:

@@ -391,3 +391,28 @@ def test_model_flops_utilization(small):
     assert model_flops_utilization(1.0, small, cluster, BF16, batch_size=32) == pytest.approx(32 * flops / (4 * 989e12))
     result = run(small, cluster)
     assert 0 < model_flops_utilization(result.best.predicted_step_time, small, cluster, BF16, batch_size=32) < 0.8
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_a_loss_taken_over_the_global_batch_is_priced_as_one_fsdp_unit(microbatches):
+    """With the loss traced in, a class-index "mean" over a split batch makes partc.compile
+    run the captured graph (passes/global_mean.py), which FSDP2 shards as one unit: no
+    overlap of the gathers, priced as such. The same model with a summed loss runs the
+    user's module block by block. (One replica and one microbatch split nothing.)"""
+    import torch.nn.functional as F
+
+    from partc.passes.capture import attach_loss
+
+    def traced(reduction: str):
+        with torch.device("meta"):
+            model = GPT(GPTConfig(vocab_size=8192, block_size=512, n_layer=4, n_head=16, d_model=2048))
+            idx = torch.zeros(1, 512, dtype=torch.long)
+        loss = lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)  # noqa: E731
+        return annotate(propagate(attach_loss(capture(model, (idx,)), loss), (idx, idx)))
+
+    cluster = Cluster.preset("h100", nodes=1, devices_per_node=2)
+    options = dict(pinned={"dp": 2}, microbatch_options=(microbatches,), zero_options=(3,), recompute_options=(False,))
+    mean, summed = (run(traced(r), cluster, **options).best for r in ("mean", "sum"))
+    assert mean.breakdown.compute == pytest.approx(summed.breakdown.compute, rel=1e-3)
+    # dp = 2 splits the batch in two even with one microbatch: always one unit for the mean
+    assert mean.breakdown.dp_sync_exposed > summed.breakdown.dp_sync_exposed * 1.2
