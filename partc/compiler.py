@@ -35,6 +35,7 @@ from partc.errors import ErrorContext, PartcError, PlanMismatchError
 from partc.plan import Plan
 from partc.planner import plan as make_plan
 from partc.planner import replan
+from partc.passes.capture import traced_loss
 from partc.passes.global_mean import global_mean_loss
 from partc.passes.ir import FX_FRONTEND
 from partc.passes.recompute import checkpoint_layers
@@ -264,8 +265,14 @@ def compile(
     else:
         # The user's model runs as it is only when fx traced it: a model that needed torch.export
         # may branch on shapes, and a replica must take the branch the global batch took. A
-        # loss taken over the global batch runs in the rewritten graph.
-        if recompute or global_mean is not None or (program is model and result.frontend != FX_FRONTEND):
+        # loss taken over the global batch: loss_fn's own graph rewritten when loss_fn takes
+        # the mean (the model keeps its per-block FSDP2 units), else the rewritten graph.
+        runs_model = program is model and not recompute and result.frontend == FX_FRONTEND
+        replica_loss: Callable = loss_fn
+        if runs_model and global_mean is not None and global_mean.in_loss_fn:
+            replica_loss = traced_loss(result.graph).to(device)  # holds only the normaliser buffer
+            normaliser = global_mean.rewrite(replica_loss.traced, state=model)
+        elif recompute or global_mean is not None or (program is model and result.frontend != FX_FRONTEND):
             program = cut(source, [0] * len(result.layers))[0].module  # one stage (layers checkpointed if recompute)
         loss_in_program = with_loss and program is not model  # the user's model computes no loss; the graphs do
         units = fsdp_units(model, [layer.name for layer in result.layers]) if program is model else ()
@@ -273,7 +280,7 @@ def compile(
             replicate(program, units=units),
             microbatches=result.microbatches,
             mesh=mesh,
-            loss_fn=None if loss_in_program else loss_fn,
+            loss_fn=None if loss_in_program else replica_loss,
             loss_reduction=loss_reduction,
             device=device,
             autocast_dtype=precision,

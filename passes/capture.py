@@ -25,6 +25,7 @@ and the source line that stopped it.
 from __future__ import annotations
 
 import collections
+import copy
 import functools
 import inspect
 import keyword
@@ -900,36 +901,80 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-@gc_paused()
-def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.GraphModule:
-    """Append ``loss_fn(output, targets)`` to the captured graph, with ``targets`` a new last input.
+LOSS_FN_KEY = "partc_loss_fn"  # node.meta: copied from loss_fn (attach_loss); GraphModule.meta: loss_fn's own graph
 
-    ``loss_fn`` is traced on its own with ``torch.fx`` (loss functions are plain tensor code)
-    and spliced after the model's output, so the loss is priced, planned and placed like any
-    other operator, and the targets are an input that the pipeline routes to the stage that
-    computes the loss. Parameter names are untouched (no wrapper module).
+
+def trace_loss_fn(loss_fn: Callable[[Any, Any], Any], model_output: Any, restore: Callable[[Any], Any] = lambda plain: plain) -> fx.Graph:
+    """``loss_fn`` traced on its own with ``torch.fx``: a flat graph taking one placeholder
+    per leaf of ``model_output`` (the model graph's output value: a node, or a structure of
+    them), then ``targets``, and returning the loss.
 
     A structured output (a dict, a tuple, HF's ``ModelOutput``) reaches ``loss_fn`` as that
-    structure, with one placeholder per tensor, so ``outputs["logits"]`` and
-    ``outputs.logits`` are resolved while tracing.
+    structure (``restore`` rebuilds the model's own output type from the plain one), so
+    ``outputs["logits"]`` and ``outputs.logits`` are resolved while tracing.
     """
-    graph = gm.graph
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    codegen = getattr(graph, "_codegen", None)
-    restore = codegen.restore if isinstance(codegen, RestoreOutputType) else (lambda plain: plain)
     try:
-        if not isinstance(output.args[0], fx.Node):
-            model_outputs = pytree.tree_leaves(output.args[0])
-            structure = pytree.tree_map(lambda _: fx.PH, output.args[0])
-            loss_graph = fx.symbolic_trace(lambda output, targets: loss_fn(restore(output), targets), concrete_args={"output": structure}).graph
+        if not isinstance(model_output, fx.Node):
+            structure = pytree.tree_map(lambda _: fx.PH, model_output)
+            traced = fx.symbolic_trace(lambda output, targets: loss_fn(restore(output), targets), concrete_args={"output": structure}).graph
         else:
-            model_outputs = [output.args[0]]
-            loss_graph = fx.symbolic_trace(lambda output, targets: loss_fn(output, targets)).graph
+            traced = fx.symbolic_trace(lambda output, targets: loss_fn(output, targets)).graph
     except Exception as e:  # noqa: BLE001
         raise TraceError(
             f"torch.fx could not trace loss_fn: {type(e).__name__}: {_first_line(e)}",
             ErrorContext(pass_name="capture", fix="write loss_fn(outputs, targets) as plain tensor code (F.cross_entropy, ...) without control flow on values"),
         ) from e
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in traced.nodes:
+        if node.op == "get_attr":
+            raise TraceError("loss_fn reads module state; partc takes a stateless loss_fn(outputs, targets)", ErrorContext(pass_name="capture"))
+        if node.op == "output":
+            # tracing on the output's structure flattens what loss_fn returns; process_outputs restores it
+            graph.output(traced.process_outputs(fx.node.map_arg(node.args[0], env.__getitem__)))
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    return graph
+
+
+class TracedLoss(nn.Module):
+    """``loss_fn(outputs, targets)`` as a module: :func:`trace_loss_fn`'s graph
+    (``traced``, which passes may rewrite) applied to the leaves of the model's output.
+    It holds no parameters."""
+
+    def __init__(self, graph: fx.Graph):
+        super().__init__()
+        self.traced = fx.GraphModule(nn.Module(), graph, class_name="LossFn")
+
+    def forward(self, outputs: Any, targets: Any) -> Any:
+        return self.traced(*pytree.tree_leaves(outputs), targets)
+
+
+def traced_loss(gm: fx.GraphModule) -> TracedLoss | None:
+    """A fresh :class:`TracedLoss` of the ``loss_fn`` that :func:`attach_loss` appended to
+    ``gm`` (None when it appended none)."""
+    graph = gm.meta.get(LOSS_FN_KEY)
+    return None if graph is None else TracedLoss(copy.deepcopy(graph))
+
+
+@gc_paused()
+def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.GraphModule:
+    """Append ``loss_fn(output, targets)`` to the captured graph, with ``targets`` a new last input.
+
+    ``loss_fn`` is traced on its own (:func:`trace_loss_fn`; loss functions are plain tensor
+    code) and spliced after the model's output, so the loss is priced, planned and placed
+    like any other operator, and the targets are an input that the pipeline routes to the
+    stage that computes the loss. Parameter names are untouched (no wrapper module). The
+    spliced nodes are marked (``node.meta[LOSS_FN_KEY]``) and loss_fn's own graph is kept in
+    ``gm.meta[LOSS_FN_KEY]`` (:func:`traced_loss`: the loss alone, applied to the user's
+    model's output).
+    """
+    graph = gm.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    codegen = getattr(graph, "_codegen", None)
+    restore = codegen.restore if isinstance(codegen, RestoreOutputType) else (lambda plain: plain)
+    loss_graph = trace_loss_fn(loss_fn, output.args[0], restore)
+    model_outputs = [output.args[0]] if isinstance(output.args[0], fx.Node) else pytree.tree_leaves(output.args[0])
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_input):
         targets = graph.placeholder("targets")
@@ -941,15 +986,14 @@ def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.Gr
             if node.op == "placeholder":
                 env[node] = next(loss_inputs)
             elif node.op == "output":
-                # tracing on the output's structure flattens what loss_fn returns; process_outputs restores it
-                loss_value = loss_graph.process_outputs(fx.node.map_arg(node.args[0], lambda n: env[n]))
-            elif node.op == "get_attr":
-                raise TraceError("loss_fn reads module state; partc takes a stateless loss_fn(outputs, targets)", ErrorContext(pass_name="capture"))
+                loss_value = fx.node.map_arg(node.args[0], lambda n: env[n])
             else:
                 env[node] = graph.node_copy(node, lambda n: env[n])
+                env[node].meta[LOSS_FN_KEY] = True
     output.args = (loss_value,)
     if isinstance(codegen, RestoreOutputType):
         graph.set_codegen(fx.graph.CodeGen())  # the graph returns the loss now
     gm.recompile()
     gm.meta[META_KEY] = replace(gm.meta[META_KEY], loss_in_graph=True)
+    gm.meta[LOSS_FN_KEY] = loss_graph
     return gm

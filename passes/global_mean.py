@@ -19,11 +19,12 @@ What
     nodes that compute the loss's target, weight and ignore_index (with those that write
     into them in place), then ``kept_target_normaliser``, so targets that the graph slices
     or masks (``labels[:, 1:]``) are counted as the loss sees them. Its
-    :meth:`~GlobalMean.rewrite` changes the module that computes the loss (the last
-    pipeline stage, or each replica's program) in place: the loss sums and is divided by
-    the buffer ``global_loss_normaliser`` (``divide_by_global_normaliser``), and returns the
-    step-time :class:`partc.runtime.loss_normaliser.GlobalLossNormaliser` that sets it from
-    the global batch before each step (no communication; no gradient, as in torch). The
+    :meth:`~GlobalMean.rewrite` changes the module that computes the loss in place (the
+    last pipeline stage; in a replica, ``loss_fn``'s own graph when the mean is
+    ``loss_fn``'s and the user's model runs, :func:`partc.passes.capture.traced_loss`,
+    else the replica's program): the loss sums and is divided by the buffer
+    ``global_loss_normaliser`` (``divide_by_global_normaliser``), and returns the step-time
+    :class:`partc.runtime.loss_normaliser.GlobalLossNormaliser` that sets it from the global batch before each step (no communication; no gradient, as in torch). The
     pieces of every microbatch and replica now add up to torch's mean, so the runners treat
     them as a summed loss (``loss_reduction="sum"``).
 
@@ -54,8 +55,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from partc.errors import PartcError, PlanMismatchError
+from partc.passes.capture import LOSS_FN_KEY
 from partc.passes.ir import META_KEY, canonical_name, error_context, graph_info, node_info, op_kind
 from partc.passes.layouts import class_index_mean, class_loss_arguments, sum_class_loss
 from partc.runtime import collectives as C
@@ -78,10 +81,13 @@ class GlobalMean:
 
     counter: fx.GraphModule  # one piece's graph inputs -> its normaliser (float64)
     pieces: int  # microbatches times replicas the global batch is split into
+    in_loss_fn: bool  # the mean is computed by compile's loss_fn, not by the model (capture.traced_loss rewrites)
 
-    def rewrite(self, gm: fx.GraphModule) -> GlobalLossNormaliser:
+    def rewrite(self, gm: fx.GraphModule, state: nn.Module | None = None) -> GlobalLossNormaliser:
         """Make ``gm``'s loss (its result, under ``reduce_from_tp`` and scalar wrappers) a
-        sum divided by the buffer :data:`NORMALISER_BUFFER`; the returned object sets it."""
+        sum divided by the buffer :data:`NORMALISER_BUFFER`; the returned object sets it.
+        state: the module holding the tensors the counter reads, when ``gm`` does not (``gm``
+        is loss_fn alone, the counter reads the model's buffers)."""
         graph = gm.graph
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         loss = _peel(output.args[0], C.reduce_from_tp)  # a sum over "tp": dividing before or after it is the same
@@ -110,7 +116,7 @@ class GlobalMean:
             graph.erase_node(loss)  # divide_by_kept_targets and its all-reduce of the normaliser
         graph.lint()
         gm.recompile()
-        return GlobalLossNormaliser(self.counter, self.pieces, gm)
+        return GlobalLossNormaliser(self.counter, self.pieces, gm, state=state)
 
 
 def global_mean_loss(gm: fx.GraphModule, pieces: int, *, targets_traced: bool = True) -> GlobalMean | None:
@@ -154,21 +160,24 @@ def global_mean_loss(gm: fx.GraphModule, pieces: int, *, targets_traced: bool = 
             " counting them ahead of the step would draw other ones",
         )
         return None
-    return GlobalMean(_counter(gm, cone, bound), pieces)
+    return GlobalMean(_counter(gm, cone, bound), pieces, in_loss_fn=bool(loss.meta.get(LOSS_FN_KEY)))
 
 
-def takes_global_mean(gm: fx.GraphModule) -> bool:
-    """Whether partc.compile divides ``gm``'s traced loss by the global batch's normaliser
-    once the batch is split (it then runs the captured graph, not the user's module: one
-    FSDP2 unit, which the search prices). Quiet: the warnings are compile's to give."""
+def runs_graph_for_global_mean(gm: fx.GraphModule) -> bool:
+    """Whether partc.compile runs the captured graph (one FSDP2 unit, which the search
+    prices), not the user's module, to divide ``gm``'s loss by the global batch's
+    normaliser once the batch is split: when the model computes that loss itself. A mean
+    that loss_fn computes is rewritten in loss_fn alone (``capture.traced_loss``), the
+    model sharded block by block. Quiet: the warnings are compile's to give."""
     if not graph_info(gm).loss_in_graph:
         return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return global_mean_loss(gm, 2) is not None
+            mean = global_mean_loss(gm, 2)
         except PartcError:
             return False  # compile refuses this loss with the reason
+    return mean is not None and not mean.in_loss_fn
 
 
 def _warn_per_piece_mean(node: fx.Node, why: str) -> None:

@@ -169,7 +169,7 @@ import torch
 import torch.fx as fx
 from partc.passes.annotate import annotate
 from partc.passes.estimate import DDP_BUCKET_BYTES, _parameter_dtype, kernel_efficiency
-from partc.passes.global_mean import takes_global_mean
+from partc.passes.global_mean import runs_graph_for_global_mean
 from partc.passes.ir import FX_FRONTEND, META_KEY, OpKind, gc_paused, graph_info, node_info
 from partc.passes.layouts import Shard, adjoint, reshard_cost
 from partc.passes.propagate import propagate
@@ -655,7 +655,7 @@ class _Context:
         self.dtype_name = str(self.param_dtype).removeprefix("torch.")
         self.batch_dependent = _batch_dependent(self.nodes, self.infos)
         self.recomputed = recomputable_nodes(gm)
-        self.takes_global_mean = takes_global_mean(gm)
+        self.runs_graph_for_global_mean = runs_graph_for_global_mean(gm)
         self.per_param: dict[tuple[int, int], float] = {}  # (zero, dp) -> bytes per local parameter
         self._node_costs: _NodeCosts | None = None
 
@@ -1002,12 +1002,12 @@ class _Search:
 
     def _one_fsdp_unit(self, spec: _Spec) -> bool:
         """Whether the runtime runs a generated module (a pipeline stage, a tensor-parallel
-        module, checkpointed layers, an exported graph, a graph whose loss is taken over the
-        global batch once it is split), which FSDP2 shards as one unit; the user's own
-        fx-traced model is sharded block by block (partc.runtime.data_parallel)."""
+        module, checkpointed layers, an exported graph, a graph whose model computes a loss
+        taken over the global batch once it is split), which FSDP2 shards as one unit; the
+        user's own fx-traced model is sharded block by block (partc.runtime.data_parallel)."""
         if spec.pp > 1 or spec.tp > 1 or spec.recompute or graph_info(self.ctx.gm).frontend != FX_FRONTEND:
             return True
-        return spec.dp * spec.microbatches > 1 and self.ctx.takes_global_mean
+        return spec.dp * spec.microbatches > 1 and self.ctx.runs_graph_for_global_mean
 
     def _dp_exposed(self, spec: _Spec, r: int, weight_bytes: float, forward: float, backward: float, window: float) -> float:
         """Exposed dp traffic of pipeline rank ``r`` (module doc, "Data-parallel synchronisation")."""

@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 import partc
 import partc.models
 from partc.passes.annotate import annotate
-from partc.passes.capture import attach_loss, capture
+from partc.passes.capture import attach_loss, capture, traced_loss
 from partc.passes.ir import OpKind, graph_info, node_info, op_kind
 from partc.passes.propagate import propagate
 
@@ -297,3 +297,29 @@ def test_python_keyword_submodule_name_is_refused_with_the_fix():
 
     with pytest.raises(partc.TraceError, match=r"named 'class': 'class' is a Python keyword(.|\n)*fix: +rename 'class' \(e\.g\. 'class_'\)"):
         capture(Net(), (torch.randn(2, 4),))
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_traced_loss_is_loss_fn_alone_on_the_models_output(structured):
+    """The loss attach_loss appends, traced on its own (compile applies it to the user's
+    model's output in a replica): the same value as loss_fn, on a plain or a structured output."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 3)
+
+        def forward(self, x):
+            logits = self.proj(x)
+            return {"logits": logits, "aux": (logits.sum(), None)} if structured else logits
+
+    def loss_fn(output, targets):
+        logits = output["logits"] if structured else output
+        return F.cross_entropy(logits, targets) + (output["aux"][0] * 0.5 if structured else 0.0)
+
+    torch.manual_seed(0)
+    model, x, y = Net(), torch.randn(5, 4), torch.tensor([0, 2, 1, -100, 2])
+    loss = traced_loss(attach_loss(capture(model, (x,)), loss_fn))
+    assert loss is not None and not list(loss.parameters())
+    torch.testing.assert_close(loss(model(x), y), loss_fn(model(x), y), rtol=0, atol=0)
+    assert traced_loss(capture(model, (x,))) is None  # no loss appended

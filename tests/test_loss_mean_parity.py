@@ -27,9 +27,10 @@ TRACED = {"loss_in_graph": True, "padded_targets": True}
 TP_PAYS = "tp-test:1e10"  # devices slow enough that tensor parallelism shards (test_parity.TP_PAYS); slower still, the loss too
 CASES = {
     2: [
-        {"model": "gpt", "mesh": {"dp": 2}, "data_parallel": "ddp", **TRACED},
-        {"model": "gpt", "mesh": {"dp": 2}, "data_parallel": "fsdp", **TRACED},
-        {"model": "gpt", "mesh": {"dp": 2}, "microbatches": 2, "zero_stage": 0, **TRACED},  # ReplicaRunner's accumulation
+        # the user's module with loss_fn alone rewritten (FSDP2: a unit per block)
+        {"model": "gpt", "mesh": {"dp": 2}, "data_parallel": "ddp", "runs_user_model": True, **TRACED},
+        {"model": "gpt", "mesh": {"dp": 2}, "data_parallel": "fsdp", "runs_user_model": True, **TRACED},
+        {"model": "gpt", "mesh": {"dp": 2}, "microbatches": 2, "zero_stage": 0, "runs_user_model": True, **TRACED},  # ReplicaRunner's accumulation
         {"model": "gpt", "mesh": {"pp": 2}, "schedule": "1f1b", "microbatches": 4, **TRACED},
         {"model": "tagger-weighted", "mesh": {"dp": 2}, "microbatches": 2, "zero_stage": 0, **TRACED},
         # torch.export's aten.cross_entropy_loss, in FSDP2's replicas and in a pipeline's last stage

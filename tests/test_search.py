@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 from partc.passes.annotate import annotate
 from partc.passes.capture import capture
 from partc.passes.propagate import propagate
@@ -394,25 +395,42 @@ def test_model_flops_utilization(small):
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])
-def test_a_loss_taken_over_the_global_batch_is_priced_as_one_fsdp_unit(microbatches):
-    """With the loss traced in, a class-index "mean" over a split batch makes partc.compile
-    run the captured graph (passes/global_mean.py), which FSDP2 shards as one unit: no
-    overlap of the gathers, priced as such. The same model with a summed loss runs the
-    user's module block by block. (One replica and one microbatch split nothing.)"""
+def test_a_loss_taken_over_the_global_batch_is_priced_as_compile_runs_it(microbatches):
+    """With the loss traced in, a class-index "mean" over a split batch: when loss_fn takes
+    it, partc.compile runs the user's module block by block with loss_fn alone rewritten,
+    priced as a summed loss is; when the model takes it itself, compile runs the captured
+    graph (passes/global_mean.py), which FSDP2 shards as one unit: no overlap of the
+    gathers, priced as such. (One replica and one microbatch split nothing.)"""
     import torch.nn.functional as F
 
     from partc.passes.capture import attach_loss
 
-    def traced(reduction: str):
+    config = GPTConfig(vocab_size=8192, block_size=512, n_layer=4, n_head=16, d_model=2048)
+
+    class LossInForward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = GPT(config)
+
+        def forward(self, idx, labels):
+            return F.cross_entropy(self.gpt(idx).flatten(0, 1), labels.flatten())
+
+    def traced(reduction: str | None):
         with torch.device("meta"):
-            model = GPT(GPTConfig(vocab_size=8192, block_size=512, n_layer=4, n_head=16, d_model=2048))
+            model = GPT(config) if reduction else LossInForward()
             idx = torch.zeros(1, 512, dtype=torch.long)
-        loss = lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)  # noqa: E731
-        return annotate(propagate(attach_loss(capture(model, (idx,)), loss), (idx, idx)))
+        inputs = (idx,) if reduction else (idx, idx)
+        if reduction:
+            loss = lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)  # noqa: E731
+        else:
+            loss = lambda output, targets: output  # noqa: E731
+        return annotate(propagate(attach_loss(capture(model, inputs), loss), (*inputs, idx)))
 
     cluster = Cluster.preset("h100", nodes=1, devices_per_node=2)
     options = dict(pinned={"dp": 2}, microbatch_options=(microbatches,), zero_options=(3,), recompute_options=(False,))
-    mean, summed = (run(traced(r), cluster, **options).best for r in ("mean", "sum"))
+    mean, summed, in_forward = (run(traced(r), cluster, **options).best for r in ("mean", "sum", None))
     assert mean.breakdown.compute == pytest.approx(summed.breakdown.compute, rel=1e-3)
-    # dp = 2 splits the batch in two even with one microbatch: always one unit for the mean
-    assert mean.breakdown.dp_sync_exposed > summed.breakdown.dp_sync_exposed * 1.2
+    assert mean.breakdown.dp_sync_exposed == pytest.approx(summed.breakdown.dp_sync_exposed, rel=1e-3)
+    # dp = 2 splits the batch in two even with one microbatch: always one unit for the model's mean
+    assert in_forward.breakdown.compute == pytest.approx(summed.breakdown.compute, rel=1e-3)
+    assert in_forward.breakdown.dp_sync_exposed > summed.breakdown.dp_sync_exposed * 1.2

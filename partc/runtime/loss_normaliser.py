@@ -36,11 +36,13 @@ PASS_NAME = "global_mean"
 class GlobalLossNormaliser:
     """Sets ``holder``'s :data:`NORMALISER_BUFFER` to the global batch's normaliser."""
 
-    def __init__(self, counter: fx.GraphModule, pieces: int, holder: nn.Module):
+    def __init__(self, counter: fx.GraphModule, pieces: int, holder: nn.Module, state: nn.Module | None = None):
         """counter: one piece's graph inputs (the graph's order: inputs, then targets) -> its
         normaliser. pieces: microbatches times replicas. holder: the rewritten module that
-        divides by the buffer and holds, under the same names, the state the counter reads."""
+        divides by the buffer and holds, under the same names, the state the counter reads,
+        unless ``state`` (the user's model, when holder is loss_fn alone) holds it."""
         self.counter, self.pieces, self.holder = counter, pieces, holder
+        self.state = holder if state is None else state
         self.state_names = [str(n.target) for n in counter.graph.nodes if n.op in ("get_attr", "call_module")]
         placeholders = [n for n in counter.graph.nodes if n.op == "placeholder"]
         self.used_inputs = [i for i, n in enumerate(placeholders) if n.users]  # the others are not read
@@ -49,13 +51,13 @@ class GlobalLossNormaliser:
 
     def _holder_state(self, name: str) -> Any:
         try:
-            value = operator.attrgetter(name)(self.holder)
+            value = operator.attrgetter(name)(self.state)
         except AttributeError:
             value = None
         if value is None or is_dtensor(value):
             raise PartcError(
                 f"the loss's targets or class weights are computed from {name!r}, which the module computing the loss"
-                f" ({type(self.holder).__name__}) {'shards' if value is not None else 'does not hold'}: partc cannot count the global batch's kept targets",
+                f" ({type(self.state).__name__}) {'shards' if value is not None else 'does not hold'}: partc cannot count the global batch's kept targets",
                 ErrorContext(
                     pass_name=PASS_NAME,
                     fix="register class weights and label tables as buffers used by the loss, or trace no loss and divide a summed loss yourself (loss_reduction='sum')",

@@ -13,7 +13,9 @@ the kept targets is not the average of their means. ``"tagger-weighted"`` is a t
 classifier whose forward computes a cross entropy with class weights from its labels
 (an input); its loss_fn returns that output. ``"global_count_loss": true`` is the recipe
 for an untraced loss: ``loss_reduction="sum"`` with a loss_fn that sums and divides by
-the caller's count of kept targets in the whole batch. ``"loss_strategy"`` names how the
+the caller's count of kept targets in the whole batch. ``"runs_user_model": true``: the
+replica must run the user's module (FSDP2 units per block) with loss_fn rewritten to
+divide by the global normaliser (:func:`runs_user_model`). ``"loss_strategy"`` names how the
 tensor-parallel plan must run the loss (the case fails on any other).
 
     torchrun --nproc-per-node 2 tests/distributed/parity_worker.py \
@@ -146,6 +148,10 @@ def run_case(case: dict) -> list[str]:
         losses = {n.name: pm.plan.sharding.strategies[n.name].name for n in pm.plan.graph.graph.nodes if n.op == "call_function" and node_info(n).op == OpKind.LOSS}
         if not losses or set(losses.values()) != {case["loss_strategy"]}:
             return [f"the loss runs as {losses}; the case is about {case['loss_strategy']}"]
+    if case.get("runs_user_model"):
+        failures = runs_user_model(pm, model, sharded=case.get("data_parallel") == "fsdp")
+        if failures:
+            return failures
     if "gradient_compression" in case:
         return compressed_gradients(pm, reference, inputs, targets, case["gradient_compression"])
     if case.get("mixed_precision") == "bf16":
@@ -167,6 +173,31 @@ def run_case(case: dict) -> list[str]:
         ran_bf16 = [] if entered and all(on and dtype == torch.bfloat16 for on, dtype in entered) else [f"not every forward ran under bf16 autocast: {sorted(set(entered), key=str)}"]
         return comparison.failures + ran_bf16
     return train_and_compare(pm, reference, model_inputs, targets, case_loss, steps=case.get("steps", 3)).failures
+
+
+def runs_user_model(pm: partc.ParallelModule, model: nn.Module, sharded: bool) -> list[str]:
+    """The replica runs the user's own module (FSDP2: one unit per planned block and the
+    root) and a traced loss_fn rewritten to divide by the global batch's normaliser."""
+    from partc.passes.capture import TracedLoss
+    from partc.runtime import collectives
+
+    failures = []
+    if len(pm._modules) != 1 or pm._modules[0] is not model:
+        failures.append(f"the replica runs {[type(m).__name__ for m in pm._modules]}, not the user's {type(model).__name__}")
+    if sharded:
+        try:
+            from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+        except ImportError:
+            from torch.distributed._composable.fsdp import FSDPModule
+        blocks = {layer.name for layer in pm.plan.layers}
+        units = [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+        if units[:1] != [""] or len(units) < 3 or not set(units[1:]) <= blocks:
+            failures.append(f"FSDP2 units {units}: not the root and a unit per planned block ({sorted(blocks)})")
+    loss = pm._runner.loss_fn
+    divides = isinstance(loss, TracedLoss) and any(n.target is collectives.divide_by_global_normaliser for n in loss.traced.graph.nodes)
+    if not divides or pm._runner.reduction != "sum":
+        failures.append(f"the replica's loss {loss!r} (reduction {pm._runner.reduction}) does not divide a sum by the global batch's normaliser")
+    return failures
 
 
 def bf16_whole_batch_step(reference: nn.Module, inputs: tuple, targets, loss_fn) -> torch.Tensor:
