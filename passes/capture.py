@@ -957,6 +957,18 @@ def traced_loss(gm: fx.GraphModule) -> TracedLoss | None:
     return None if graph is None else TracedLoss(copy.deepcopy(graph))
 
 
+def _free_argument_name(wanted: str, taken: set[str]) -> str:
+    """``wanted``, or ``loss_<wanted>``, ``loss_<wanted>_1``, ... when the model's forward
+    already has an argument of that name (a model taking ``targets`` itself)."""
+    if wanted not in taken:
+        return wanted
+    name, k = f"loss_{wanted}", 0
+    while name in taken:
+        k += 1
+        name = f"loss_{wanted}_{k}"
+    return name
+
+
 @gc_paused()
 def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.GraphModule:
     """Append ``loss_fn(output, targets)`` to the captured graph, with ``targets`` a new last input.
@@ -975,9 +987,9 @@ def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.Gr
     restore = codegen.restore if isinstance(codegen, RestoreOutputType) else (lambda plain: plain)
     loss_graph = trace_loss_fn(loss_fn, output.args[0], restore)
     model_outputs = [output.args[0]] if isinstance(output.args[0], fx.Node) else pytree.tree_leaves(output.args[0])
-    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last_input):
-        targets = graph.placeholder("targets")
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(inputs[-1]):
+        targets = graph.placeholder(_free_argument_name("targets", {str(n.target) for n in inputs}))
     loss_inputs = iter([*model_outputs, targets])  # loss_graph's placeholders, in order
     env: dict[fx.Node, Any] = {}
     loss_value = None

@@ -74,6 +74,30 @@ def test_graph_with_the_loss_attached_runs_and_prints_the_loss(frontend):
     torch.testing.assert_close(gm(idx, targets), expected)
 
 
+class _TakesTargets(nn.Module):
+    """A model whose forward has an argument named like attach_loss's placeholder."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(16, 8), nn.Linear(8, 16)
+
+    def forward(self, idx, targets):
+        return self.head(self.emb(idx)) + (targets > 0).unsqueeze(-1)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_loss_targets_take_a_free_name_beside_a_models_targets_argument(frontend):
+    """attach_loss's targets input must not collide with an input the model already has
+    (the generated code had 'duplicate argument targets', a SyntaxError)."""
+    model, idx, labels = _TakesTargets(), torch.randint(0, 16, (4, 6)), torch.randint(0, 16, (4, 6))
+    mask = torch.randint(0, 2, (4, 6))
+    loss_fn = lambda logits, t: F.cross_entropy(logits.flatten(0, 1), t.flatten())  # noqa: E731
+    gm = attach_loss(capture(model, (idx, mask), frontend=frontend), loss_fn)
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    assert len(names) == 3 and len(set(names)) == 3 and names[-1].endswith("targets")
+    torch.testing.assert_close(gm(idx, mask, labels), loss_fn(model(idx, mask), labels))
+
+
 # -- the torch.export fallback ------------------------------------------------------------------
 def test_hf_tiny_falls_back_to_torch_export():
     model, (idx,) = _build("hf-tiny")
