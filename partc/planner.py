@@ -108,9 +108,11 @@ def plan(
         and planned like the model's own operators (the logits' softmax often weighs as
         much as a block).
     mesh: None (default) searches DP x TP x PP, microbatches, schedule, recompute and ZeRO
-        for the fastest plan that fits; pinning several degrees ({"tp": 2, "pp": 2}) searches
-        the rest; one degree over the whole cluster ({"dp": world}, {"pp": world},
-        {"tp": world}) plans that kind directly, which partc.compile can run today.
+        for the fastest plan that fits; pinning some degrees ({"tp": 2} on 8 devices,
+        {"tp": 2, "pp": 2}) searches the rest; one degree over the whole cluster
+        ({"dp": world}, {"pp": world}, {"tp": world}) plans that kind directly (with
+        microbatches and no pipeline, recompute or zero_stage: searched, as only the search
+        prices those).
     microbatches, schedule, virtual_stages: pipeline options ("gpipe", "1f1b",
         "interleaved", "zero_bubble"; interleaved schedules default to 2 stages per rank,
         microbatches to the largest divisor of the batch up to 4 per pipeline rank).
