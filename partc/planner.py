@@ -562,7 +562,7 @@ def _degrees(cluster: Cluster, mesh: dict[str, int] | None) -> tuple[int, int, i
         raise PartcError(f"unknown mesh dimension(s) {sorted(unknown)}", ErrorContext(fix='name mesh dimensions "dp", "tp" and "pp"'))
     world = cluster.world_size
     tp, pp = pinned.get("tp", 1), pinned.get("pp", 1)
-    dp = pinned.get("dp", world // (tp * pp) if world % (tp * pp) == 0 else 0)
+    dp = pinned.get("dp", world // (tp * pp))
     if tp > 1 and cluster.spans_nodes(range(tp)):
         raise PartcError(f"tensor parallelism over {tp} devices would cross nodes", ErrorContext(fix="keep tp within one node's devices"))
     return dp, tp, pp

@@ -170,7 +170,7 @@ import torch.fx as fx
 from partc.passes.annotate import annotate
 from partc.passes.estimate import DDP_BUCKET_BYTES, _parameter_dtype, kernel_efficiency
 from partc.passes.global_mean import runs_graph_for_global_mean
-from partc.passes.ir import FX_FRONTEND, META_KEY, OpKind, gc_paused, graph_info, node_info
+from partc.passes.ir import FX_FRONTEND, META_KEY, OpKind, UncompiledGraphModule, gc_paused, graph_info, node_info
 from partc.passes.layouts import Shard, adjoint, reshard_cost
 from partc.passes.propagate import propagate
 from partc.passes.sharding import ShardingPlan, plan_sharding
@@ -195,11 +195,6 @@ from partc.cost_model import (
     training_memory,
 )
 from partc.errors import ErrorContext, InfeasiblePlanError, PartcError, SolverError
-
-try:  # torch >= 2.3: a GraphModule that generates its code when first run, not when made
-    from torch.fx._lazy_graph_module import _LazyGraphModule as _UncompiledGraphModule
-except ImportError:  # pragma: no cover
-    _UncompiledGraphModule = fx.GraphModule
 
 __all__ = [
     "search",
@@ -703,7 +698,7 @@ def _one_sample_graph(gm: fx.GraphModule) -> fx.GraphModule:
     tops = fx.Graph(tracer_cls=gm.graph._tracer_cls)
     for name in dict.fromkeys(n.target.split(".", 1)[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")):
         tops.get_attr(name)
-    one = _UncompiledGraphModule(gm, tops)
+    one = UncompiledGraphModule(gm, tops)
     one.graph = graph
     one.meta[META_KEY] = graph_info(gm)
     inputs = []

@@ -795,8 +795,7 @@ def divide_by_kept_targets(
     ranks of :func:`kept_target_normaliser`. The ranks' results add up to the mean (a P).
     One all-reduce of a float64 scalar in forward; the normaliser carries no gradient."""
     local = kept_target_normaliser(target, weight=weight, ignore_index=ignore_index)
-    normaliser = _as_group(tp).all_reduce(local, phase="forward")
-    return loss_sum / normaliser.to(loss_sum.dtype)
+    return divide_by_global_normaliser(loss_sum, _as_group(tp).all_reduce(local, phase="forward"))
 
 
 def divide_by_global_normaliser(loss_sum: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
