@@ -7,6 +7,9 @@ torch would write them, with torch's own parallel APIs:
 
 * :func:`ddp` - ``DistributedDataParallel``, each rank on its slice of the batch;
 * :func:`fsdp2` - ``fully_shard`` on every transformer block and on the root (ZeRO-3);
+* both with gradient accumulation over M microbatches of the rank's slice (``ddp-acc<M>``,
+  ``fsdp2-acc<M>``): gradients are synchronised once, after the last microbatch
+  (``no_sync`` / ``set_requires_gradient_sync``), the loss of each scaled by 1/M;
 * :func:`tensor_parallel` - ``parallelize_module`` with the Megatron plan: column-parallel
   q/k/v and MLP-in, row-parallel attention-out and MLP-out, a vocabulary-parallel
   embedding and LM head, and the loss under ``loss_parallel`` (no gathered logits);
@@ -236,18 +239,42 @@ def _head(model: nn.Module) -> nn.Linear:
 
 
 # -- data parallel --------------------------------------------------------------------
-def ddp(setup: Setup) -> Trainer:
+def _accumulating(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, microbatches: int, no_sync: Callable[[bool], Any]) -> Callable[[], None]:
+    """Forward and backward over ``microbatches`` equal slices of the rank's batch, each
+    loss scaled by 1/M (the mean over the rank's batch, as one pass would take it);
+    ``no_sync(True)`` holds the gradient collectives back until the last slice."""
+    if tokens.shape[0] % microbatches:
+        raise ValueError(f"{microbatches} microbatches do not divide this rank's {tokens.shape[0]} sequences")
+    slices = list(zip(tokens.chunk(microbatches), targets.chunk(microbatches)))
+
+    def forward_backward():
+        for i, (x, y) in enumerate(slices):
+            no_sync(i < len(slices) - 1)
+            (language_model_loss(model(x), y) / microbatches).backward()
+
+    return forward_backward
+
+
+def ddp(setup: Setup, microbatches: int = 1) -> Trainer:
+    """DDP; with ``microbatches`` > 1, gradient accumulation under ``no_sync`` (the
+    all-reduce runs once, in the last microbatch's backward)."""
+    import contextlib
+
     from torch.nn.parallel import DistributedDataParallel
 
     case = setup.build()
     tokens, targets = _local_batch(case, setup.world, setup.rank, setup.device)
     model = DistributedDataParallel(case.model, device_ids=[setup.device.index] if setup.device.type == "cuda" else None)
     optimizer = make_optimizer(model.parameters())
+    held = contextlib.ExitStack()
 
-    def forward_backward():
-        language_model_loss(model(tokens), targets).backward()
+    def no_sync(hold: bool) -> None:
+        held.close()
+        if hold:
+            held.enter_context(model.no_sync())
 
-    return Trainer(training_step(optimizer, forward_backward), {"per_rank_batch": tokens.shape[0]}, [model, optimizer])
+    forward_backward = _accumulating(model, tokens, targets, microbatches, no_sync)
+    return Trainer(training_step(optimizer, forward_backward), {"per_rank_batch": tokens.shape[0], "microbatches": microbatches}, [model, optimizer])
 
 
 def fully_shard_function() -> Callable:
@@ -258,7 +285,9 @@ def fully_shard_function() -> Callable:
     return fully_shard
 
 
-def fsdp2(setup: Setup) -> Trainer:
+def fsdp2(setup: Setup, microbatches: int = 1) -> Trainer:
+    """FSDP2 on every block and the root; with ``microbatches`` > 1, gradient accumulation
+    with the reduce-scatter held back until the last microbatch."""
     fully_shard = fully_shard_function()
     case = setup.build()
     tokens, targets = _local_batch(case, setup.world, setup.rank, setup.device)
@@ -268,10 +297,12 @@ def fsdp2(setup: Setup) -> Trainer:
     fully_shard(model)
     optimizer = make_optimizer(model.parameters())
 
-    def forward_backward():
-        language_model_loss(model(tokens), targets).backward()
+    def no_sync(hold: bool) -> None:
+        model.set_requires_gradient_sync(not hold)
 
-    return Trainer(training_step(optimizer, forward_backward), {"per_rank_batch": tokens.shape[0], "units": "every block + root"}, [model, optimizer])
+    forward_backward = _accumulating(model, tokens, targets, microbatches, no_sync)
+    detail = {"per_rank_batch": tokens.shape[0], "units": "every block + root", "microbatches": microbatches}
+    return Trainer(training_step(optimizer, forward_backward), detail, [model, optimizer])
 
 
 # -- tensor parallel ------------------------------------------------------------------

@@ -7,6 +7,7 @@ wrote in the same run):
 * ``partc``: the prediction partc made for the plan it ran (recorded by the worker);
 * ``ddp``: ``partc.plan(mesh={"dp": N})``;
 * ``fsdp2``: the search pinned to dp = N, ZeRO-3, no recomputation, one microbatch;
+* ``ddp-acc<M>``, ``fsdp2-acc<M>``: the same with M microbatches;
 * ``tp``, ``partc-tp``: ``partc.plan(mesh={"tp": N})``: partc's own layouts, which need not
   be the Megatron plan the hand-written ``tp`` runs (the report says which);
 * ``pp-m<M>``: ``partc.plan(mesh={"pp": N}, schedule="1f1b", microbatches=M)``, the time
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from layouts import language_model_loss
 from partc.passes.search import search
+from report import is_partc_run
 
 import partc
 from partc.cost_model import CostModel
@@ -53,7 +55,7 @@ def predict(model: str, batch: int, seq: int, cluster: partc.Cluster, layout: st
             return partc.plan(case.model, cluster, case.inputs, **options), ", loss not priced"
 
     try:
-        if layout in ("partc", "partc-fallback") and detail:
+        if is_partc_run(layout) and detail:
             options = {"mesh": detail["mesh"], "microbatches": detail["microbatches"]}
             if detail.get("schedule") not in (None, "none"):
                 options["schedule"] = detail["schedule"]
@@ -61,19 +63,20 @@ def predict(model: str, batch: int, seq: int, cluster: partc.Cluster, layout: st
                 options.update(zero_stage=detail["zero_stage"], recompute=bool(detail.get("recompute")))
             p = plan(**options)
             return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "the plan partc ran, pinned"}
-        if layout == "ddp":
-            p = plan(mesh={"dp": world})
-            return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "dp plan"}
-        if layout in ("tp", "partc-tp"):
-            p = plan(mesh={"tp": world})
-            return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "partc's tp layouts"}
-        if layout == "fsdp2":
+        match = re.fullmatch(r"(ddp|fsdp2)(?:-acc(\d+))?", layout)
+        if match:
+            microbatches = int(match.group(2) or 1)
+            zero = 0 if match.group(1) == "ddp" else 3
             p = plan(mesh={"dp": world})
             result = search(
                 p.graph, cluster, CostModel(cluster), batch_size=batch, pinned={"dp": world, "tp": 1, "pp": 1},
-                zero_options=(3,), recompute_options=(False,), microbatch_options=(1,),
+                zero_options=(zero,), recompute_options=(False,), microbatch_options=(microbatches,),
             )
-            return {"step_time": result.best.predicted_step_time, "memory": result.best.memory.total, "note": "search pinned to dp, ZeRO-3"}
+            note = f"search pinned to dp, ZeRO-{zero}, m={microbatches}"
+            return {"step_time": result.best.predicted_step_time, "memory": result.best.memory.total, "note": note}
+        if layout in ("tp", "partc-tp"):
+            p = plan(mesh={"tp": world})
+            return {"step_time": p.predicted_step_time, "memory": p.memory.total, "note": "partc's tp layouts"}
         match = re.fullmatch(r"pp-m(\d+)", layout)
         if match:
             p, caveat = plan_pipeline(mesh={"pp": world}, schedule="1f1b", microbatches=int(match.group(1)))

@@ -28,8 +28,14 @@ def _ok(result: dict | None) -> bool:
     return bool(result) and result.get("status") == "ok"
 
 
+def is_partc_run(layout: str) -> bool:
+    """A layout whose plan partc searched: the worker records the prediction partc made."""
+    return layout in ("partc", "partc-fallback") or re.fullmatch(r"partc-zero\d", layout) is not None
+
+
 def _manual(layouts: dict[str, dict]) -> dict[str, dict]:
-    return {name: r for name, r in layouts.items() if name not in PARTC_LAYOUTS}
+    """The hand-written layouts (every name that is not partc's: partc-zero3 too)."""
+    return {name: r for name, r in layouts.items() if name not in PARTC_LAYOUTS and not name.startswith("partc-")}
 
 
 def best_manual(layouts: dict[str, dict]) -> tuple[str, dict] | None:

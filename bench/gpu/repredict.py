@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predict import predict
-from report import load_run, merge
+from report import is_partc_run, load_run, merge
 
 import partc
 
@@ -32,7 +32,7 @@ def repredict(summary: dict, cluster_path: str, workers: int = 2) -> dict:
         for name, entry in summary["models"].items():
             for layout, result in entry["layouts"].items():
                 if result.get("status") == "ok":
-                    detail = result.get("detail") if layout in ("partc", "partc-fallback") else None
+                    detail = result.get("detail") if is_partc_run(layout) else None
                     jobs[(name, layout)] = pool.submit(predict, name, entry["batch"], entry["seq"], cluster, layout, detail)
         for (name, layout), job in jobs.items():
             result = summary["models"][name]["layouts"][layout]

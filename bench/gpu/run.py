@@ -50,6 +50,7 @@ sys.path.insert(0, str(HERE))
 import partc
 from partc.models import config as model_config
 from partc.models import training_case
+from report import is_partc_run
 
 # name -> (sequences per GPU, sequence length). gpt3-6.7b is the memory-bound model: at 16
 # sequences of 2048 per GPU plain DDP (and FSDP2, and tp over 2) runs out of an H200's memory.
@@ -63,11 +64,13 @@ MODELS = {
 MEMORY_BOUND = "gpt3-6.7b"
 SMOKE_MODELS = {"gpt-tiny": (4, 32), "llama-tiny": (4, 32)}
 PIPELINE_MICROBATCHES = (4, 8, 16)
+ACCUMULATION_MICROBATCHES = (2, 4)
 
 
 def layouts_for(world: int, batch: int, codegen: bool) -> list[str]:
     """The layouts one model runs: partc's pick first, then the hand-written ones."""
     names = ["partc"] + (["partc-tp"] if codegen else []) + ["ddp", "fsdp2", "tp"]
+    names += [f"{dp}-acc{m}" for dp in ("ddp", "fsdp2") for m in ACCUMULATION_MICROBATCHES if (batch // world) % m == 0]
     names += [f"pp-m{m}" for m in PIPELINE_MICROBATCHES if batch % m == 0]
     if world >= 4:
         for tp in (2, 4, 8):
@@ -227,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
             per_gpu, seq = catalogue[name]
             batch = per_gpu * args.gpus
             layouts = layouts_for(args.gpus, batch, codegen=not args.no_codegen)
-            if args.layouts:
-                layouts = [l for l in layouts if l in args.layouts.split(",")]
+            if args.layouts:  # in the order asked; partc-zero<K> only when asked for
+                layouts = [l for l in args.layouts.split(",") if l in layouts or re.fullmatch(r"partc-zero\d", l)]
             skipped = {l: {"layout": l, "status": "skipped", "error": reason} for l in layouts if (reason := skip_reason(l, name, args.gpus))}
             layouts = [l for l in layouts if l not in skipped]
             for layout in layouts:
-                if layout != "partc":
+                if not is_partc_run(layout):
                     pending[(name, layout)] = pool.submit(predict, name, batch, seq, cluster, layout)
             results = run_model(name, batch, seq, layouts, args, cluster_spec, out) if layouts else {}
             summary["models"][name] = {"batch": batch, "seq": seq, **model_flops_per_step(name, batch, seq), "layouts": {**results, **skipped}}
@@ -243,9 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             if result is not None:
                 result["prediction"] = future.result()
     for entry in summary["models"].values():
-        for partc_layout in ("partc", "partc-fallback"):
-            partc_result = entry["layouts"].get(partc_layout)
-            if not (partc_result and partc_result.get("status") == "ok"):
+        for partc_layout, partc_result in entry["layouts"].items():
+            if not (is_partc_run(partc_layout) and partc_result.get("status") == "ok"):
                 continue
             d = partc_result["detail"]
             partc_result["prediction"] = {"step_time": d["predicted_step_time"], "memory": d["predicted_memory"], "note": "the plan partc ran"}

@@ -17,8 +17,9 @@ by the NCCL timeout) leaves a trace of which layout it was; ``run.py`` relaunche
 Layout names: ``partc`` (partc.compile with no mesh: partc picks; when that plan fails
 (out of memory, refused) ``partc-fallback`` runs next: ``mesh=`` of the fastest single kind
 partc predicts to fit), ``partc-tp``
-(partc.compile with ``mesh={"tp": N}``: the codegen-overhead comparison), ``ddp``,
-``fsdp2``, ``tp``, ``pp-m<M>`` (pipeline over all ranks, M microbatches), and
+(partc.compile with ``mesh={"tp": N}``: the codegen-overhead comparison), ``partc-zero<K>``
+(partc.compile with ``zero_stage=K``: partc's best plan with that ZeRO stage), ``ddp``,
+``fsdp2``, ``ddp-acc<M>`` and ``fsdp2-acc<M>`` (M microbatches accumulated), ``tp``, ``pp-m<M>`` (pipeline over all ranks, M microbatches), and
 ``3d-tp<T>-pp<P>-m<M>`` (Megatron's tp x pp x dp).
 """
 
@@ -75,10 +76,11 @@ def model_builder(name: str, batch: int, seq: int, device: torch.device) -> Call
     return build
 
 
-def partc_trainer(setup: layouts.Setup, cluster: partc.Cluster, mesh: dict[str, int] | None) -> layouts.Trainer:
+def partc_trainer(setup: layouts.Setup, cluster: partc.Cluster, mesh: dict[str, int] | None, **pinned: Any) -> layouts.Trainer:
     """partc.compile through its public API, with the loss traced into the graph. If compile
     refuses that, the refusal is recorded and it is tried without the loss in the graph,
-    then with ``mesh=`` of the fastest single kind partc predicts to fit."""
+    then with ``mesh=`` of the fastest single kind partc predicts to fit. ``pinned``: more
+    of partc.plan's keywords (``zero_stage=3`` for partc-zero3)."""
     case = setup.build()
     tokens, targets = case.inputs[0], case.targets
     attempts: list[tuple[str, dict[str, Any]]] = [
@@ -89,12 +91,12 @@ def partc_trainer(setup: layouts.Setup, cluster: partc.Cluster, mesh: dict[str, 
     pm = None
     for label, options in attempts:
         try:
-            pm = partc.compile(case.model, cluster, case.inputs, loss_fn=layouts.language_model_loss, mesh=mesh, **options)
+            pm = partc.compile(case.model, cluster, case.inputs, loss_fn=layouts.language_model_loss, mesh=mesh, **pinned, **options)
             break
         except partc.PartcError as e:
             refusals.append(f"{label}: {str(e).splitlines()[0]}")
     fallback = None
-    if pm is None and mesh is None:
+    if pm is None and mesh is None and not pinned:
         fallback = fastest_single_kind(case, cluster)
         refusals.append(f"fell back to mesh={fallback}")
         case = setup.build()
@@ -158,10 +160,13 @@ def trainer_for(layout: str, setup: layouts.Setup, cluster: partc.Cluster) -> la
         return trainer
     if layout == "partc-tp":
         return partc_trainer(setup, cluster, {"tp": setup.world})
-    if layout == "ddp":
-        return layouts.ddp(setup)
-    if layout == "fsdp2":
-        return layouts.fsdp2(setup)
+    match = re.fullmatch(r"partc-zero(\d)", layout)
+    if match:  # the best plan partc finds with that ZeRO stage: what a different tie-break would run
+        return partc_trainer(setup, cluster, None, zero_stage=int(match.group(1)))
+    match = re.fullmatch(r"(ddp|fsdp2)(?:-acc(\d+))?", layout)
+    if match:
+        build = layouts.ddp if match.group(1) == "ddp" else layouts.fsdp2
+        return build(setup, int(match.group(2) or 1))
     if layout == "tp":
         return layouts.tensor_parallel(setup)
     match = re.fullmatch(r"pp-m(\d+)", layout)
