@@ -105,8 +105,17 @@ def estimate_data_parallel(
     buffer_bytes = max(sum(i.param_bytes for i in nodes) - param_numel * weight_dtype.itemsize, 0)
     per_param = training_memory(1, param_dtype, 0.0, optimizer=optimizer, mixed_precision=mixed, training=training)
 
+    # A node's time depends only on what roofline_time reads (its operator, outputs and
+    # FLOPs, via kernel_efficiency and its dtype) and the work priced: the nodes of repeated
+    # layers are priced once, the sums below still run over every node in order.
+    node_times: dict[tuple, float] = {}
+
     def node_time(info: NodeInfo, flops: float, bytes_moved: float) -> float:
-        return roofline_time(cost_model, info, flops / dp, bytes_moved / dp, compute_dtype, device)
+        key = (info.op, info.outputs, info.fwd_flops, flops, bytes_moved)
+        seconds = node_times.get(key)
+        if seconds is None:
+            seconds = node_times[key] = roofline_time(cost_model, info, flops / dp, bytes_moved / dp, compute_dtype, device)
+        return seconds
 
     layers = []
     for layer in graph_info(gm).layers:

@@ -20,10 +20,11 @@ microbatches: ``B % (dp * m) == 0``.
 
 Layer costs under tensor parallelism
 ------------------------------------
-Costs are read from a graph at one sample: a graph traced at a larger batch is copied and
-propagated and annotated again at batch 1 (:func:`_one_sample_graph`; about 0.25 s for a
-96-layer GPT-3 whose repeated blocks are rebuilt, not propagated; nothing when the
-planner traces at one sample), because the sharding ILP picks layouts for the shapes it
+Costs are read from a graph at one sample: a graph traced at a larger batch is
+propagated and annotated again at batch 1 for the duration of the search, in place, its
+traced metadata put back on return (:func:`_at_one_sample`; about 0.2 s for a 96-layer
+GPT-3 whose repeated blocks are rebuilt, not propagated; nothing when the planner traces
+at one sample), because the sharding ILP picks layouts for the shapes it
 sees, and at the global batch it may shard the batch dimension across the
 tensor-parallel group (data parallelism inside it, weights gathered), which a microbatch
 of fewer samples than ``tp`` cannot run and which duplicates the dp dimension.
@@ -157,12 +158,12 @@ recomputation (recompute is one switch for every layer).
 from __future__ import annotations
 
 import bisect
-import copy
+import contextlib
 import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -170,7 +171,7 @@ import torch.fx as fx
 from partc.passes.annotate import annotate
 from partc.passes.estimate import DDP_BUCKET_BYTES, _parameter_dtype, kernel_efficiency
 from partc.passes.global_mean import runs_graph_for_global_mean
-from partc.passes.ir import FX_FRONTEND, META_KEY, OpKind, UncompiledGraphModule, gc_paused, graph_info, node_info
+from partc.passes.ir import FX_FRONTEND, META_KEY, OpKind, gc_paused, graph_info, node_info
 from partc.passes.layouts import Shard, adjoint, reshard_cost
 from partc.passes.propagate import propagate
 from partc.passes.sharding import ShardingPlan, plan_sharding
@@ -674,9 +675,15 @@ class _Context:
         return self.per_param[key]
 
 
-def _one_sample_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the annotated ``gm`` propagated and annotated again at batch 1 (inputs whose
-    leading dimension is the traced batch get 1); the model's tensors are shared, not copied.
+_ABSENT = object()  # a metadata key a node did not have
+
+
+@contextlib.contextmanager
+def _at_one_sample(gm: fx.GraphModule) -> Iterator[None]:
+    """Inside the block, the annotated ``gm`` is propagated and annotated again at batch 1
+    (inputs whose leading dimension is the traced batch get 1): every node's ``val`` and
+    NodeInfo and the graph's GraphInfo are those at one sample. On exit, also when
+    propagation or the block raises, the traced batch's are put back (the same objects).
 
     The sharding ILP picks layouts for the shapes it sees: on a graph traced at the global
     batch it may shard the batch dimension across the tensor-parallel group (data
@@ -684,38 +691,39 @@ def _one_sample_graph(gm: fx.GraphModule) -> fx.GraphModule:
     samples than ``tp`` cannot take and that duplicates the dp dimension. At batch 1 it
     chooses among the model-parallel layouts (Megatron's column/row, sequence parallelism,
     vocab-parallel loss), which every microbatch size can run; costs are then scaled per
-    sample from this graph."""
-    batch = graph_info(gm).input_specs[0].shape[0]
-    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
-    found = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
-    if found is not None:
-        value, old_output = found
-        graph.output(value, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
-    # Only read here: its Python code is never needed. It holds gm's own top-level submodules
-    # and tensors (fx takes an attribute a get_attr node names as it is), so no module tree is
-    # rebuilt for the parameters (~0.03 s at 96 layers); the model's tensors are not copied.
-    tops = fx.Graph(tracer_cls=gm.graph._tracer_cls)
-    for name in dict.fromkeys(n.target.split(".", 1)[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")):
-        tops.get_attr(name)
-    one = UncompiledGraphModule(gm, tops)
-    one.graph = graph
-    one.meta[META_KEY] = graph_info(gm)
-    inputs = []
-    for n in one.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        value = n.meta.get("val")
-        if isinstance(value, torch.Tensor):
-            shape = tuple(value.shape)
-            if shape and shape[0] == batch:
-                shape = (1,) + shape[1:]
-            value = torch.empty(shape, dtype=value.dtype, device="meta")
-        inputs.append(value)
-    annotate(propagate(one, inputs, reuse_from=gm), reuse_from=gm)
-    if [l.name for l in graph_info(one).layers] != [l.name for l in graph_info(gm).layers]:
-        raise PartcError("the layers of the batch-1 graph differ from the traced graph's", ErrorContext(pass_name=_PASS))
-    return one
+    sample from these annotations.
+
+    In place, not on a copy of the graph: the search reads the graph only while it runs,
+    and a copy would make every fx node again (~0.05 s of a 96-layer GPT-3's 0.25 s). The
+    operators, modules, layers and source lines are read from the traced annotations, and
+    the parameters' fakes are reused (``reuse_from``)."""
+    traced_info = graph_info(gm)
+    batch = traced_info.input_specs[0].shape[0]
+    traced = [(n, n.meta.get("val", _ABSENT), n.meta.get(META_KEY, _ABSENT)) for n in gm.graph.nodes]
+    try:
+        inputs = []
+        for n in gm.graph.nodes:
+            if n.op != "placeholder":
+                continue
+            value = n.meta.get("val")
+            if isinstance(value, torch.Tensor):
+                shape = tuple(value.shape)
+                if shape and shape[0] == batch:
+                    shape = (1,) + shape[1:]
+                value = torch.empty(shape, dtype=value.dtype, device="meta")
+            inputs.append(value)
+        annotate(propagate(gm, inputs, reuse_from=gm), reuse_from=gm)
+        if [l.name for l in graph_info(gm).layers] != [l.name for l in traced_info.layers]:
+            raise PartcError("the layers of the batch-1 graph differ from the traced graph's", ErrorContext(pass_name=_PASS))
+        yield
+    finally:
+        for node, value, info in traced:
+            for key, old in (("val", value), (META_KEY, info)):
+                if old is _ABSENT:
+                    node.meta.pop(key, None)
+                else:
+                    node.meta[key] = old
+        gm.meta[META_KEY] = traced_info
 
 
 def _batch_dependent(nodes: Sequence[fx.Node], infos) -> set[fx.Node]:
@@ -763,52 +771,57 @@ def search(
     top_k: how many feasible candidates to return (the best first); the others are
         rejected as slower. progress: called with one line per phase.
 
+    A graph traced at more than one sample is priced at one (module doc): while the
+    search runs, ``gm``'s nodes carry their annotations at batch 1 (:func:`_at_one_sample`);
+    the traced ones are back when it returns or raises.
+
     Raises :class:`~partc.InfeasiblePlanError` when no candidate runs and fits; its
     message names the closest and what would fit, ``error.rejected`` lists them all.
     """
     started = time.perf_counter()
     say = progress or (lambda line: None)
     _check_arguments(batch_size, schedules, zero_options, recompute_options, top_k, optimizer, virtual_stage_options)
-    priced, one_sample_seconds = gm, 0.0
-    if graph_info(gm).input_specs and graph_info(gm).input_specs[0].shape and graph_info(gm).input_specs[0].shape[0] > 1:
-        start = time.perf_counter()
-        try:
-            priced = _one_sample_graph(gm)
-            say(f"batch-1    {time.perf_counter() - start:7.3f} s  graph propagated and annotated again at one sample")
-        except Exception as e:  # noqa: BLE001 - a graph with the batch baked in: price the traced one
-            say(f"batch-1    {time.perf_counter() - start:7.3f} s  not possible ({str(e).splitlines()[0]}); pricing the traced graph")
-        one_sample_seconds = time.perf_counter() - start
-    if cost_model.cluster is not cluster and cost_model.cluster != cluster:
-        raise PartcError("cost_model prices another cluster than the one searched", ErrorContext(pass_name=_PASS, fix="pass CostModel(cluster)"))
-    ctx = _Context(priced, cluster, cost_model, compute_dtype, optimizer, batch_size)
-    limit = float(memory_limit) if memory_limit is not None else min(cluster.device(r).memory for r in range(cluster.world_size))
-    runner = _Search(ctx, limit, list(schedules), microbatch_options, tuple(virtual_stage_options), tuple(recompute_options), tuple(zero_options), top_k, say)
-    runner.enumerate(_check_pinned(pinned, cluster.world_size))
-    runner.run()
-    feasible = sorted(runner.feasible, key=lambda c: runner.sort_key(c))
-    if not feasible:
-        raise runner.infeasible_error()
-    feasible = _simplest_first_among_ties(feasible)
-    kept = tuple(runner.finish(c) for c in feasible[:top_k])
-    best = kept[0]
-    rejected = list(runner.rejected)
-    for c in feasible[top_k:]:
-        rejected.append(_rejection(c, "slower", f"slower: {_percent(c.predicted_step_time, best.predicted_step_time)} ({_ms(c.predicted_step_time)} vs {_ms(best.predicted_step_time)})", c.predicted_step_time, c.memory.total))
-    seconds = time.perf_counter() - started
-    say(f"search     {seconds:7.3f} s  {len(kept) + len(rejected)} configurations, {runner.solves} exact stage cuts, {runner.heuristic_cuts} interleaved, best {best.label} {_ms(best.predicted_step_time)}")
-    return SearchResult(
-        best=best,
-        candidates=kept,
-        rejected=tuple(sorted(rejected, key=_rejection_key)),
-        searched=len(kept) + len(rejected),
-        seconds=seconds,
-        sharding_seconds=runner.sharding_seconds,
-        one_sample_seconds=one_sample_seconds,
-        stage_solves=runner.solves,
-        heuristic_cuts=runner.heuristic_cuts,
-        memory_limit=limit,
-        batch_size=batch_size,
-    )
+    with contextlib.ExitStack() as one_sample:
+        one_sample_seconds = 0.0
+        if graph_info(gm).input_specs and graph_info(gm).input_specs[0].shape and graph_info(gm).input_specs[0].shape[0] > 1:
+            start = time.perf_counter()
+            try:
+                one_sample.enter_context(_at_one_sample(gm))
+                say(f"batch-1    {time.perf_counter() - start:7.3f} s  graph propagated and annotated again at one sample")
+            except Exception as e:  # noqa: BLE001 - a graph with the batch baked in: price the traced one
+                say(f"batch-1    {time.perf_counter() - start:7.3f} s  not possible ({str(e).splitlines()[0]}); pricing the traced graph")
+            one_sample_seconds = time.perf_counter() - start
+        if cost_model.cluster is not cluster and cost_model.cluster != cluster:
+            raise PartcError("cost_model prices another cluster than the one searched", ErrorContext(pass_name=_PASS, fix="pass CostModel(cluster)"))
+        ctx = _Context(gm, cluster, cost_model, compute_dtype, optimizer, batch_size)
+        limit = float(memory_limit) if memory_limit is not None else min(cluster.device(r).memory for r in range(cluster.world_size))
+        runner = _Search(ctx, limit, list(schedules), microbatch_options, tuple(virtual_stage_options), tuple(recompute_options), tuple(zero_options), top_k, say)
+        runner.enumerate(_check_pinned(pinned, cluster.world_size))
+        runner.run()
+        feasible = sorted(runner.feasible, key=lambda c: runner.sort_key(c))
+        if not feasible:
+            raise runner.infeasible_error()
+        feasible = _simplest_first_among_ties(feasible)
+        kept = tuple(runner.finish(c) for c in feasible[:top_k])
+        best = kept[0]
+        rejected = list(runner.rejected)
+        for c in feasible[top_k:]:
+            rejected.append(_rejection(c, "slower", f"slower: {_percent(c.predicted_step_time, best.predicted_step_time)} ({_ms(c.predicted_step_time)} vs {_ms(best.predicted_step_time)})", c.predicted_step_time, c.memory.total))
+        seconds = time.perf_counter() - started
+        say(f"search     {seconds:7.3f} s  {len(kept) + len(rejected)} configurations, {runner.solves} exact stage cuts, {runner.heuristic_cuts} interleaved, best {best.label} {_ms(best.predicted_step_time)}")
+        return SearchResult(
+            best=best,
+            candidates=kept,
+            rejected=tuple(sorted(rejected, key=_rejection_key)),
+            searched=len(kept) + len(rejected),
+            seconds=seconds,
+            sharding_seconds=runner.sharding_seconds,
+            one_sample_seconds=one_sample_seconds,
+            stage_solves=runner.solves,
+            heuristic_cuts=runner.heuristic_cuts,
+            memory_limit=limit,
+            batch_size=batch_size,
+        )
 
 
 class _Search:

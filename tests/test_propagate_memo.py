@@ -225,16 +225,49 @@ def test_reuse_from_the_graph_of_another_model_shares_no_fake():
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_search_batch_one_graph_is_what_a_fresh_propagation_and_annotation_give(frontend):
-    from partc.passes.search import _one_sample_graph
+def test_search_batch_one_metadata_is_what_a_fresh_propagation_and_annotation_give(frontend):
+    from partc.passes.search import _at_one_sample
 
     gm, idx = _annotated_gpt_tiny(frontend)
-    one = _one_sample_graph(gm)
+    traced = [(n.meta["val"], n.meta["partc"]) for n in gm.graph.nodes]
+    traced_graph = gm.meta["partc"]
     fresh = annotate(propagate(_copy(gm), (idx[:1],)))
-    assert _metadata({n: n.meta["val"] for n in one.graph.nodes}) == _metadata({n: n.meta["val"] for n in fresh.graph.nodes})
-    assert [node_info(n) for n in one.graph.nodes] == [node_info(n) for n in fresh.graph.nodes]
-    assert one.meta["partc"] == fresh.meta["partc"]
-    assert one.meta["partc"].input_specs[0].shape[0] == 1
-    # the model's own tensors, through gm's submodules; gm keeps its traced-batch annotations
-    assert {k: id(v) for k, v in one.named_parameters()} == {k: id(v) for k, v in gm.named_parameters()}
-    assert gm.meta["partc"].input_specs[0].shape[0] == 4
+    with _at_one_sample(gm):
+        assert _metadata({n: n.meta["val"] for n in gm.graph.nodes}) == _metadata({n: n.meta["val"] for n in fresh.graph.nodes})
+        assert [node_info(n) for n in gm.graph.nodes] == [node_info(n) for n in fresh.graph.nodes]
+        assert gm.meta["partc"] == fresh.meta["partc"]
+        assert gm.meta["partc"].input_specs[0].shape[0] == 1
+        # the parameters' fakes are the traced graph's own
+        assert all(n.meta["val"] is value for n, (value, _) in zip(gm.graph.nodes, traced) if n.op == "get_attr")
+    # after the block: the traced batch's annotations again, the same objects
+    assert all(n.meta["val"] is value and n.meta["partc"] is info for n, (value, info) in zip(gm.graph.nodes, traced))
+    assert gm.meta["partc"] is traced_graph and gm.meta["partc"].input_specs[0].shape[0] == 4
+
+
+def test_search_batch_one_metadata_is_put_back_when_the_block_or_the_annotation_raises(monkeypatch):
+    from partc.passes.search import _at_one_sample
+
+    gm, idx = _annotated_gpt_tiny("fx")
+    traced = [(n, dict(n.meta)) for n in gm.graph.nodes]
+    traced_graph = gm.meta["partc"]
+
+    def unchanged() -> bool:
+        return gm.meta["partc"] is traced_graph and all(n.meta.keys() == meta.keys() and all(n.meta[k] is v for k, v in meta.items()) for n, meta in traced)
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with _at_one_sample(gm):
+            assert gm.meta["partc"].input_specs[0].shape[0] == 1
+            raise RuntimeError("inside the block")
+    assert unchanged()
+    # annotation failing after propagation wrote every node's value at batch 1
+    import partc.passes.search as search_module
+
+    def failing_annotate(graph, reuse_from):
+        assert all(n.meta["val"] is not meta["val"] for n, meta in traced if n.op == "placeholder")  # written at batch 1
+        raise RuntimeError("annotate failed")
+
+    monkeypatch.setattr(search_module, "annotate", failing_annotate)
+    with pytest.raises(RuntimeError, match="annotate failed"):
+        with _at_one_sample(gm):
+            pass
+    assert unchanged()

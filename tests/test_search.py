@@ -255,8 +255,13 @@ def test_layer_prices_add_up_to_the_sharding_plan(small):
 def test_a_graph_traced_at_the_global_batch_prices_like_one_traced_at_one_sample():
     cluster = Cluster.preset("h100", nodes=1, devices_per_node=4)
     one, eight = gpt(n_layer=2, batch=1), gpt(n_layer=2, batch=8)
+    traced = [(n, n.meta["val"], n.meta["partc"]) for n in eight.graph.nodes]
+    traced_graph = eight.meta["partc"]
     a, b = run(one, cluster, batch_size=8), run(eight, cluster, batch_size=8)
     assert b.one_sample_seconds > 0 and a.one_sample_seconds == 0
+    # priced at one sample in place: the traced batch's annotations are back, the same objects
+    assert eight.meta["partc"] is traced_graph
+    assert all(n.meta["val"] is value and n.meta["partc"] is info for n, value, info in traced)
     assert len(a.candidates) == len(b.candidates)
     for x, y in zip(a.candidates, b.candidates):
         assert x.label == y.label

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from partc.passes import sharding
-from partc.passes.search import _one_sample_graph, search
+from partc.passes.search import _at_one_sample, search
 
 from partc.cluster import Cluster
 from partc.cost_model import CostModel
@@ -67,14 +67,14 @@ def test_canonical_tells_the_last_bit_and_ignores_wall_times():
 def test_bench_models_plan_the_same_with_repeats_priced_once(layers, monkeypatch):
     cluster = Cluster.preset("h100", nodes=8, devices_per_node=8)
     gm, *_ = search_plan.annotated(layers, 512)
-    one = _one_sample_graph(gm)
 
     def plans():
         result = search(gm, cluster, CostModel(cluster), batch_size=512, compute_dtype=search_plan.BF16)
-        by_tp = {
-            tp: sharding.plan_sharding(one, CostModel(cluster), tp=tp, memory_limit=math.inf, compute_dtype=search_plan.BF16)
-            for tp in (2, 4, 8)
-        }
+        with _at_one_sample(gm):
+            by_tp = {
+                tp: sharding.plan_sharding(gm, CostModel(cluster), tp=tp, memory_limit=math.inf, compute_dtype=search_plan.BF16)
+                for tp in (2, 4, 8)
+            }
         return result, by_tp
 
     result, by_tp = plans()
