@@ -23,13 +23,15 @@ def test_gpu_bench_smoke_runs_every_layout(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "results.json").read_text())
     layouts = summary["models"]["gpt-tiny"]["layouts"]
-    assert set(layouts) == {"partc", "partc-tp", "ddp", "fsdp2", "tp", "pp-m4", "pp-m8"}
+    accumulated = {"ddp-acc2", "ddp-acc4", "fsdp2-acc2", "fsdp2-acc4"}
+    assert set(layouts) == {"partc", "partc-tp", "ddp", "fsdp2", "tp", "pp-m4", "pp-m8"} | accumulated
     for name, result in layouts.items():
         assert result["status"] == "ok", (name, result.get("error"), result.get("traceback"))
         assert len(result["step_times"]) == 2 and all(t > 0 for t in result["step_times"])
         assert result["prediction"]["step_time"] > 0, (name, result["prediction"])
     assert layouts["partc"]["detail"]["mesh"]["dp"] * layouts["partc"]["detail"]["mesh"]["pp"] * layouts["partc"]["detail"]["mesh"]["tp"] == 2
     assert layouts["pp-m4"]["detail"]["split"] == [[0, 1], [1, 2]]
+    assert {name: layouts[name]["detail"]["microbatches"] for name in accumulated} == {"ddp-acc2": 2, "ddp-acc4": 4, "fsdp2-acc2": 2, "fsdp2-acc4": 4}
     report = (tmp_path / "report.md").read_text()
     assert "| pp-m4 |" in report and "Spearman" in report and "Codegen overhead" in report
     assert (tmp_path / "throughput.svg").read_text().startswith("<svg")
@@ -44,7 +46,7 @@ def test_gpu_bench_smoke_four_processes_runs_3d_and_skips_what_cannot_apply(tmp_
     proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     layouts = json.loads((tmp_path / "results.json").read_text())["models"]["gpt-tiny"]["layouts"]
-    ran = {"partc", "ddp", "fsdp2", "tp", "3d-tp2-pp2-m4", "3d-tp2-pp2-m8", "3d-tp2-pp2-m16"}
+    ran = {"partc", "ddp", "fsdp2", "ddp-acc2", "ddp-acc4", "fsdp2-acc2", "fsdp2-acc4", "tp", "3d-tp2-pp2-m4", "3d-tp2-pp2-m8", "3d-tp2-pp2-m16"}
     assert set(layouts) == ran | {"pp-m4", "pp-m8", "pp-m16"}
     for name in ran:
         result = layouts[name]

@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -137,6 +138,22 @@ def calibrate(nproc: int, out: Path) -> Path:
     return path
 
 
+def _launch(command: list[str], timeout: float) -> tuple[int, str, str]:
+    """Run one torchrun launch: (exit code, stdout, stderr). On timeout the whole process
+    group is killed, the workers with torchrun: a worker left behind keeps its GPU memory,
+    and the next launch would measure on a device that is not empty (seen on 8 x H200, where
+    launches that hung on exit left ~24 GiB per GPU held into the next device call)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return -9, stdout, stderr
+
+
 def run_model(name: str, batch: int, seq: int, layouts: list[str], args: argparse.Namespace, cluster: str, out: Path) -> dict[str, dict]:
     """Every layout of one model; relaunches after a crash with the layouts not yet reached."""
     jsonl = out / f"{name}.jsonl"
@@ -149,12 +166,8 @@ def run_model(name: str, batch: int, seq: int, layouts: list[str], args: argpars
             "--cluster", cluster, "--out", str(jsonl), "--steps", str(args.steps), "--warmup", str(args.warmup), "--timeout", str(args.collective_timeout),
         ]
         print(f"[run] {name}: {' '.join(remaining)}", flush=True)
-        try:
-            proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=args.launch_timeout, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
-            returncode, stderr = proc.returncode, proc.stderr
-            sys.stdout.write(proc.stdout)
-        except subprocess.TimeoutExpired as e:
-            returncode, stderr = -9, (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        returncode, stdout, stderr = _launch(command, args.launch_timeout)
+        sys.stdout.write(stdout)
         started = None
         for line in jsonl.read_text().splitlines() if jsonl.exists() else []:
             record = json.loads(line)
@@ -168,7 +181,8 @@ def run_model(name: str, batch: int, seq: int, layouts: list[str], args: argpars
         if returncode != 0:
             crashed = started or next((l for l in remaining if l not in results), None)
             tail = "\n".join(l for l in stderr.splitlines() if "Warning" not in l)[-3000:]
-            print(f"[run] {name}: launch failed (exit {returncode}) in {crashed}:\n{tail[-1500:]}", flush=True)
+            where = f"in {crashed}" if crashed is not None else "after its last layout (every result was written)"
+            print(f"[run] {name}: launch failed (exit {returncode}) {where}:\n{tail[-1500:]}", flush=True)
             if crashed is not None:
                 results[crashed] = {"layout": crashed, "status": "crashed", "error": f"exit {returncode}", "traceback": tail}
         remaining = [l for l in layouts if l not in results]

@@ -309,8 +309,12 @@ def main(argv: list[str] | None = None) -> int:
             shown = f"{result['step_time'] * 1e3:.1f} ms" if result["status"] == "ok" else f"{result['status']}: {result.get('error')}"
             print(f"[bench] {args.model} {layout}: {shown}", flush=True)
     dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    # Every result is written. destroy_process_group() hung here after the pipeline and 3-D
+    # layouts on NCCL (torch 2.11, 4 and 8 x H200: every such launch sat until run.py's
+    # timeout), so the worker leaves without it, as the parity workers do.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
