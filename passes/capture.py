@@ -904,7 +904,25 @@ def _first_line(error: BaseException) -> str:
 LOSS_FN_KEY = "partc_loss_fn"  # node.meta: copied from loss_fn (attach_loss); GraphModule.meta: loss_fn's own graph
 
 
-def trace_loss_fn(loss_fn: Callable[[Any, Any], Any], model_output: Any, restore: Callable[[Any], Any] = lambda plain: plain) -> fx.Graph:
+class _LossTracer(fx.Tracer):
+    """Traces ``loss_fn`` through every module it calls, also one that is not a submodule of
+    the trace's root (``loss_fn=nn.CrossEntropyLoss(weight=w)``, or a closure calling one):
+    fx would otherwise stop at it ("module is not installed as a submodule"). Such a
+    module's tensors (class weights) become constants of the graph."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return False
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        try:
+            return super().path_of_module(mod)
+        except NameError:  # called by loss_fn, not held by the root: traced through all the same
+            return f"loss_fn.{type(mod).__name__}"
+
+
+def trace_loss_fn(
+    loss_fn: Callable[[Any, Any], Any], model_output: Any, restore: Callable[[Any], Any] = lambda plain: plain, taken: Callable[[str], bool] = lambda name: False
+) -> fx.GraphModule:
     """``loss_fn`` traced on its own with ``torch.fx``: a flat graph taking one placeholder
     per leaf of ``model_output`` (the model graph's output value: a node, or a structure of
     them), then ``targets``, and returning the loss.
@@ -912,39 +930,63 @@ def trace_loss_fn(loss_fn: Callable[[Any, Any], Any], model_output: Any, restore
     A structured output (a dict, a tuple, HF's ``ModelOutput``) reaches ``loss_fn`` as that
     structure (``restore`` rebuilds the model's own output type from the plain one), so
     ``outputs["logits"]`` and ``outputs.logits`` are resolved while tracing.
+
+    The tensors loss_fn reads (class weights in a closure, an ``nn.CrossEntropyLoss``'s
+    ``weight``) are read once, now, and held by the returned module as non-persistent buffers
+    named ``loss_fn_constant<k>`` (the first k for which ``taken`` says no), which the graph
+    reads with ``get_attr``. A parameter (a loss with learnable weights) is refused: partc
+    trains the model's parameters only.
     """
+    if isinstance(model_output, fx.Node):
+        function, concrete = (lambda output, targets: loss_fn(output, targets)), None
+    else:
+        function, concrete = (lambda output, targets: loss_fn(restore(output), targets)), {"output": pytree.tree_map(lambda _: fx.PH, model_output)}
+    tracer = _LossTracer()
     try:
-        if not isinstance(model_output, fx.Node):
-            structure = pytree.tree_map(lambda _: fx.PH, model_output)
-            traced = fx.symbolic_trace(lambda output, targets: loss_fn(restore(output), targets), concrete_args={"output": structure}).graph
-        else:
-            traced = fx.symbolic_trace(lambda output, targets: loss_fn(output, targets)).graph
+        traced = tracer.trace(function, concrete_args=concrete)
     except Exception as e:  # noqa: BLE001
+        learnable = "parameter is not a member" in str(e)
         raise TraceError(
-            f"torch.fx could not trace loss_fn: {type(e).__name__}: {_first_line(e)}",
-            ErrorContext(pass_name="capture", fix="write loss_fn(outputs, targets) as plain tensor code (F.cross_entropy, ...) without control flow on values"),
+            "loss_fn holds a parameter (a loss with learnable weights)" if learnable else f"torch.fx could not trace loss_fn: {type(e).__name__}: {_first_line(e)}",
+            ErrorContext(
+                pass_name="capture",
+                fix="make the learnable part of the loss a module of the model, so that partc trains it" if learnable
+                else "write loss_fn(outputs, targets) as plain tensor code (F.cross_entropy, ...) without control flow on values",
+            ),
         ) from e
+    holder = nn.Module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in traced.nodes:
         if node.op == "get_attr":
-            raise TraceError("loss_fn reads module state; partc takes a stateless loss_fn(outputs, targets)", ErrorContext(pass_name="capture"))
-        if node.op == "output":
+            value = operator.attrgetter(node.target)(tracer.root)
+            if not isinstance(value, torch.Tensor) or value.requires_grad:
+                raise TraceError(
+                    f"loss_fn reads {node.target!r} ({type(value).__name__}{', which requires grad' if isinstance(value, torch.Tensor) else ''}); partc takes loss_fn(outputs, targets) with constant tensors only",
+                    ErrorContext(pass_name="capture", fix="detach the tensor loss_fn reads, or make what it learns a module of the model"),
+                )
+            k = 0
+            while taken(f"loss_fn_constant{k}") or hasattr(holder, f"loss_fn_constant{k}"):
+                k += 1
+            name = f"loss_fn_constant{k}"
+            holder.register_buffer(name, value.detach(), persistent=False)
+            env[node] = graph.get_attr(name)
+        elif node.op == "output":
             # tracing on the output's structure flattens what loss_fn returns; process_outputs restores it
             graph.output(traced.process_outputs(fx.node.map_arg(node.args[0], env.__getitem__)))
         else:
             env[node] = graph.node_copy(node, env.__getitem__)
-    return graph
+    return fx.GraphModule(holder, graph, class_name="LossFn")
 
 
 class TracedLoss(nn.Module):
-    """``loss_fn(outputs, targets)`` as a module: :func:`trace_loss_fn`'s graph
-    (``traced``, which passes may rewrite) applied to the leaves of the model's output.
-    It holds no parameters."""
+    """``loss_fn(outputs, targets)`` as a module: :func:`trace_loss_fn`'s graph module
+    (``traced``, which passes may rewrite; it holds loss_fn's constant tensors) applied to
+    the leaves of the model's output. It holds no parameters."""
 
-    def __init__(self, graph: fx.Graph):
+    def __init__(self, traced: fx.GraphModule):
         super().__init__()
-        self.traced = fx.GraphModule(nn.Module(), graph, class_name="LossFn")
+        self.traced = traced
 
     def forward(self, outputs: Any, targets: Any) -> Any:
         return self.traced(*pytree.tree_leaves(outputs), targets)
@@ -953,8 +995,8 @@ class TracedLoss(nn.Module):
 def traced_loss(gm: fx.GraphModule) -> TracedLoss | None:
     """A fresh :class:`TracedLoss` of the ``loss_fn`` that :func:`attach_loss` appended to
     ``gm`` (None when it appended none)."""
-    graph = gm.meta.get(LOSS_FN_KEY)
-    return None if graph is None else TracedLoss(copy.deepcopy(graph))
+    traced = gm.meta.get(LOSS_FN_KEY)
+    return None if traced is None else TracedLoss(copy.deepcopy(traced))
 
 
 def _free_argument_name(wanted: str, taken: set[str]) -> str:
@@ -977,15 +1019,22 @@ def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.Gr
     code) and spliced after the model's output, so the loss is priced, planned and placed
     like any other operator, and the targets are an input that the pipeline routes to the
     stage that computes the loss. Parameter names are untouched (no wrapper module). The
-    spliced nodes are marked (``node.meta[LOSS_FN_KEY]``) and loss_fn's own graph is kept in
-    ``gm.meta[LOSS_FN_KEY]`` (:func:`traced_loss`: the loss alone, applied to the user's
-    model's output).
+    spliced nodes are marked (``node.meta[LOSS_FN_KEY]``) and loss_fn's own graph module is
+    kept in ``gm.meta[LOSS_FN_KEY]`` (:func:`traced_loss`: the loss alone, applied to the
+    user's model's output). Tensors loss_fn reads (class weights) become non-persistent
+    buffers ``loss_fn_constant<k>`` of ``gm`` and of that module, read at this call.
     """
     graph = gm.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     codegen = getattr(graph, "_codegen", None)
     restore = codegen.restore if isinstance(codegen, RestoreOutputType) else (lambda plain: plain)
-    loss_graph = trace_loss_fn(loss_fn, output.args[0], restore)
+    loss_module = trace_loss_fn(loss_fn, output.args[0], restore, taken=lambda name: hasattr(gm, name))
+    loss_graph = loss_module.graph
+    # loss_fn's constant tensors become buffers of the model graph too (not saved in its
+    # state dict), on the device of its parameters so that planning on "meta" stays there
+    device = next(iter(gm.parameters()), next(iter(gm.buffers()), None))
+    for name, value in loss_module.named_buffers():
+        gm.register_buffer(name, value if device is None else value.to(device.device), persistent=False)
     model_outputs = [output.args[0]] if isinstance(output.args[0], fx.Node) else pytree.tree_leaves(output.args[0])
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(inputs[-1]):
@@ -1007,5 +1056,5 @@ def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.Gr
         graph.set_codegen(fx.graph.CodeGen())  # the graph returns the loss now
     gm.recompile()
     gm.meta[META_KEY] = replace(gm.meta[META_KEY], loss_in_graph=True)
-    gm.meta[LOSS_FN_KEY] = loss_graph
+    gm.meta[LOSS_FN_KEY] = loss_module
     return gm

@@ -74,6 +74,41 @@ def test_graph_with_the_loss_attached_runs_and_prints_the_loss(frontend):
     torch.testing.assert_close(gm(idx, targets), expected)
 
 
+class _FlatCriterion(nn.Module):
+    """A loss module in the usual style: it holds an nn.CrossEntropyLoss with class weights."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.criterion = nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, classes), ignore_index=0)
+
+    def forward(self, logits, targets):
+        return self.criterion(logits.flatten(0, 1), targets.flatten())
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_loss_module_with_class_weights_is_traced_with_its_weights(frontend):
+    """loss_fn=nn.CrossEntropyLoss(...) (or a module holding one) was refused ('module is not
+    installed as a submodule'); its weights become a buffer of the graph, outside the state
+    dict, and the graph's loss is the module's."""
+    model, (idx,) = _build("gpt-tiny")
+    targets = idx.roll(-1, dims=1)
+    criterion = _FlatCriterion(model.config.vocab_size)
+    gm = attach_loss(capture(model, (idx,), frontend=frontend), criterion)
+    assert dict(gm.named_buffers())["loss_fn_constant0"].equal(criterion.criterion.weight)
+    assert "loss_fn_constant0" not in gm.state_dict()
+    torch.testing.assert_close(gm(idx, targets), criterion(model(idx), targets))
+    alone = traced_loss(gm)  # the loss alone (compile's replicas of the user's model) holds the weights too
+    torch.testing.assert_close(alone(model(idx), targets), criterion(model(idx), targets))
+
+
+def test_a_loss_with_a_learnable_weight_is_refused_with_the_fix():
+    model, (idx,) = _build("gpt-tiny")
+    scale = nn.Parameter(torch.ones(()))
+    with pytest.raises(partc.TraceError, match="learnable") as error:
+        attach_loss(capture(model, (idx,)), lambda logits, t: scale * F.cross_entropy(logits.flatten(0, 1), t.flatten()))
+    assert "a module of the model" in str(error.value)
+
+
 class _TakesTargets(nn.Module):
     """A model whose forward has an argument named like attach_loss's placeholder."""
 

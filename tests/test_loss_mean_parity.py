@@ -11,7 +11,8 @@ all), so every case fails unless partc divides by the whole batch's normaliser:
 a traced loss (``loss_in_graph``: compile's ``example_targets``) over DDP, FSDP2, a 1F1B
 pipeline, gradient accumulation, tensor parallelism with data parallelism, and a model
 that computes a class-weighted cross entropy itself (also captured by torch.export, whose
-graph holds ``aten.cross_entropy_loss``); and the documented recipe for an
+graph holds ``aten.cross_entropy_loss``); a loss_fn calling an ``nn.CrossEntropyLoss`` with
+class weights (``weighted_loss_module``: its weights lifted into the graph); and the documented recipe for an
 untraced loss (``global_count_loss``: ``loss_reduction="sum"``, divided by the caller's
 global count). Each checks the loss, every gradient, and the parameters after 3 AdamW
 steps on every rank.
@@ -36,6 +37,10 @@ CASES = {
         # torch.export's aten.cross_entropy_loss, in FSDP2's replicas and in a pipeline's last stage
         {"model": "tagger-weighted", "mesh": {"dp": 2}, "data_parallel": "fsdp", "frontend": "export", **TRACED},
         {"model": "tagger-weighted", "mesh": {"pp": 2}, "schedule": "1f1b", "microbatches": 4, "frontend": "export", **TRACED},
+        # loss_fn calling an nn.CrossEntropyLoss with class weights: its weights lifted into the graph
+        {"model": "gpt", "mesh": {"dp": 2}, "data_parallel": "fsdp", "runs_user_model": True, "weighted_loss_module": True, **TRACED},
+        {"model": "gpt", "mesh": {"dp": 2}, "microbatches": 2, "zero_stage": 0, "weighted_loss_module": True, **TRACED},
+        {"model": "gpt", "mesh": {"pp": 2}, "schedule": "1f1b", "microbatches": 4, "weighted_loss_module": True, **TRACED},
         {"model": "gpt", "mesh": {"dp": 2}, "microbatches": 2, "zero_stage": 0, "padded_targets": True, "global_count_loss": True},
         {"model": "gpt", "mesh": {"pp": 2}, "schedule": "1f1b", "microbatches": 4, "padded_targets": True, "global_count_loss": True},
     ],
@@ -45,6 +50,7 @@ CASES = {
         {"model": "gpt", "mesh": {"dp": 2, "tp": 2}, "cluster": "tp-test:1e9", "microbatches": 2, "zero_stage": 0, "loss_strategy": "vocab_parallel", **TRACED},
         {"model": "tagger-weighted", "mesh": {"dp": 2, "tp": 2}, "cluster": "tp-test:1e8", "microbatches": 2, "zero_stage": 0, "loss_strategy": "batch_parallel", **TRACED},
         {"model": "gpt", "mesh": {"pp": 2, "dp": 2}, "schedule": "1f1b", "microbatches": 2, "data_parallel": "fsdp", **TRACED},
+        {"model": "gpt", "mesh": {"dp": 2, "tp": 2}, "cluster": TP_PAYS, "data_parallel": "ddp", "weighted_loss_module": True, **TRACED},
     ],
 }
 

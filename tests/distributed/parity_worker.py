@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -112,6 +113,18 @@ def global_count_loss(targets: torch.Tensor):
     return summed_over_global_count
 
 
+def weighted_loss_module() -> Callable:
+    """A loss_fn that calls an ``nn.CrossEntropyLoss`` holding class weights (a closure over
+    a module partc does not hold: the weights are read when compile traces it)."""
+    weights = torch.rand(VOCAB, generator=torch.Generator().manual_seed(2)) + 0.5
+    criterion = nn.CrossEntropyLoss(weight=weights, ignore_index=IGNORE_INDEX)
+
+    def weighted(logits, targets):
+        return criterion(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    return weighted
+
+
 def run_case(case: dict) -> list[str]:
     """Compile one case, train it beside the reference, return what differed."""
     if "other_ranks_model" in case:
@@ -132,6 +145,8 @@ def run_case(case: dict) -> list[str]:
     options = {key: case[key] for key in ("mesh", "microbatches", "schedule", "virtual_stages", "recompute", "zero_stage", "mixed_precision", "data_parallel", "gradient_compression", "frontend") if key in case}
     if case.get("loss_in_graph"):
         options["example_targets"] = targets
+    if case.get("weighted_loss_module"):
+        case_loss = weighted_loss_module()
     if case.get("global_count_loss"):
         case_loss, options["loss_reduction"] = global_count_loss(targets), "sum"
     cluster = case_cluster(case.get("cluster"), dist.get_world_size(), case.get("nodes", 1))
@@ -257,7 +272,7 @@ def compressed_gradients(pm: partc.ParallelModule, reference: nn.Module, inputs,
 
 
 def main() -> int:
-    return serve(run_case, cases_help="a JSON list of cases: {model, mesh, microbatches?, schedule?, virtual_stages?, loss_in_graph?, cluster?, padded_targets?, global_count_loss?, loss_strategy?, frontend?}")
+    return serve(run_case, cases_help="a JSON list of cases: {model, mesh, microbatches?, schedule?, virtual_stages?, loss_in_graph?, cluster?, padded_targets?, global_count_loss?, weighted_loss_module?, loss_strategy?, frontend?}")
 
 
 if __name__ == "__main__":
