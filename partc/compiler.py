@@ -287,7 +287,33 @@ def compile(
             normaliser=normaliser,
         )
         modules = [program]
+    _release_traced_tensors(result.graph)
     return ParallelModule(result, runner, modules, model, mesh)
+
+
+def _release_traced_tensors(graph: fx.GraphModule) -> None:
+    """Make the plan's graph hold meta tensors of its parameters' and buffers' shapes, not
+    the model's tensors. The runtime built above holds what this rank trains; the graph
+    kept for inspection (``pm.plan``: summary, report, source) would otherwise keep the
+    whole unsharded model alive on every rank where FSDP2 or the stage and tensor-parallel
+    modules replaced it: one full copy of the weights per GPU (measured on 8 x H200:
+    ZeRO-3 on a 6.7B GPT used 103 GiB where hand-written FSDP2 used 91). Only the graph's
+    own references change (its attribute holders are its own modules, not the model's)."""
+    for node in graph.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        *path, name = str(node.target).split(".")
+        owner = graph.get_submodule(".".join(path)) if path else graph
+        value = getattr(owner, name, None)
+        if not isinstance(value, torch.Tensor) or value.device.type == "meta" or type(value) not in (torch.Tensor, nn.Parameter):
+            continue
+        shell = torch.empty_like(value, device="meta")
+        if name in owner._parameters:
+            owner._parameters[name] = nn.Parameter(shell, requires_grad=value.requires_grad)
+        elif name in owner._buffers:
+            owner._buffers[name] = shell
+        else:
+            setattr(owner, name, shell)
 
 
 def _zero_stage(plan: Plan, data_parallel: str | None) -> int:

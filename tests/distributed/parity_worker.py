@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 import os
 import sys
 from collections.abc import Callable
@@ -151,6 +152,9 @@ def run_case(case: dict) -> list[str]:
         case_loss, options["loss_reduction"] = global_count_loss(targets), "sum"
     cluster = case_cluster(case.get("cluster"), dist.get_world_size(), case.get("nodes", 1))
     pm = partc.compile(model, cluster, model_inputs, loss_fn=case_loss, **options)
+    held = [str(n.target) for n in pm.plan.graph.graph.nodes if n.op == "get_attr" and operator.attrgetter(str(n.target))(pm.plan.graph).device.type != "meta"]
+    if held:  # the plan's graph kept the unsharded model alive beside FSDP2's shards / the stage and tp modules
+        return [f"the plan's graph still holds the model's tensors: {held[:3]}"]
     if case.get("nodes", 1) > 1 and pm.rank_mesh.tp > 1:
         # torchrun's node of every rank in this tensor-parallel group: all the same one
         nodes: list = [None] * pm.rank_mesh.tp
