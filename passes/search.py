@@ -652,7 +652,7 @@ class _Context:
         self.batch_dependent = _batch_dependent(self.nodes, self.infos)
         self.recomputed = recomputable_nodes(gm)
         self.runs_graph_for_global_mean = runs_graph_for_global_mean(gm)
-        self.per_param: dict[tuple[int, int], float] = {}  # (zero, dp) -> bytes per local parameter
+        self.per_param: dict[tuple[int, int, bool, bool], float] = {}  # (zero, dp, accumulates, pipelined) -> bytes per local parameter
         self._node_costs: _NodeCosts | None = None
 
     @property
@@ -668,11 +668,20 @@ class _Context:
             return 1.0
         return self.compute_dtype.itemsize / info.dtype.itemsize
 
-    def bytes_per_param(self, zero: int, dp: int) -> float:
-        key = (zero, dp)
+    def bytes_per_param(self, zero: int, dp: int, accumulates: bool = False, pipelined: bool = False) -> float:
+        key = (zero, dp, accumulates, pipelined)
         if key not in self.per_param:
-            self.per_param[key] = training_memory(1, self.param_dtype, 0.0, optimizer=self.optimizer, mixed_precision=self.mixed, zero_stage=zero, dp=dp).total
+            self.per_param[key] = training_memory(
+                1, self.param_dtype, 0.0, optimizer=self.optimizer, mixed_precision=self.mixed, zero_stage=zero, dp=dp, accumulates=accumulates, pipelined=pipelined
+            ).total
         return self.per_param[key]
+
+
+def _fsdp_holds_whole(spec: _Spec) -> tuple[bool, bool]:
+    """(accumulates, pipelined) of :func:`partc.cost_model.training_memory` for ``spec``:
+    gradients summed over several microbatches (accumulation or a pipeline), and a pipeline,
+    where FSDP2 keeps gradients (and, in a pipeline, parameters) unsharded until the step's end."""
+    return spec.microbatches > 1 or spec.pp > 1, spec.pp > 1
 
 
 _ABSENT = object()  # a metadata key a node did not have
@@ -974,7 +983,7 @@ class _Search:
         table, pipeline, numel, buffers, acts = shared
         exposed = self._dp_exposed(spec, 0, numel * ctx.param_dtype.itemsize, table.total_forward, table.total_backward, table.total_backward)
         optimizer = self._optimizer_time(numel, spec)
-        static = numel * ctx.bytes_per_param(spec.zero_stage, spec.dp) + buffers
+        static = numel * ctx.bytes_per_param(spec.zero_stage, spec.dp, *_fsdp_holds_whole(spec)) + buffers
         return pipeline + exposed + optimizer, static + acts + self._transient(spec, table)
 
     @staticmethod
@@ -985,7 +994,7 @@ class _Search:
 
     def _transient(self, spec: _Spec, table: _LayerTable) -> float:
         extra = 0.0
-        if spec.zero_stage == 3 and spec.dp > 1:
+        if spec.zero_stage == 3 and spec.dp > 1 and spec.pp == 1:  # (a pipeline's stage stays gathered: priced as parameters)
             extra = 2 * self.prices[spec.tp].largest_layer_param * self.ctx.param_dtype.itemsize  # the layer in use and the prefetched one
         return table.transient + extra
 
@@ -1101,9 +1110,10 @@ class _Search:
 
     def _memory(self, spec: _Spec, numel: float, buffers: float, activations: float, transient: float) -> MemoryBreakdown:
         ctx = self.ctx
+        accumulates, pipelined = _fsdp_holds_whole(spec)
         memory = training_memory(
             int(round(numel)), ctx.param_dtype, activations, optimizer=ctx.optimizer, mixed_precision=ctx.mixed,
-            zero_stage=spec.zero_stage, dp=spec.dp, transient_bytes=transient,
+            zero_stage=spec.zero_stage, dp=spec.dp, transient_bytes=transient, accumulates=accumulates, pipelined=pipelined,
         )
         return memory + MemoryBreakdown(parameters=buffers, gradients=0.0, optimizer_state=0.0, activations=0.0)
 
@@ -1130,11 +1140,11 @@ class _Search:
 
     # pipelines -------------------------------------------------------------------------------------
     def _stage_problem(self, spec: _Spec, table: _LayerTable, schedule: str, zero: int | None, budget: float | None) -> StageProblem:
-        key = (spec.tp, spec.dp, spec.microbatches, spec.recompute, zero)
+        key = (spec.tp, spec.dp, spec.microbatches, spec.recompute, zero, spec.pp > 1)
         layers = self.layer_costs.get(key)
         if layers is None:
             ctx = self.ctx
-            params = self._layer_param_bytes(spec.tp, spec.dp, zero).tolist()
+            params = self._layer_param_bytes(spec, zero).tolist()
             time_, acts, boundary = table.time.tolist(), table.activations.tolist(), table.boundary.tolist()
             layers = tuple(LayerCost(layer.name, time_[j], params[j], acts[j], boundary[j]) for j, layer in enumerate(ctx.layers))
             self.layer_costs[key] = layers
@@ -1266,28 +1276,30 @@ class _Search:
             self.inflight[key] = shape.inflights()
         return self.inflight[key]
 
-    def _layer_param_bytes(self, tp: int, dp: int, zero: int | None) -> np.ndarray:
+    def _layer_param_bytes(self, spec: _Spec, zero: int | None) -> np.ndarray:
         """Per layer: the bytes its stage holds for parameters under ZeRO stage ``zero`` (None:
         buffers only, for the cuts that ignore memory) (the stage pass's convention: a shared
         weight charged to every layer that reads it)."""
-        key = (tp, dp, zero)
+        tp, dp = spec.tp, spec.dp
+        holds_whole = _fsdp_holds_whole(spec)
+        key = (tp, dp, zero, holds_whole)
         if key not in self.param_bytes:
             prices = self.prices[tp]
-            per_param = self.ctx.bytes_per_param(zero, dp) if zero is not None else 0.0
+            per_param = self.ctx.bytes_per_param(zero, dp, *holds_whole) if zero is not None else 0.0
             self.param_bytes[key] = (prices.owned_numel + prices.shared_numel) * per_param + prices.buffers + prices.shared_buffers
         return self.param_bytes[key]
 
     def _mean_rank_bytes(self, spec: _Spec, table: _LayerTable, inflight: Sequence[float]) -> float:
         """A lower bound on any cut's fullest rank with several stages per rank: the mean
         rank's bytes, every stage holding the fewest microbatches in flight."""
-        params = self._layer_param_bytes(spec.tp, spec.dp, spec.zero_stage)
+        params = self._layer_param_bytes(spec, spec.zero_stage)
         return float(params.sum() + min(inflight) * table.total_activations) / spec.pp
 
     def _fits(self, spec: _Spec, table: _LayerTable, starts: Sequence[int], inflight: Sequence[float], budget: float) -> bool:
         """Whether ``_fullest_rank(...) <= budget``: from prefix sums when they clear the
         budget by a margin (1e-9 of the budget or of all the bytes, far above what summing
         in another order changes), by :meth:`_fullest_rank` otherwise."""
-        params = self._prefix(self._layer_param_bytes(spec.tp, spec.dp, spec.zero_stage))
+        params = self._prefix(self._layer_param_bytes(spec, spec.zero_stage))
         acts = self._prefix(table.activations)
         ends = list(starts[1:]) + [self.ctx.num_layers]
         ranks = [0.0] * spec.pp
@@ -1312,7 +1324,7 @@ class _Search:
 
     def _fullest_rank(self, spec: _Spec, table: _LayerTable, starts: Sequence[int], inflight: Sequence[float]) -> float:
         """The largest bytes a pipeline rank holds for the cut ``starts`` (the ILP's memory row)."""
-        params, acts = self._layer_param_bytes(spec.tp, spec.dp, spec.zero_stage), self._stage_sums(table, starts, "activations")
+        params, acts = self._layer_param_bytes(spec, spec.zero_stage), self._stage_sums(table, starts, "activations")
         ends = list(starts[1:]) + [self.ctx.num_layers]
         ranks = [0.0] * spec.pp
         for i, (a, b) in enumerate(zip(starts, ends)):

@@ -196,6 +196,22 @@ def test_zero_stages_shard_over_dp(stage, expected):
     assert training_memory(1000, torch.bfloat16, 0.0, mixed_precision=True, zero_stage=stage, dp=4) == expected
 
 
+@pytest.mark.parametrize(
+    "stage, accumulates, pipelined, expected",
+    [
+        # gradient accumulation: FSDP2 sums the microbatches' gradients unsharded
+        (2, True, False, MemoryBreakdown(parameters=2000, gradients=2000, optimizer_state=3000, activations=0)),
+        (3, True, False, MemoryBreakdown(parameters=500, gradients=2000, optimizer_state=3000, activations=0)),
+        # a pipeline stage also stays gathered from its first backward to the step's end
+        (3, True, True, MemoryBreakdown(parameters=2000, gradients=2000, optimizer_state=3000, activations=0)),
+        (1, True, True, MemoryBreakdown(parameters=2000, gradients=2000, optimizer_state=3000, activations=0)),
+    ],
+)
+def test_zero_shards_only_what_fsdp2_holds_sharded(stage, accumulates, pipelined, expected):
+    memory = training_memory(1000, torch.bfloat16, 0.0, mixed_precision=True, zero_stage=stage, dp=4, accumulates=accumulates, pipelined=pipelined)
+    assert memory == expected
+
+
 def test_sgd_keeps_no_optimizer_state():
     assert training_memory(1000, torch.float32, 0.0, optimizer="sgd").total == 8000
 
