@@ -311,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     # Every result is written. destroy_process_group() hung here after the pipeline and 3-D
     # layouts on NCCL (torch 2.11, 4 and 8 x H200: every such launch sat until run.py's
-    # timeout), so the worker leaves without it, as the parity workers do.
+    # timeout), as in pytorch/pytorch#190396 (an eagerly initialised NCCL group, here
+    # device_id=, destroyed after collectives on several DeviceMesh / new_group groups), so
+    # the worker leaves without it, as the parity workers do.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
