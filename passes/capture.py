@@ -901,7 +901,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-LOSS_FN_KEY = "partc_loss_fn"  # node.meta: copied from loss_fn (attach_loss); GraphModule.meta: loss_fn's own graph
+LOSS_FN_KEY = "partc_loss_fn"  # node.meta: copied from loss_fn (attach_loss); GraphModule.meta: loss_fn's own graph module
 
 
 class _LossTracer(fx.Tracer):
@@ -957,8 +957,11 @@ def trace_loss_fn(
     holder = nn.Module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    lifted: dict[str, str] = {}  # the tracer's attribute -> the buffer holding it
     for node in traced.nodes:
-        if node.op == "get_attr":
+        if node.op == "get_attr" and node.target in lifted:
+            env[node] = graph.get_attr(lifted[node.target])
+        elif node.op == "get_attr":
             value = operator.attrgetter(node.target)(tracer.root)
             if not isinstance(value, torch.Tensor) or value.requires_grad:
                 raise TraceError(
@@ -968,7 +971,7 @@ def trace_loss_fn(
             k = 0
             while taken(f"loss_fn_constant{k}") or hasattr(holder, f"loss_fn_constant{k}"):
                 k += 1
-            name = f"loss_fn_constant{k}"
+            name = lifted[node.target] = f"loss_fn_constant{k}"
             holder.register_buffer(name, value.detach(), persistent=False)
             env[node] = graph.get_attr(name)
         elif node.op == "output":
