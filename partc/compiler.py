@@ -271,7 +271,7 @@ def compile(
         replica_loss: Callable = loss_fn
         if runs_model and global_mean is not None and global_mean.in_loss_fn:
             replica_loss = traced_loss(result.graph).to(device)  # loss_fn's constants (class weights) and the normaliser
-            normaliser = global_mean.rewrite(replica_loss.traced)
+            normaliser = global_mean.rewrite(replica_loss.traced, state=model)
         elif recompute or global_mean is not None or (program is model and result.frontend != FX_FRONTEND):
             program = cut(source, [0] * len(result.layers))[0].module  # one stage (layers checkpointed if recompute)
         loss_in_program = with_loss and program is not model  # the user's model computes no loss; the graphs do

@@ -399,7 +399,10 @@ def _check_cluster(cluster: Any) -> None:
 
 def _capture(model: nn.Module, inputs: tuple, loss_fn: Callable | None, frontend: str):
     gm = capture(model, inputs, frontend=frontend)
-    return attach_loss(gm, loss_fn) if loss_fn is not None else gm
+    if loss_fn is None:
+        return gm
+    model_names = {name for name, _ in model.named_modules()} | set(model.state_dict().keys())
+    return attach_loss(gm, loss_fn, reserved=model_names)
 
 
 def _one_kind_over_cluster(mesh: dict[str, int] | None, world: int) -> bool:

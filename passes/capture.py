@@ -35,7 +35,7 @@ import sys
 import traceback
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.fx as fx
@@ -1015,7 +1015,7 @@ def _free_argument_name(wanted: str, taken: set[str]) -> str:
 
 
 @gc_paused()
-def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.GraphModule:
+def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any], reserved: Collection[str] = ()) -> fx.GraphModule:
     """Append ``loss_fn(output, targets)`` to the captured graph, with ``targets`` a new last input.
 
     ``loss_fn`` is traced on its own (:func:`trace_loss_fn`; loss functions are plain tensor
@@ -1025,13 +1025,15 @@ def attach_loss(gm: fx.GraphModule, loss_fn: Callable[[Any, Any], Any]) -> fx.Gr
     spliced nodes are marked (``node.meta[LOSS_FN_KEY]``) and loss_fn's own graph module is
     kept in ``gm.meta[LOSS_FN_KEY]`` (:func:`traced_loss`: the loss alone, applied to the
     user's model's output). Tensors loss_fn reads (class weights) become non-persistent
-    buffers ``loss_fn_constant<k>`` of ``gm`` and of that module, read at this call.
+    buffers ``loss_fn_constant<k>`` of ``gm`` and of that module, read at this call, named
+    apart from ``gm``'s attributes and from ``reserved`` (the model's module and state-dict
+    names: a buffer forward never reads is not in ``gm`` but is in the model's checkpoints).
     """
     graph = gm.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     codegen = getattr(graph, "_codegen", None)
     restore = codegen.restore if isinstance(codegen, RestoreOutputType) else (lambda plain: plain)
-    loss_module = trace_loss_fn(loss_fn, output.args[0], restore, taken=lambda name: hasattr(gm, name))
+    loss_module = trace_loss_fn(loss_fn, output.args[0], restore, taken=lambda name: name in reserved or hasattr(gm, name))
     loss_graph = loss_module.graph
     # loss_fn's constant tensors become buffers of the model graph too (not saved in its
     # state dict), on the device of its parameters so that planning on "meta" stays there

@@ -101,6 +101,30 @@ def test_a_loss_module_with_class_weights_is_traced_with_its_weights(frontend):
     torch.testing.assert_close(alone(model(idx), targets), criterion(model(idx), targets))
 
 
+class _HoldsAnUnreadBuffer(nn.Module):
+    """A model with a buffer its forward never reads, named like a lifted loss constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(16, 8), nn.Linear(8, 16)
+        self.register_buffer("loss_fn_constant0", torch.full((3,), 7.0))
+
+    def forward(self, idx):
+        return self.head(self.emb(idx))
+
+
+def test_lifted_loss_constants_are_named_apart_from_the_models_state():
+    """The buffer is not in the captured graph (forward never reads it) but is in the model's
+    state dict: the class weights must not take its name (a pipeline then saved them under
+    it, and loading the model's checkpoint failed on the shapes)."""
+    model, idx, labels = _HoldsAnUnreadBuffer(), torch.randint(0, 16, (8, 4)), torch.randint(0, 16, (8, 4))
+    criterion = nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 16))
+    pm = partc.compile(model, partc.Cluster.preset("cpu", devices_per_node=2), (idx,), loss_fn=lambda o, y: criterion(o.flatten(0, 1), y.flatten()), example_targets=labels, mesh={"pp": 2}, microbatches=2)
+    lifted = [name for name, _ in pm.plan.graph.named_buffers() if name.startswith("loss_fn_constant")]
+    assert lifted == ["loss_fn_constant1"]
+    pm.load_state_dict(model.state_dict())
+
+
 def test_a_loss_with_a_learnable_weight_is_refused_with_the_fix():
     model, (idx,) = _build("gpt-tiny")
     scale = nn.Parameter(torch.ones(()))

@@ -274,3 +274,29 @@ def test_a_target_of_unknown_dtype_is_not_taken_for_class_indices():
     target.meta.pop("partc", None)
     assert not holds_class_indices(target)
     assert global_mean_loss(gm, pieces=2) is None
+
+
+def test_the_counter_reads_the_models_tensors_and_loss_fns_own():
+    """When the user's model runs and loss_fn alone divides by the normaliser, the counter
+    may read a tensor of the model (a label map the model returns) and one loss_fn holds (its
+    lifted class weights): each is found where it lives (the model was the only place looked
+    at, then only loss_fn's module; each refused the other's tensor)."""
+    from partc.runtime.loss_normaliser import NORMALISER_BUFFER, GlobalLossNormaliser
+
+    model, loss_module = nn.Module(), nn.Module()
+    model.register_buffer("remap", torch.arange(5).flip(0))
+    loss_module.register_buffer("loss_fn_constant0", torch.linspace(0.5, 1.5, 5), persistent=False)
+    loss_module.register_buffer(NORMALISER_BUFFER, torch.zeros((), dtype=torch.float64), persistent=False)
+    graph = torch.fx.Graph()
+    targets = graph.placeholder("targets")
+    remap, weights = graph.get_attr("remap"), graph.get_attr("loss_fn_constant0")
+    classes = graph.call_function(torch.Tensor.__getitem__, (remap, targets))
+    graph.output(graph.call_function(torch.Tensor.sum, (graph.call_function(torch.Tensor.__getitem__, (weights, classes)),)))
+    root = nn.Module()
+    root.remap, root.loss_fn_constant0 = model.remap, loss_module.loss_fn_constant0
+    counter = torch.fx.GraphModule(root, graph)
+    normaliser = GlobalLossNormaliser(counter, 2, loss_module, state=model)
+    targets = torch.tensor([[0, 1], [2, 4]])
+    normaliser.set_batch([targets])
+    expected = loss_module.loss_fn_constant0[model.remap[targets]].sum()
+    torch.testing.assert_close(getattr(loss_module, NORMALISER_BUFFER), expected.double())

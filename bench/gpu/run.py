@@ -139,19 +139,48 @@ def calibrate(nproc: int, out: Path) -> Path:
 
 
 def _launch(command: list[str], timeout: float) -> tuple[int, str, str]:
-    """Run one torchrun launch: (exit code, stdout, stderr). On timeout the whole process
-    group is killed, the workers with torchrun: a worker left behind keeps its GPU memory,
-    and the next launch would measure on a device that is not empty (seen on 8 x H200, where
-    launches that hung on exit left ~24 GiB per GPU held into the next device call)."""
+    """Run one torchrun launch: (exit code, stdout, stderr). On timeout the workers are
+    stopped with torchrun, not left behind: a worker left running keeps its GPU memory, and
+    the next launch would measure on a device that is not empty (seen on 8 x H200, where
+    launches that hung on exit left ~24 GiB per GPU held into the next device call).
+    torchrun starts each worker in its own session, so killing torchrun's group misses
+    them: torchrun is asked to stop them (SIGTERM), then every one is killed."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
         return proc.returncode, stdout, stderr
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        return -9, stdout, stderr
+        workers = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)  # torchrun's agent terminates its workers
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in (proc.pid, *workers):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            stdout, stderr = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = "", "(the launch's output was lost: its pipes stayed open after the kill)"
+    return -9, stdout or "", stderr or ""
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc; empty elsewhere)."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid:
+                found.append(int(entry))
+    return found
 
 
 def run_model(name: str, batch: int, seq: int, layouts: list[str], args: argparse.Namespace, cluster: str, out: Path) -> dict[str, dict]:

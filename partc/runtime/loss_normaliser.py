@@ -39,8 +39,9 @@ class GlobalLossNormaliser:
     def __init__(self, counter: fx.GraphModule, pieces: int, holder: nn.Module, state: nn.Module | None = None):
         """counter: one piece's graph inputs (the graph's order: inputs, then targets) -> its
         normaliser. pieces: microbatches times replicas. holder: the rewritten module that
-        divides by the buffer and holds, under the same names, the state the counter reads,
-        unless ``state`` (the user's model, when holder is loss_fn alone) holds it."""
+        divides by the buffer and holds, under the same names, the state the counter reads;
+        when holder is loss_fn alone, ``state`` (the user's model) holds what the counter
+        reads from the model, and holder what loss_fn itself holds (its lifted constants)."""
         self.counter, self.pieces, self.holder = counter, pieces, holder
         self.state = holder if state is None else state
         self.state_names = [str(n.target) for n in counter.graph.nodes if n.op in ("get_attr", "call_module")]
@@ -50,10 +51,13 @@ class GlobalLossNormaliser:
             self._holder_state(name)  # a clear error at compile time, not at the first step
 
     def _holder_state(self, name: str) -> Any:
-        try:
-            value = operator.attrgetter(name)(self.state)
-        except AttributeError:
-            value = None
+        value = None
+        for owner in dict.fromkeys((self.state, self.holder)):  # the model's tensors, then loss_fn's own
+            try:
+                value = operator.attrgetter(name)(owner)
+                break
+            except AttributeError:
+                continue
         if value is None or is_dtensor(value):
             raise PartcError(
                 f"the loss's targets or class weights are computed from {name!r}, which the module computing the loss"
