@@ -283,7 +283,7 @@ def training_memory(
     transient_bytes: float = 0.0,
     training: bool = True,
     accumulates: bool = False,
-    pipelined: bool = False,
+    gathered: bool = False,
 ) -> MemoryBreakdown:
     """Per-device memory for ``param_numel`` parameters held on this device.
 
@@ -296,10 +296,11 @@ def training_memory(
     ``accumulates``: the gradients of several microbatches are summed before the
     data-parallel reduction (gradient accumulation, every pipeline); FSDP2 holds them
     unsharded until the last microbatch's backward (``set_requires_gradient_sync(False)``),
-    so ZeRO-2/3 shard gradients only without accumulation. ``pipelined``: torch's pipeline
-    stages also keep FSDP2's parameters unsharded from the first backward to the end of the
-    step (``set_reshard_after_backward(False)``), so ZeRO-3 shards parameters at the peak
-    only outside a pipeline. (Measured on 8 x H200, FSDP2 on a 6.7B GPT with 2 and 4
+    so ZeRO-2/3 shard gradients only without accumulation. ``gathered``: FSDP2 holds the
+    parameters gathered at the peak: torch's pipeline stages keep them from the first
+    backward to the end of the step (``set_reshard_after_backward(False)``), and a module
+    FSDP2 shards as one unit is gathered whole for its forward and for its backward; ZeRO-3
+    shards parameters at the peak only otherwise (one unit per layer, outside a pipeline). (Measured on 8 x H200, FSDP2 on a 6.7B GPT with 2 and 4
     accumulated microbatches: 91.0 and 54.3 GiB against 80.5 and 45.3 priced with sharded
     gradients.)
     """
@@ -313,7 +314,7 @@ def training_memory(
         raise PartcError(f"param_numel must be >= 0, got {param_numel!r}")
 
     weight_bytes = param_numel * param_dtype.itemsize
-    parameters = weight_bytes / dp if zero_stage >= 3 and not pipelined else weight_bytes
+    parameters = weight_bytes / dp if zero_stage >= 3 and not gathered else weight_bytes
     if not training:
         return MemoryBreakdown(parameters, 0.0, 0.0, activation_bytes, transient_bytes)
 
@@ -322,7 +323,7 @@ def training_memory(
     gradients = weight_bytes
     if zero_stage >= 1:
         optimizer_state /= dp
-    if zero_stage >= 2 and not (accumulates or pipelined):
+    if zero_stage >= 2 and not accumulates:
         gradients /= dp
     return MemoryBreakdown(parameters, gradients, optimizer_state, activation_bytes, transient_bytes)
 

@@ -652,7 +652,7 @@ class _Context:
         self.batch_dependent = _batch_dependent(self.nodes, self.infos)
         self.recomputed = recomputable_nodes(gm)
         self.runs_graph_for_global_mean = runs_graph_for_global_mean(gm)
-        self.per_param: dict[tuple[int, int, bool, bool], float] = {}  # (zero, dp, accumulates, pipelined) -> bytes per local parameter
+        self.per_param: dict[tuple[int, int, bool, bool], float] = {}  # (zero, dp, accumulates, gathered) -> bytes per local parameter
         self._node_costs: _NodeCosts | None = None
 
     @property
@@ -668,20 +668,13 @@ class _Context:
             return 1.0
         return self.compute_dtype.itemsize / info.dtype.itemsize
 
-    def bytes_per_param(self, zero: int, dp: int, accumulates: bool = False, pipelined: bool = False) -> float:
-        key = (zero, dp, accumulates, pipelined)
+    def bytes_per_param(self, zero: int, dp: int, accumulates: bool = False, gathered: bool = False) -> float:
+        key = (zero, dp, accumulates, gathered)
         if key not in self.per_param:
             self.per_param[key] = training_memory(
-                1, self.param_dtype, 0.0, optimizer=self.optimizer, mixed_precision=self.mixed, zero_stage=zero, dp=dp, accumulates=accumulates, pipelined=pipelined
+                1, self.param_dtype, 0.0, optimizer=self.optimizer, mixed_precision=self.mixed, zero_stage=zero, dp=dp, accumulates=accumulates, gathered=gathered
             ).total
         return self.per_param[key]
-
-
-def _fsdp_holds_whole(spec: _Spec) -> tuple[bool, bool]:
-    """(accumulates, pipelined) of :func:`partc.cost_model.training_memory` for ``spec``:
-    gradients summed over several microbatches (accumulation or a pipeline), and a pipeline,
-    where FSDP2 keeps gradients (and, in a pipeline, parameters) unsharded until the step's end."""
-    return spec.microbatches > 1 or spec.pp > 1, spec.pp > 1
 
 
 _ABSENT = object()  # a metadata key a node did not have
@@ -983,7 +976,7 @@ class _Search:
         table, pipeline, numel, buffers, acts = shared
         exposed = self._dp_exposed(spec, 0, numel * ctx.param_dtype.itemsize, table.total_forward, table.total_backward, table.total_backward)
         optimizer = self._optimizer_time(numel, spec)
-        static = numel * ctx.bytes_per_param(spec.zero_stage, spec.dp, *_fsdp_holds_whole(spec)) + buffers
+        static = numel * ctx.bytes_per_param(spec.zero_stage, spec.dp, *self._fsdp_holds_whole(spec)) + buffers
         return pipeline + exposed + optimizer, static + acts + self._transient(spec, table)
 
     @staticmethod
@@ -994,7 +987,7 @@ class _Search:
 
     def _transient(self, spec: _Spec, table: _LayerTable) -> float:
         extra = 0.0
-        if spec.zero_stage == 3 and spec.dp > 1 and spec.pp == 1:  # (a pipeline's stage stays gathered: priced as parameters)
+        if spec.zero_stage == 3 and spec.dp > 1 and not self._fsdp_holds_whole(spec)[1]:  # (else gathered whole: priced as parameters)
             extra = 2 * self.prices[spec.tp].largest_layer_param * self.ctx.param_dtype.itemsize  # the layer in use and the prefetched one
         return table.transient + extra
 
@@ -1016,6 +1009,13 @@ class _Search:
             found = (zero, (price(float(GiB), ranks) - zero) / GiB)
             self.collective_cache[key] = found
         return found
+
+    def _fsdp_holds_whole(self, spec: _Spec) -> tuple[bool, bool]:
+        """(accumulates, gathered) of :func:`partc.cost_model.training_memory` for ``spec``:
+        gradients summed over several microbatches (accumulation, a pipeline), which FSDP2
+        holds unsharded until the last; parameters gathered at the peak (a pipeline stage
+        after its first backward, a module FSDP2 shards as one unit)."""
+        return spec.microbatches > 1 or spec.pp > 1, spec.pp > 1 or self._one_fsdp_unit(spec)
 
     def _one_fsdp_unit(self, spec: _Spec) -> bool:
         """Whether the runtime runs a generated module (a pipeline stage, a tensor-parallel
@@ -1110,10 +1110,10 @@ class _Search:
 
     def _memory(self, spec: _Spec, numel: float, buffers: float, activations: float, transient: float) -> MemoryBreakdown:
         ctx = self.ctx
-        accumulates, pipelined = _fsdp_holds_whole(spec)
+        accumulates, gathered = self._fsdp_holds_whole(spec)
         memory = training_memory(
             int(round(numel)), ctx.param_dtype, activations, optimizer=ctx.optimizer, mixed_precision=ctx.mixed,
-            zero_stage=spec.zero_stage, dp=spec.dp, transient_bytes=transient, accumulates=accumulates, pipelined=pipelined,
+            zero_stage=spec.zero_stage, dp=spec.dp, transient_bytes=transient, accumulates=accumulates, gathered=gathered,
         )
         return memory + MemoryBreakdown(parameters=buffers, gradients=0.0, optimizer_state=0.0, activations=0.0)
 
@@ -1281,7 +1281,7 @@ class _Search:
         buffers only, for the cuts that ignore memory) (the stage pass's convention: a shared
         weight charged to every layer that reads it)."""
         tp, dp = spec.tp, spec.dp
-        holds_whole = _fsdp_holds_whole(spec)
+        holds_whole = self._fsdp_holds_whole(spec)
         key = (tp, dp, zero, holds_whole)
         if key not in self.param_bytes:
             prices = self.prices[tp]

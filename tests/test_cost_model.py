@@ -197,18 +197,20 @@ def test_zero_stages_shard_over_dp(stage, expected):
 
 
 @pytest.mark.parametrize(
-    "stage, accumulates, pipelined, expected",
+    "stage, accumulates, gathered, expected",
     [
         # gradient accumulation: FSDP2 sums the microbatches' gradients unsharded
         (2, True, False, MemoryBreakdown(parameters=2000, gradients=2000, optimizer_state=3000, activations=0)),
         (3, True, False, MemoryBreakdown(parameters=500, gradients=2000, optimizer_state=3000, activations=0)),
-        # a pipeline stage also stays gathered from its first backward to the step's end
+        # a pipeline stage stays gathered from its first backward to the step's end (or one FSDP2 unit)
         (3, True, True, MemoryBreakdown(parameters=2000, gradients=2000, optimizer_state=3000, activations=0)),
         (1, True, True, MemoryBreakdown(parameters=2000, gradients=2000, optimizer_state=3000, activations=0)),
+        # one FSDP2 unit without accumulation: gathered whole, gradients reduce-scattered
+        (3, False, True, MemoryBreakdown(parameters=2000, gradients=500, optimizer_state=3000, activations=0)),
     ],
 )
-def test_zero_shards_only_what_fsdp2_holds_sharded(stage, accumulates, pipelined, expected):
-    memory = training_memory(1000, torch.bfloat16, 0.0, mixed_precision=True, zero_stage=stage, dp=4, accumulates=accumulates, pipelined=pipelined)
+def test_zero_shards_only_what_fsdp2_holds_sharded(stage, accumulates, gathered, expected):
+    memory = training_memory(1000, torch.bfloat16, 0.0, mixed_precision=True, zero_stage=stage, dp=4, accumulates=accumulates, gathered=gathered)
     assert memory == expected
 
 
