@@ -112,8 +112,9 @@ all-gather on the group's ranks (hierarchical across nodes); ``bucket`` = DDP's 
     ZeRO-0  max(AR(G) - w, AR(bucket))                                    DDP, overlapped
     ZeRO-1  max(RS(G) - w, RS(bucket)) + max(AG(P) - f, AG(bucket))       updated weights
                                         gathered during the next step's first forward
-    ZeRO-2  ZeRO-1 + (m - 1) max(0, RS(G) - (f + b))                       no full gradient
-                                        is kept, so every microbatch reduce-scatters its own
+    ZeRO-2  ZeRO-1                                                        FSDP2 sums the
+                                        microbatches' gradients unsharded and reduce-scatters
+                                        once, after the last (its memory is priced so)
     ZeRO-3  ZeRO-2 without the post-step gather + m (max(0, AG(P) - f) + max(0, AG(P) - b))
                                         (FSDP: weights gathered before each forward and
                                         backward, prefetched behind the previous layer)
@@ -1046,8 +1047,6 @@ class _Search:
             # after the last backward, overlapping nothing
             return cost("reduce_scatter", grads) + (1 if z <= 2 else 2 * m) * cost("all_gather", weight_bytes)
         exposed = max(cost("reduce_scatter", grads) - window, cost("reduce_scatter", bucket))
-        if z >= 2:
-            exposed += (m - 1) * max(0.0, cost("reduce_scatter", grads) - (forward + backward))
         if z <= 2:
             return exposed + max(cost("all_gather", weight_bytes) - forward, cost("all_gather", min(DDP_BUCKET_BYTES, weight_bytes)))
         gather = cost("all_gather", weight_bytes)
