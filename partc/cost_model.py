@@ -300,9 +300,9 @@ def training_memory(
     parameters gathered at the peak: torch's pipeline stages keep them from the first
     backward to the end of the step (``set_reshard_after_backward(False)``), and a module
     FSDP2 shards as one unit is gathered whole for its forward and for its backward; ZeRO-3
-    shards parameters at the peak only otherwise (one unit per layer, outside a pipeline). (Measured on 8 x H200, FSDP2 on a 6.7B GPT with 2 and 4
-    accumulated microbatches: 91.0 and 54.3 GiB against 80.5 and 45.3 priced with sharded
-    gradients.)
+    shards parameters at the peak only otherwise (one unit per layer, outside a pipeline).
+    (Measured on 8 x H200, FSDP2 on a 6.7B GPT with 2 and 4 accumulated microbatches: 91.0
+    and 54.3 GiB against 80.5 and 45.3 priced with sharded gradients.)
     """
     if optimizer not in _OPTIMIZER_STATE_BYTES:
         raise PartcError(f"unknown optimizer {optimizer!r}; accepted: {', '.join(sorted(_OPTIMIZER_STATE_BYTES))}")
