@@ -96,8 +96,9 @@ GPipe vs 1F1B (same objective), so it is found once per ``(tp, pp, dp, m, recomp
 schedule family, v)`` and re-priced with ``evaluate_partition`` for each; only when it
 does not fit is the problem cut again with the budget, and only after a cut that fits has
 been found (the exact least peak memory for one stage per rank, the lightest greedy cut
-otherwise, not even tried when the mean rank's bytes exceed the budget): CBC proving a
-budget infeasible takes seconds. The same chain's per-stage sums are shared by the ZeRO
+otherwise): CBC proving a budget infeasible takes seconds. When the mean rank's bytes
+exceed the budget no cut fits, and none is looked for (most pipelines the search prices
+are rejected so: 218 of the 240 of a 96-layer GPT-3 on 64 GPUs). The same chain's per-stage sums are shared by the ZeRO
 stages that share its cut, and the tp-independent per-node costs by every tp degree.
 
 Data-parallel synchronisation (per pipeline rank ``r``, over its dp group)
@@ -1227,28 +1228,30 @@ class _Search:
         budget = self.limit - transient
         if budget <= 0:
             return _spec_rejection(spec, "memory", f"over memory by at least {_gib(transient - self.limit)} (transient buffers alone need {_gib(transient)})", None, transient)
-        fastest = self._time_optimal(spec, table)
-        if isinstance(fastest, PartcError):
-            return _spec_rejection(spec, "schedule", f"no stage cut: {fastest.message}", None, None)
         inflight = self._inflight(spec)
-        if self._fits(spec, table, fastest.starts, inflight, budget):
-            # its stage times and step are this schedule's too (same objective); its stage
-            # memory is re-priced with this ZeRO stage for the candidates returned
-            return self._pipeline_candidate(spec, table, fastest, inflight, transient)
+        forbidden = self.forbidden[spec.schedule]
+        # the mean rank's bytes bound every cut's fullest rank: above the budget (with a
+        # margin for rounding) no cut fits, and none is looked for
+        mean = self._mean_rank_bytes(spec, table, inflight)
+        can_fit = mean <= budget * (1 + 1e-9)
+        if can_fit:
+            fastest = self._time_optimal(spec, table)
+            if isinstance(fastest, PartcError):
+                return _spec_rejection(spec, "schedule", f"no stage cut: {fastest.message}", None, None)
+            if self._fits(spec, table, fastest.starts, inflight, budget):
+                # its stage times and step are this schedule's too (same objective); its stage
+                # memory is re-priced with this ZeRO stage for the candidates returned
+                return self._pipeline_candidate(spec, table, fastest, inflight, transient)
         # Cut again within the budget, but only with proof that a cut fits: CBC proving
         # a budget infeasible (and sizing it) takes seconds where this takes milliseconds.
-        forbidden = self.forbidden[spec.schedule]
         problem = None
         if spec.virtual_stages == 1:
             problem = self._stage_problem(spec, table, spec.schedule, spec.zero_stage, budget)
             least, qualifier = least_peak_stage_memory(problem), "" if not forbidden else "at least "
             feasible = least <= budget
         else:
-            # the mean rank's bytes bound every cut's fullest rank: above the budget (with a
-            # margin for rounding) no cut fits, and the greedy lightest cut need not be built
-            least, qualifier = self._mean_rank_bytes(spec, table, inflight), "at least "
-            feasible = False
-            if least <= budget * (1 + 1e-9):
+            least, qualifier, feasible = mean, "at least ", False
+            if can_fit:
                 problem = self._stage_problem(spec, table, spec.schedule, spec.zero_stage, budget)
                 lightest = _lightest_cut(problem, forbidden)
                 feasible = lightest is not None and self._fits(spec, table, lightest, inflight, budget)
@@ -1289,8 +1292,8 @@ class _Search:
         return self.param_bytes[key]
 
     def _mean_rank_bytes(self, spec: _Spec, table: _LayerTable, inflight: Sequence[float]) -> float:
-        """A lower bound on any cut's fullest rank with several stages per rank: the mean
-        rank's bytes, every stage holding the fewest microbatches in flight."""
+        """A lower bound on any cut's fullest rank: the mean rank's bytes, every stage
+        holding the fewest microbatches in flight."""
         params = self._layer_param_bytes(spec, spec.zero_stage)
         return float(params.sum() + min(inflight) * table.total_activations) / spec.pp
 
