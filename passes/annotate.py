@@ -73,18 +73,22 @@ def annotate(gm: fx.GraphModule, *, reuse_from: fx.GraphModule | None = None) ->
     """Write ``node.meta["partc"]`` on every node and the layers into ``gm.meta["partc"]``.
 
     ``reuse_from``: an annotated graph that ``gm`` is a copy of (the same nodes in the same
-    order, propagated at other input shapes: the search's batch-1 graph). What does not
-    depend on shapes, each node's operator, module, layer and source line, is taken from it
-    instead of being worked out again."""
+    order, reading the same parameters, propagated at other input shapes: the search's batch-1
+    graph). What does not depend on shapes, each node's operator, module, layer, source line,
+    whether it needs gradients and the parameter sizes, is taken from it instead of being
+    worked out again."""
     nodes = list(gm.graph.nodes)
     placement = _placement(nodes) if reuse_from is None else _placement_of_copy(nodes, reuse_from)
     names, kinds, placed = placement.names, placement.kinds, placement.where
     made: dict = {}  # one TensorSpec per (shape, dtype): a block's shapes repeat in every block
     specs = {n: _specs(n.meta.get("val"), made) for n in nodes}
     tensor_args = {n: _tensor_args(n) for n in nodes}
-    attributes = _attributes(gm, nodes)
-    requires_grad = _requires_grad(nodes, kinds, names, specs, attributes)
-    param_numel, param_bytes = _parameter_sizes(nodes, attributes)
+    if reuse_from is None:
+        attributes = _attributes(gm, nodes)
+        requires_grad = _requires_grad(nodes, kinds, names, specs, attributes)
+        param_numel, param_bytes = _parameter_sizes(nodes, attributes)
+    else:  # dtypes, parameters and the graph are the copy's: so are gradients and sizes
+        requires_grad, param_numel, param_bytes = placement.requires_grad, placement.param_numel, placement.param_bytes
     base = _storage_owners(nodes, kinds, names, specs)
     saved_extra, saved_by = _saved_for_backward(nodes, kinds, names, specs, requires_grad, base, tensor_args)
 
@@ -125,6 +129,10 @@ class _Placement:
     kinds: dict[fx.Node, OpKind]
     where: dict[fx.Node, tuple[str, str, int, str | None]]  # (module, its class, layer, source line); a parameter's module is its owner
     layer_names: list[str]
+    # of a copy (_placement_of_copy), the original's: they do not depend on shapes either
+    requires_grad: dict[fx.Node, bool] | None = None
+    param_numel: dict[fx.Node, int] | None = None
+    param_bytes: dict[fx.Node, int] | None = None
 
 
 def _placement(nodes: list[fx.Node]) -> _Placement:
@@ -152,7 +160,10 @@ def _placement_of_copy(nodes: list[fx.Node], original: fx.GraphModule) -> _Place
     names = {n: info.name for n, info in infos.items()}
     kinds = {n: info.op for n, info in infos.items()}
     placed = {n: (info.module, info.module_type, info.layer, info.source) for n, info in infos.items()}
-    return _Placement(names, kinds, placed, [layer.name for layer in graph_info(original).layers])
+    requires_grad = {n: info.requires_grad for n, info in infos.items()}
+    param_numel = {n: info.param_numel for n, info in infos.items() if info.param_numel}
+    param_bytes = {n: info.param_bytes for n, info in infos.items() if info.param_bytes}
+    return _Placement(names, kinds, placed, [layer.name for layer in graph_info(original).layers], requires_grad, param_numel, param_bytes)
 
 
 # -- shapes ---------------------------------------------------------------------------------
