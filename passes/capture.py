@@ -590,6 +590,8 @@ def _check_names(model: nn.Module) -> None:
     """fx writes ``self.<name>`` for every attribute it reads, so a submodule or tensor named
     with a Python keyword (``add_module("class", ...)``) would make invalid code."""
     names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    if frozenset(".".join(names).split(".")).isdisjoint(keyword.kwlist):
+        return  # every part of every name at once; the loop below finds the first bad one
     for name in names:
         bad = [part for part in name.split(".") if keyword.iskeyword(part)]
         if bad:
