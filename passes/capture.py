@@ -486,7 +486,12 @@ class _RepeatedBlocks:
             target = prefix + node.target[len(record.prefix) :] if node.op == "get_attr" else node.target
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            copy = graph.create_node(node.op, target, args, kwargs, name, node.type)
+            # Made without arguments, then given them: create_node walks the arguments with
+            # pytree looking for SymInts (torch 2.13), and a record's are nodes and plain values.
+            copy = graph.create_node(node.op, target, (), {}, name, node.type)
+            copy.args = args
+            if kwargs:
+                copy.kwargs = kwargs
             if name is not None:
                 self.name_given[copy] = name  # a record of an enclosing block copies it with this name
             if scope not in scopes:
@@ -585,6 +590,8 @@ def _check_names(model: nn.Module) -> None:
     """fx writes ``self.<name>`` for every attribute it reads, so a submodule or tensor named
     with a Python keyword (``add_module("class", ...)``) would make invalid code."""
     names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    if frozenset(".".join(names).split(".")).isdisjoint(keyword.kwlist):
+        return  # every part of every name at once; the loop below finds the first bad one
     for name in names:
         bad = [part for part in name.split(".") if keyword.iskeyword(part)]
         if bad:

@@ -30,6 +30,8 @@ Repeated blocks
     changes the metadata of a value from outside. Rebuilt views are plain fakes that share
     their base's storage: ``_base`` is not set on them (nothing in partc reads it; aliasing is
     ``torch._C._is_alias_of``, storage and offsets are exact). ``memoize=False`` runs every node.
+    The blocks of a graph are worked out once and kept on it until one of its nodes changes
+    (the search propagates the same graph again at batch 1).
 """
 
 from __future__ import annotations
@@ -63,12 +65,13 @@ class _NotReplayable(Exception):
 
 class _FakePropagator(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, memoize: bool = True):
-        super().__init__(gm)
+        super().__init__(gm, garbage_collect_values=False)  # every value is kept (self.values)
         self.mode = mode
         self._fake_of: dict[int, torch.Tensor] = {}
         self._meta_of: dict[int, torch.Tensor] = {}  # id(fake made here) -> the meta tensor it wraps
         self.values: dict[fx.Node, Any] = {}
         self._read = AttributeReader(gm)
+        self._attributes: dict[str, Any] = {}  # get_attr target -> its fake (fake_attributes)
         self._blocks = _repeatable_blocks(gm) if memoize else {}
         self._records: dict[tuple, _BlockRecord | None] = {}  # (structure, outside metadata) -> record
         self._rebuilt: dict[fx.Node, Any] = {}  # values of the block being rebuilt
@@ -95,12 +98,16 @@ class _FakePropagator(fx.Interpreter):
         meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
         return self.wrap(meta, _CPU)
 
-    def fake_attributes(self) -> None:
+    def fake_attributes(self, reused: dict[str, tuple[torch.Tensor, FakeTensor]] | None = None) -> None:
         """Make the fakes of the tensors that get_attr nodes read, all at once before the run:
-        made in the run, each would step out of the fake mode and back (~20 us each)."""
+        made in the run, each would step out of the fake mode and back (~20 us each). Each
+        target is read once, here; get_attr and the blocks' outside values look it up.
+        ``reused``: target -> (the tensor it reads, a fake of it to take instead of a new one)."""
+        for target, (tensor, fake) in (reused or {}).items():
+            self._attributes[target] = self._fake_of.setdefault(id(tensor), fake)
         with unset_fake_temporarily():
             for node in self.module.graph.nodes:
-                if node.op != "get_attr":
+                if node.op != "get_attr" or node.target in self._attributes:
                     continue
                 try:
                     value = self._read(node.target)
@@ -108,8 +115,11 @@ class _FakePropagator(fx.Interpreter):
                     continue  # the run says what is missing
                 if isinstance(value, torch.Tensor) and id(value) not in self._fake_of:
                     self._fake_of[id(value)] = self._new_fake(value)
+                self._attributes[node.target] = self.fake(value)
 
     def get_attr(self, target, args, kwargs):
+        if target in self._attributes:
+            return self._attributes[target]
         try:
             value = self._read(target)
         except AttributeError:
@@ -193,11 +203,43 @@ class _Block:
     structure: tuple  # targets, constants and argument structure; equal for identical blocks
 
 
+# The attribute of an fx.Graph where _repeatable_blocks keeps its blocks, with the facts
+# they were worked out from.
+_BLOCKS_ATTRIBUTE = "_partc_repeatable_blocks"
+
+
 def _repeatable_blocks(gm: fx.GraphModule) -> dict[fx.Node, _Block]:
-    """Every node of a block that may repeat (two or more nodes, all describable) -> its block."""
+    """Every node of a block that may repeat (two or more nodes, all describable) -> its block.
+
+    Worked out once per graph (the search propagates the same graph again at batch 1): kept
+    on ``gm.graph`` with what they are worked out from, each node's op, target, arguments
+    (the same objects) and module stack, in order, and worked out again when any of these
+    changed."""
+    graph = gm.graph
+    facts = _block_facts(graph)
+    known = getattr(graph, _BLOCKS_ATTRIBUTE, None)
+    if known is not None and _same_facts(known[0], facts):
+        return known[1]
+    blocks = _find_blocks(graph)
+    setattr(graph, _BLOCKS_ATTRIBUTE, (facts, blocks))
+    return blocks
+
+
+def _block_facts(graph: fx.Graph) -> list[tuple]:
+    return [(n, n.op, n.target, n.args, n.kwargs, tuple((n.meta.get("nn_module_stack") or {}).items())) for n in graph.nodes]
+
+
+def _same_facts(known: list[tuple], facts: list[tuple]) -> bool:
+    """Nodes, targets and arguments are compared as objects (1 and 1.0 are equal, not the same)."""
+    return len(known) == len(facts) and all(
+        a[0] is b[0] and a[1] == b[1] and a[2] is b[2] and a[3] is b[3] and a[4] is b[4] and a[5] == b[5] for a, b in zip(known, facts)
+    )
+
+
+def _find_blocks(graph: fx.Graph) -> dict[fx.Node, _Block]:
     runs: list[list[fx.Node]] = []
     current = None
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         key = layer_key(owning_module(node)[0]) if node.op not in ("placeholder", "output") else None
         if key is None or key != current:
             runs.append([])
@@ -218,24 +260,19 @@ def _repeatable_blocks(gm: fx.GraphModule) -> dict[fx.Node, _Block]:
 
 
 def _describe_block(nodes: list[fx.Node]) -> _Block:
-    position = {n: i for i, n in enumerate(nodes)}
     attrs = [n for n in nodes if n.op == "get_attr"]
-    attr_position = {n: i for i, n in enumerate(attrs)}
+    inside = {n: ("node", i) for i, n in enumerate(nodes)}  # a get_attr: ("attr", k), the k-th of them
+    inside.update((n, ("attr", k)) for k, n in enumerate(attrs))
     outside: dict[fx.Node, int] = {}
 
     def describe(arg: Any) -> Any:
         if isinstance(arg, fx.Node):
-            if arg in attr_position:
-                return ("attr", attr_position[arg])
-            if arg in position:
-                return ("node", position[arg])
-            return ("outside", outside.setdefault(arg, len(outside)))
+            described = inside.get(arg)
+            return described if described is not None else ("outside", outside.setdefault(arg, len(outside)))
         if isinstance(arg, (tuple, list)):
-            return (type(arg).__name__, tuple(describe(a) for a in arg))
+            return (type(arg).__name__, tuple([describe(a) for a in arg]))
         if isinstance(arg, dict):
-            return ("dict", tuple((k, describe(v)) for k, v in arg.items()))
-        if isinstance(arg, torch.Size):
-            return ("size", tuple(arg))
+            return ("dict", tuple([(k, describe(v)) for k, v in arg.items()]))
         if not isinstance(arg, _PLAIN_TYPES):
             raise _NotReplayable(f"constant of type {type(arg).__name__}")
         return (type(arg).__name__, repr(arg))
@@ -424,12 +461,11 @@ def fake_values(gm: fx.GraphModule, example_inputs: Sequence[Any], *, memoize: b
     """Every node's value (fake tensors, or Python values such as sizes) for these inputs.
     ``memoize``: rebuild repeated blocks from the first of their kind (module doc).
     ``reuse_from``: see :func:`propagate`."""
-    mode, parameter_fakes = _parameter_fakes(gm, reuse_from) if reuse_from is not None else (None, {})
+    mode, reused = _parameter_fakes(gm, reuse_from) if reuse_from is not None else (None, {})
     if mode is None:
         mode = FakeTensorMode(allow_non_fake_inputs=False)
     interpreter = _FakePropagator(gm, mode, memoize)
-    interpreter._fake_of.update(parameter_fakes)
-    interpreter.fake_attributes()
+    interpreter.fake_attributes(reused)
     fake_inputs = [interpreter.fake(x) for x in example_inputs]
     with mode, torch.no_grad():
         interpreter.run(*fake_inputs)
@@ -450,21 +486,22 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any], *, memoize: boo
     return gm
 
 
-def _parameter_fakes(gm: fx.GraphModule, reuse_from: fx.GraphModule) -> tuple[FakeTensorMode | None, dict[int, torch.Tensor]]:
-    """(the fake mode of ``reuse_from``'s parameter fakes, id(tensor) -> its fake there) for
-    the tensors that ``gm`` and ``reuse_from`` read under the same name (the same tensor
-    object), with their fakes there still of their shape, strides and dtype (one mode: the
-    first fake's)."""
+def _parameter_fakes(gm: fx.GraphModule, reuse_from: fx.GraphModule) -> tuple[FakeTensorMode | None, dict[str, tuple[torch.Tensor, FakeTensor]]]:
+    """(the fake mode of ``reuse_from``'s parameter fakes, get_attr target -> (the tensor
+    ``gm`` reads there, its fake in ``reuse_from``)) for the targets that ``gm`` and
+    ``reuse_from`` read as the same tensor object, with their fakes there still of its shape,
+    strides and dtype (one mode: the first fake's)."""
     attrs = {n.target: n.meta.get("val") for n in reuse_from.graph.nodes if n.op == "get_attr"}
-    read, read_there = AttributeReader(gm), AttributeReader(reuse_from)
+    read = AttributeReader(gm)
+    read_there = read if reuse_from is gm else AttributeReader(reuse_from)
     mode = None
-    found: dict[int, torch.Tensor] = {}
+    found: dict[str, tuple[torch.Tensor, FakeTensor]] = {}
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not isinstance(fake := attrs.get(node.target), FakeTensor):
             continue
         try:
             tensor = read(node.target)  # what fx.Interpreter.get_attr reads
-            same = read_there(node.target) is tensor
+            same = read_there is read or read_there(node.target) is tensor
         except AttributeError:
             continue  # propagation says what is missing
         if not same or not isinstance(tensor, torch.Tensor) or fake.device != _CPU or fake.requires_grad or fake.constant is not None:
@@ -472,5 +509,5 @@ def _parameter_fakes(gm: fx.GraphModule, reuse_from: fx.GraphModule) -> tuple[Fa
         if mode is None:
             mode = fake.fake_mode
         if fake.fake_mode is mode and fake.shape == tensor.shape and fake.stride() == tensor.stride() and fake.dtype == tensor.dtype:
-            found.setdefault(id(tensor), fake)
+            found[node.target] = (tensor, fake)
     return mode, found

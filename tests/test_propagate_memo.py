@@ -158,6 +158,20 @@ def test_views_of_values_from_outside_and_inside_share_storage():
         assert torch._C._is_alias_of(interpreter.values[view], interpreter.values[source])
 
 
+def test_blocks_are_worked_out_once_per_graph_and_again_when_a_node_changes():
+    x = torch.randn(2, 3, 16)
+    gm = capture(_Stack(), (x,))
+    blocks = propagate_pass._repeatable_blocks(gm)
+    assert blocks and propagate_pass._repeatable_blocks(gm) is blocks  # propagated again: the same description
+    first, last = gm.graph.find_nodes(op="call_method", target="view")[0], gm.graph.find_nodes(op="call_method", target="view")[-1]
+    assert blocks[last].structure == blocks[first].structure
+    last.args = (*last.args[:-1], float(last.args[-1]))  # equal arguments (4 == 4.0), not the same: described again
+    changed = propagate_pass._repeatable_blocks(gm)
+    assert changed is not blocks and changed[last].structure != changed[first].structure
+    last.meta["nn_module_stack"] = {}  # made outside every block now
+    assert last not in propagate_pass._repeatable_blocks(gm)
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_small_gpt_both_frontends(frontend):
     from partc.models import build
