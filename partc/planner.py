@@ -401,7 +401,7 @@ def _capture(model: nn.Module, inputs: tuple, loss_fn: Callable | None, frontend
     gm = capture(model, inputs, frontend=frontend)
     if loss_fn is None:
         return gm
-    model_names = {name for name, _ in model.named_modules()} | set(model.state_dict().keys())
+    model_names = {name for name, _ in model.named_modules()} | set(model.state_dict(keep_vars=True).keys())  # (keep_vars: no detach per tensor)
     return attach_loss(gm, loss_fn, reserved=model_names)
 
 

@@ -129,6 +129,7 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import pulp
 import torch
 import torch.fx as fx
@@ -897,12 +898,18 @@ class _ShardingProblem:
                 for j, name in enumerate(_MEMORY_FIELDS):
                     memory[r][j][rep] = getattr(breakdown, name)
         in_order = list(map(self.canon.get, chosen, chosen))  # each node's representative, in graph order
-        compute = _add_in_order(map(own.__getitem__, in_order))
+        position = {rep: j for j, rep in enumerate(self.reps)}
+        picks = np.fromiter(map(position.__getitem__, in_order), dtype=np.int64, count=len(in_order))
+
+        def add_in_order(per_rep: dict[fx.Node, float]) -> float:
+            return _add_in_order(np.array([per_rep[rep] for rep in self.reps], dtype=np.float64)[picks])
+
+        compute = add_in_order(own)
         internal_fwd = internal_bwd = 0.0
         if any(comm.values()):
             internal_fwd = _add_in_order(t for rep in in_order for forward, t in comm[rep] if forward)
             internal_bwd = _add_in_order(t for rep in in_order for forward, t in comm[rep] if not forward)
-        per_rank = [MemoryBreakdown(*(_add_in_order(map(field.__getitem__, in_order)) if any(field.values()) else 0.0 for field in fields_of_rank)) for fields_of_rank in memory]
+        per_rank = [MemoryBreakdown(*(add_in_order(field) if any(field.values()) else 0.0 for field in fields_of_rank)) for fields_of_rank in memory]
         return compute, max(per_rank, key=lambda m: m.total), internal_fwd, internal_bwd  # the busiest rank's memory
 
     def _node_totals_per_node(self, chosen, choice) -> tuple[float, MemoryBreakdown, float, float]:
@@ -1017,9 +1024,12 @@ def _replace_blocks(r: Reshard, blocks: int) -> Reshard:
     return replace(r, blocks=blocks)
 
 
-def _add_in_order(values: Iterable[float]) -> float:
+def _add_in_order(values: Iterable[float] | np.ndarray) -> float:
     """0.0 + v0 + v1 + ..., left to right: what a running ``total += v`` gives, to the last
-    bit (``sum`` of floats may compensate rounding, as Python 3.12's does)."""
+    bit (``sum`` of floats may compensate rounding, as Python 3.12's does, and numpy's sum
+    adds pairwise; its accumulate adds in order)."""
+    if isinstance(values, np.ndarray):
+        return float(np.add.accumulate(np.concatenate(([0.0], values)))[-1]) if len(values) else 0.0
     return functools.reduce(operator.add, values, 0.0)
 
 
