@@ -114,7 +114,12 @@ def annotate(gm: fx.GraphModule, *, reuse_from: fx.GraphModule | None = None) ->
             source=source,
         )
     layer_of = {n: placed[n][2] for n in nodes}
-    layers = _summarise_layers(nodes, layer_of, placement.layer_names, names, specs, base)
+    if reuse_from is None:
+        signatures = lambda index, group, spec_texts: _signature(group, names, specs, spec_texts)  # noqa: E731
+    else:
+        traced = [layer.signature for layer in graph_info(reuse_from).layers]
+        signatures = lambda index, group, spec_texts: _signature_of_copy(traced[index], group, specs, tensor_args, spec_texts)  # noqa: E731
+    layers = _summarise_layers(nodes, layer_of, placement.layer_names, specs, base, signatures)
     inputs = tuple(s for n in nodes if kinds[n] == OpKind.INPUT for s in specs[n])
     gm.meta[META_KEY] = replace(graph_info(gm), layers=layers, input_specs=inputs)
     return gm
@@ -411,7 +416,8 @@ def _assign_layers(nodes, kinds, modules) -> tuple[dict[fx.Node, int], list[str]
     return layer_of, layer_names
 
 
-def _summarise_layers(nodes, layer_of, layer_names, names, specs, base) -> tuple[LayerInfo, ...]:
+def _summarise_layers(nodes, layer_of, layer_names, specs, base, signatures) -> tuple[LayerInfo, ...]:
+    """Each layer's totals; ``signatures(index, nodes, spec_texts)`` gives its signature."""
     members: list[list[fx.Node]] = [[] for _ in layer_names]
     for n in nodes:
         members[layer_of[n]].append(n)
@@ -425,7 +431,7 @@ def _summarise_layers(nodes, layer_of, layer_names, names, specs, base) -> tuple
                 index=index,
                 name=layer_names[index],
                 nodes=tuple(n.name for n in group),
-                signature=_signature(group, names, specs, spec_texts),
+                signature=signatures(index, group, spec_texts),
                 fwd_flops=sum(i.fwd_flops for i in infos),
                 bwd_flops=sum(i.bwd_flops for i in infos),
                 bytes_moved=sum(i.bytes_moved for i in infos),
@@ -471,6 +477,29 @@ def _signature(group: list[fx.Node], names, specs, spec_texts: dict) -> str:
     # one update of the concatenation: the same digest as one update per node
     text = "".join(f"{n.op}|{names[n]}|{spec_text(specs[n])}|{describe(n.args)}|{describe(n.kwargs)}" for n in group)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _signature_of_copy(traced: str, group: list[fx.Node], specs, tensor_args, spec_texts: dict) -> str:
+    """The signature of a layer of a copy (``annotate(reuse_from=...)``): its signature in
+    the original (operators, constants, internal edges and the shapes there) with the shapes
+    here, of its nodes and of the values it reads from outside, in the order it reads them.
+    Layers with equal signatures here have equal ones by :func:`_signature`; the converse
+    fails only for layers whose shapes differ in the original alone (a fixed table of the
+    traced batch's rows), which are then kept apart: never layers that differ grouped."""
+    group = [n for n in group if n.op != "placeholder"]  # inputs are read from outside, as in _signature
+    inside = set(group)
+
+    def text(node_specs: tuple[TensorSpec, ...]) -> str:
+        found = spec_texts.get(node_specs)
+        if found is None:
+            found = spec_texts[node_specs] = _spec_text(node_specs)
+        return found
+
+    texts = [traced]
+    for n in group:
+        texts.append(text(specs[n]))
+        texts += ["ext" + text(specs[a]) for a in tensor_args[n] if a not in inside]
+    return hashlib.sha1("|".join(texts).encode()).hexdigest()[:16]
 
 
 def _spec_text(specs: tuple[TensorSpec, ...]) -> str:
