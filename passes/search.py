@@ -365,7 +365,7 @@ class _NodeCosts:
         self.activation_nodes: list[tuple[str, int, float, bool]] = []  # (name, layer, bytes in the compute dtype, batch-dependent)
         self.output_nodes: list[tuple[str, tuple[float, ...], bool, bool]] = []  # (name, bytes per output, batch-dependent, an input)
         diff_dep, diff_fixed = [0.0] * (L + 1), [0.0] * (L + 1)  # live-range differences of cut bytes
-        peak_flops: dict[torch.dtype, float] = {}
+        rates: dict[tuple, float] = {}  # what a node's rate depends on -> the rate (repeated blocks repeat it)
         for n in ctx.nodes:
             info = infos[n]
             if info.op == OpKind.PARAMETER:
@@ -380,9 +380,10 @@ class _NodeCosts:
             if info.op != OpKind.INPUT and (info.fwd_flops or info.bytes_moved):
                 weights = sum(infos[a].outputs[0].nbytes for a in n.all_input_nodes if a.op == "get_attr" and infos[a].outputs) * scale
                 dtype = compute_dtype if (compute_dtype is not None and info.dtype is not None and info.dtype.is_floating_point) else (info.dtype or torch.float32)
-                if dtype not in peak_flops:
-                    peak_flops[dtype] = ctx.device.flops(dtype)
-                rate = peak_flops[dtype] * kernel_efficiency(info, ctx.device, dtype)
+                key = (info.op, info.outputs[:1], info.fwd_flops, dtype)
+                rate = rates.get(key)
+                if rate is None:
+                    rate = rates[key] = ctx.device.flops(dtype) * kernel_efficiency(info, ctx.device, dtype)
                 computes.append((n.name, info.layer, rate, info.fwd_flops, info.bwd_flops, info.bytes_moved * scale, weights, is_dep, bool(info.bwd_flops)))
             self.activation_nodes.append((n.name, info.layer, info.activation_bytes * scale, is_dep))
             if not info.outputs or not n.users:
