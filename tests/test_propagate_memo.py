@@ -15,7 +15,7 @@ from partc.models import GPT, gpt3_shaped
 from partc.passes import propagate as propagate_pass
 from partc.passes.annotate import annotate
 from partc.passes.capture import attach_loss, capture
-from partc.passes.ir import node_info
+from partc.passes.ir import graph_info, node_info
 from partc.passes.propagate import fake_values, propagate
 
 
@@ -249,13 +249,27 @@ def test_search_batch_one_metadata_is_what_a_fresh_propagation_and_annotation_gi
     with _at_one_sample(gm):
         assert _metadata({n: n.meta["val"] for n in gm.graph.nodes}) == _metadata({n: n.meta["val"] for n in fresh.graph.nodes})
         assert [node_info(n) for n in gm.graph.nodes] == [node_info(n) for n in fresh.graph.nodes]
-        assert gm.meta["partc"] == fresh.meta["partc"]
+        # the layers too, but for their signatures, which are made another way (the traced
+        # one with the batch-1 shapes) and group the layers as fresh ones do
+        assert _without_signatures(gm.meta["partc"]) == _without_signatures(fresh.meta["partc"])
+        assert _signature_groups(gm.meta["partc"]) == _signature_groups(fresh.meta["partc"])
         assert gm.meta["partc"].input_specs[0].shape[0] == 1
         # the parameters' fakes are the traced graph's own
         assert all(n.meta["val"] is value for n, (value, _) in zip(gm.graph.nodes, traced) if n.op == "get_attr")
     # after the block: the traced batch's annotations again, the same objects
     assert all(n.meta["val"] is value and n.meta["partc"] is info for n, (value, info) in zip(gm.graph.nodes, traced))
     assert gm.meta["partc"] is traced_graph and gm.meta["partc"].input_specs[0].shape[0] == 4
+
+
+def _without_signatures(info):
+    return dataclasses.replace(info, layers=tuple(dataclasses.replace(layer, signature="") for layer in info.layers))
+
+
+def _signature_groups(info) -> list[list[int]]:
+    groups: dict[str, list[int]] = {}
+    for layer in info.layers:
+        groups.setdefault(layer.signature, []).append(layer.index)
+    return sorted(groups.values())
 
 
 def test_search_batch_one_metadata_is_put_back_when_the_block_or_the_annotation_raises(monkeypatch):
@@ -285,3 +299,31 @@ def test_search_batch_one_metadata_is_put_back_when_the_block_or_the_annotation_
         with _at_one_sample(gm):
             pass
     assert unchanged()
+
+
+class _TwoReads(nn.Module):
+    """blocks.0 reads the input, blocks.1 a fixed table of as many rows as the traced batch:
+    alike at the traced batch, not at one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+        self.register_buffer("table", torch.ones(4, 8))
+
+    def forward(self, x):
+        t = self.table + x.new_zeros(1)  # computed in the graph (a table alone would be a constant)
+        h = self.blocks[0](x)
+        g = self.blocks[1](t)
+        return self.blocks[2](h), g
+
+
+def test_a_copys_signatures_keep_apart_layers_alike_only_at_the_traced_batch():
+    x = torch.randn(4, 8)
+    gm = annotate(propagate(capture(_TwoReads(), (x,)), (x,)))
+    by_name = {layer.name: layer for layer in graph_info(gm).layers}
+    assert by_name["blocks.0"].signature == by_name["blocks.1"].signature
+    fresh = annotate(propagate(_copy(gm), (x[:1],)))
+    annotate(propagate(gm, (x[:1],), reuse_from=gm), reuse_from=gm)
+    by_name = {layer.name: layer for layer in graph_info(gm).layers}
+    assert by_name["blocks.0"].signature != by_name["blocks.1"].signature
+    assert _signature_groups(graph_info(gm)) == _signature_groups(graph_info(fresh))
