@@ -40,7 +40,7 @@ from partc.errors import ErrorContext, PartcError, PlanMismatchError
 from partc.passes.annotate import annotate
 from partc.passes.capture import attach_loss, capture
 from partc.passes.estimate import Estimate, batch_size, estimate_data_parallel
-from partc.passes.ir import OpKind, graph_info, node_info
+from partc.passes.ir import OpKind, gc_paused, graph_info, node_info
 from partc.passes.propagate import propagate
 from partc.passes.search import SearchResult, explain, search
 from partc.passes.sharding import ShardingPlan, plan_sharding
@@ -80,6 +80,7 @@ class _Pipeline:
     virtual_stages: int
 
 
+@gc_paused()  # once for every pass (ir.gc_paused)
 def plan(
     model: nn.Module,
     cluster: Cluster,
@@ -147,6 +148,7 @@ def plan(
     return result
 
 
+@gc_paused()
 def replan(
     model: nn.Module,
     example_inputs: Any,
