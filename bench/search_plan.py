@@ -11,7 +11,8 @@
    (its batch-1 re-propagation, one sharding ILP per tensor-parallel degree, the stage cuts
    and the pricing of every candidate; its own progress lines are printed), the estimate.
    Fastest of --repeats runs by wall time, and the least CPU time (on a shared machine wall
-   time includes waiting for a core). Targets (issue #5): the 96-layer plan under 10 s and
+   time includes waiting for a core); the two models take turns, so that the ratio compares
+   runs of the same minutes (the machine's speed drifts). Targets (issue #5): the 96-layer plan under 10 s and
    at most 2x the 12-layer one on 2 CPU cores.
 2. The chosen plan and the best alternatives for the 96-layer model, with predicted MFU.
 3. GPT-3 175B (the same 96-layer shape) on 1,024 GPUs (128 nodes x 8), global batch
@@ -79,28 +80,35 @@ def describe(result, gm, cluster, batch: int, indent: str = "  ") -> str:
     ])
 
 
-def whole_plan_row(layers: int, batch: int, cluster: Cluster, repeats: int) -> dict:
+def whole_plan_rows(layer_counts: tuple[int, ...], batch: int, cluster: Cluster, repeats: int) -> list[dict]:
     """partc.plan from the meta model to the chosen plan (capture, propagate, annotate, the
     search with its batch-1 re-propagation, sharding ILPs and stage cuts, the estimate and
-    the Plan), ``repeats`` times; the fastest run by wall time and by CPU time."""
-    with torch.device("meta"):
-        model = GPT(gpt3_shaped(layers))
-        idx = torch.zeros(batch, SEQ, dtype=torch.long)
-    runs = []
+    the Plan), ``repeats`` times per model, the models taking turns (the machine's speed
+    drifts over minutes: the ratio compares runs of the same moments); per model the fastest
+    run by wall time and the least CPU time."""
+    models = {}
+    for layers in layer_counts:
+        with torch.device("meta"):
+            models[layers] = (GPT(gpt3_shaped(layers)), torch.zeros(batch, SEQ, dtype=torch.long))
+    runs: dict[int, list] = {layers: [] for layers in layer_counts}
     for _ in range(repeats):
-        lines: list[str] = []
-        wall, cpu = time.perf_counter(), time.process_time()
-        plan = partc.plan(model, cluster, idx, loss_fn=_loss, example_targets=idx, mixed_precision="bf16", progress=lines.append)
-        runs.append((time.perf_counter() - wall, time.process_time() - cpu, plan, lines))
-    fastest = min(runs, key=lambda r: r[0])
-    return {"layers": layers, "wall": fastest[0], "cpu": min(r[1] for r in runs), "plan": fastest[2], "lines": fastest[3], "walls": [r[0] for r in runs]}
+        for layers, (model, idx) in models.items():
+            lines: list[str] = []
+            wall, cpu = time.perf_counter(), time.process_time()
+            plan = partc.plan(model, cluster, idx, loss_fn=_loss, example_targets=idx, mixed_precision="bf16", progress=lines.append)
+            runs[layers].append((time.perf_counter() - wall, time.process_time() - cpu, plan, lines))
+    rows = []
+    for layers, done in runs.items():
+        fastest = min(done, key=lambda r: r[0])
+        rows.append({"layers": layers, "wall": fastest[0], "cpu": min(r[1] for r in done), "plan": fastest[2], "lines": fastest[3], "walls": [r[0] for r in done]})
+    return rows
 
 
 def part_timing(args) -> None:
     cluster = Cluster.preset("h100", nodes=8, devices_per_node=8)
     print(f"== 1. whole partc.plan: GPT-3-shaped model, {cluster.describe()}, global batch {args.batch} x {SEQ}, bf16, AdamW")
-    print(f"   (the model built on the meta device beforehand; fastest of {args.repeats} runs by wall time, least CPU time)")
-    rows = [whole_plan_row(layers, args.batch, cluster, args.repeats) for layers in (12, 96)]
+    print(f"   (the model built on the meta device beforehand; fastest of {args.repeats} runs by wall time, least CPU time; the two models take turns)")
+    rows = whole_plan_rows((12, 96), args.batch, cluster, args.repeats)
     passes = ("capture", "propagate", "annotate", "search", "estimate")
     header = f"{'layers':>6} {'nodes':>6} " + " ".join(f"{name + ' s':>11}" for name in passes) + f" {'wall s':>7} {'CPU s':>6}  plan"
     print(header)
