@@ -455,12 +455,7 @@ def _signature(group: list[fx.Node], names, specs, spec_texts: dict) -> str:
     # the layer they are not its structure, so blocks.0 hashes like blocks.1.
     group = [n for n in group if n.op != "placeholder"]
     position = {n: i for i, n in enumerate(group)}
-
-    def spec_text(node_specs: tuple[TensorSpec, ...]) -> str:
-        text = spec_texts.get(node_specs)
-        if text is None:
-            text = spec_texts[node_specs] = _spec_text(node_specs)
-        return text
+    spec_text = functools.partial(_spec_text, texts=spec_texts)
 
     def describe(arg: Any) -> str:
         """The text of an argument: a node as its position in the layer (or its specs when
@@ -488,19 +483,16 @@ def _signature_of_copy(traced: str, group: list[fx.Node], specs, tensor_args, sp
     traced batch's rows), which are then kept apart: never layers that differ grouped."""
     group = [n for n in group if n.op != "placeholder"]  # inputs are read from outside, as in _signature
     inside = set(group)
-
-    def text(node_specs: tuple[TensorSpec, ...]) -> str:
-        found = spec_texts.get(node_specs)
-        if found is None:
-            found = spec_texts[node_specs] = _spec_text(node_specs)
-        return found
-
     texts = [traced]
     for n in group:
-        texts.append(text(specs[n]))
-        texts += ["ext" + text(specs[a]) for a in tensor_args[n] if a not in inside]
+        texts.append(_spec_text(specs[n], spec_texts))
+        texts += ["ext" + _spec_text(specs[a], spec_texts) for a in tensor_args[n] if a not in inside]
     return hashlib.sha1("|".join(texts).encode()).hexdigest()[:16]
 
 
-def _spec_text(specs: tuple[TensorSpec, ...]) -> str:
-    return ",".join(str(s) for s in specs)
+def _spec_text(specs: tuple[TensorSpec, ...], texts: dict) -> str:
+    """``specs`` as text, kept in ``texts`` (specs -> text: shapes repeat across layers)."""
+    found = texts.get(specs)
+    if found is None:
+        found = texts[specs] = ",".join(str(s) for s in specs)
+    return found

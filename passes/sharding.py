@@ -1029,7 +1029,7 @@ def _add_in_order(values: Iterable[float] | np.ndarray) -> float:
     bit (``sum`` of floats may compensate rounding, as Python 3.12's does, and numpy's sum
     adds pairwise; its accumulate adds in order)."""
     if isinstance(values, np.ndarray):
-        return float(np.add.accumulate(np.concatenate(([0.0], values)))[-1]) if len(values) else 0.0
+        return float(np.add.accumulate(np.concatenate(([0.0], values)))[-1])
     return functools.reduce(operator.add, values, 0.0)
 
 
