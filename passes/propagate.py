@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch._subclasses import fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 from partc.errors import TraceError
@@ -77,10 +78,11 @@ class _FakePropagator(fx.Interpreter):
         self._rebuilt: dict[fx.Node, Any] = {}  # values of the block being rebuilt
         self._recording: tuple[_Block, tuple, tuple] | None = None  # (block, key, outside values) being run for a record
         self.rebuilt_blocks = 0
+        self._make_fake = _FakeMaker(mode)
 
     def wrap(self, meta: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A fake of ``meta`` (a meta tensor) on ``device``, without dispatching an operator."""
-        fake = FakeTensor(self.mode, meta, device)  # as the mode wraps its operators' results
+        fake = self._make_fake(meta, device)  # as the mode wraps its operators' results
         self._meta_of[id(fake)] = meta
         return fake
 
@@ -192,6 +194,51 @@ class _FakePropagator(fx.Interpreter):
             self._records[key] = _BlockRecord.of([self.values[n] for n in block.nodes], outside)
         except _NotReplayable:
             self._records[key] = None
+
+
+class _FakeMaker:
+    """Makes the fake of a meta tensor that ``FakeTensor(mode, meta, device)`` makes, about
+    four times quicker on the CPU device (3 us against 14: the constructor checks its
+    keyword arguments and sets fifteen memo fields through their descriptors; a 96-layer
+    GPT-3 plan makes ~5,000 fakes). The quick way makes the subclass tensor as the
+    constructor does (dispatch keys of the fake device, data pointers refused or warned
+    about as the mode says) and copies the fields of a fake the constructor made (the mode,
+    the device, empty memos). It is taken only after it was checked, on a fake of each, to
+    make a tensor of the same type, dispatch keys and device; on a difference, a torch
+    without these calls or the fake-tensor debug mode, the constructor makes every fake."""
+
+    def __init__(self, mode: FakeTensorMode):
+        self.mode = mode
+        self.quick: bool | None = None  # whether the quick way is taken (None: not checked yet)
+        self._fields: dict[str, Any] = {}
+        self._refuse_data_pointer: Any = None
+
+    def __call__(self, meta: torch.Tensor, device: torch.device) -> FakeTensor:
+        if self.quick is None:
+            self.quick = self._check()
+        if not self.quick or device != _CPU or meta.requires_grad:
+            return FakeTensor(self.mode, meta, device)
+        return self._quick(meta)
+
+    def _quick(self, meta: torch.Tensor) -> FakeTensor:
+        fake = torch.Tensor._make_subclass(FakeTensor, meta, False, dispatch_device=True, device_for_backend_keys=_CPU)
+        self._refuse_data_pointer(fake)
+        fake.__dict__.update(self._fields)
+        return fake
+
+    def _check(self) -> bool:
+        unsafe = getattr(self.mode, "_allow_unsafe_data_ptr_access", False)
+        self._refuse_data_pointer = getattr(torch._C, "_set_warn_deprecated_on_mutable_data_ptr" if unsafe else "_set_throw_on_mutable_data_ptr", None)
+        if self._refuse_data_pointer is None or getattr(getattr(fake_tensor, "FakeTensorConfig", None), "debug", False):
+            return False
+        try:
+            with unset_fake_temporarily():
+                made = FakeTensor(self.mode, torch.empty(2, 3, device="meta"), _CPU)
+                self._fields = dict(made.__dict__)
+                quick = self._quick(torch.empty(2, 3, device="meta"))
+        except Exception:  # noqa: BLE001 - a torch whose fakes this cannot make: the constructor makes them
+            return False
+        return type(quick) is type(made) and torch._C._dispatch_keys(quick) == torch._C._dispatch_keys(made) and quick.device == made.device
 
 
 # -- blocks -----------------------------------------------------------------------------------------

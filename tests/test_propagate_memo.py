@@ -327,3 +327,44 @@ def test_a_copys_signatures_keep_apart_layers_alike_only_at_the_traced_batch():
     by_name = {layer.name: layer for layer in graph_info(gm).layers}
     assert by_name["blocks.0"].signature != by_name["blocks.1"].signature
     assert _signature_groups(graph_info(gm)) == _signature_groups(graph_info(fresh))
+
+
+def test_quick_fakes_are_the_constructors():
+    """_FakeMaker makes fakes without FakeTensor's constructor once it checked that it makes
+    the same tensor: on this torch it must take the quick way, and a propagation with it must
+    give fakes that an operator in the mode takes, with the constructor's fields, dispatch
+    keys and metadata."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    mode = FakeTensorMode()
+    maker = propagate_pass._FakeMaker(mode)
+    meta = torch.empty_strided((2, 3, 4), (12, 1, 3), dtype=torch.bfloat16, device="meta")
+    quick, made = maker(meta, torch.device("cpu")), FakeTensor(mode, meta, torch.device("cpu"))
+    assert maker.quick is True
+    assert type(quick) is FakeTensor and quick.fake_mode is mode and quick.__dict__ == made.__dict__
+    assert torch._C._dispatch_keys(quick) == torch._C._dispatch_keys(made)
+    assert (quick.shape, quick.stride(), quick.dtype, quick.device) == (made.shape, made.stride(), made.dtype, made.device)
+    with mode:
+        product = quick.transpose(1, 2) @ made
+    assert isinstance(product, FakeTensor) and product.shape == (2, 4, 4) and product.device == torch.device("cpu")
+
+    gm, inputs = _gpt3_graph(4, batch=2)
+    by_quick = fake_values(gm, inputs)
+    constructor_only = pytest.MonkeyPatch()
+    constructor_only.setattr(propagate_pass._FakeMaker, "_check", lambda self: False)
+    try:
+        by_constructor = fake_values(gm, inputs)
+    finally:
+        constructor_only.undo()
+    assert _metadata(by_quick) == _metadata(by_constructor)
+    keys = [(torch._C._dispatch_keys(v), sorted(v.__dict__)) for v in by_quick.values() if isinstance(v, torch.Tensor)]
+    assert keys == [(torch._C._dispatch_keys(v), sorted(v.__dict__)) for v in by_constructor.values() if isinstance(v, torch.Tensor)]
+
+
+def test_fakes_come_from_the_constructor_when_the_check_fails(monkeypatch):
+    from torch._subclasses import fake_tensor
+
+    monkeypatch.setattr(fake_tensor.FakeTensorConfig, "debug", True)
+    maker = propagate_pass._FakeMaker(fake_tensor.FakeTensorMode())
+    fake = maker(torch.empty(2, device="meta"), torch.device("cpu"))
+    assert maker.quick is False and hasattr(fake, "_debug_trace")  # the constructor's debug trace
