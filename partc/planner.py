@@ -45,6 +45,7 @@ from partc.passes.propagate import propagate
 from partc.passes.search import SearchResult, explain, search
 from partc.passes.sharding import ShardingPlan, plan_sharding
 from partc.passes.stages import (
+    PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS,
     SCHEDULES,
     StagePartition,
     equal_layer_split,
@@ -63,11 +64,6 @@ from partc.plan import (
 from partc.plan_cache import PlanCache
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-# torch.distributed.pipelining before 2.13 expects a gradient for every tensor a stage
-# receives (2.11 fails with "has gradients None"; 2.13 handles integer inputs).
-_PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 
 
 @dataclass(frozen=True)
@@ -371,7 +367,7 @@ def _plan_graph(gm, model, cluster, passes, plan_opts, *, mesh, microbatches, sc
             reserved_bytes=estimate.memory.transient / pipeline.microbatches,  # as _pipeline_memory counts it
         )
         forbidden = gradient_free_cuts(gm) if pipeline.schedule == "zero_bubble" else frozenset()
-        if _PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS:
+        if PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS:
             forbidden |= gradient_free_cuts(gm, every_value=True)
         return solve_stages_without_cuts(problem, forbidden), equal_layer_split(problem)
 
@@ -418,7 +414,7 @@ def _one_kind_over_cluster(mesh: dict[str, int] | None, world: int) -> bool:
 
 
 # torch < 2.13 cannot run zero-bubble (see _pipeline_options): the search leaves it out there.
-SCHEDULES_FOR_SEARCH = ("1f1b", "interleaved", "gpipe") + (() if _PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS else ("zero_bubble",))
+SCHEDULES_FOR_SEARCH = ("1f1b", "interleaved", "gpipe") + (() if PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS else ("zero_bubble",))
 
 
 def _searched_plan(common: dict[str, Any], result: SearchResult, estimate: Estimate) -> Plan:
@@ -522,7 +518,7 @@ def _pipeline_options(pp: int, microbatches: int | None, schedule: str | None, v
     schedule = schedule or ("interleaved" if (virtual_stages or 1) > 1 else "1f1b")
     if schedule not in SCHEDULES:
         raise PartcError(f"unknown schedule {schedule!r}", ErrorContext(fix=f"use one of {', '.join(SCHEDULES)}"))
-    if schedule == "zero_bubble" and _PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS:
+    if schedule == "zero_bubble" and PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS:
         raise PartcError(
             f"the zero_bubble schedule needs torch >= 2.13 (this is {torch.__version__}; 2.11's fails in backward)",
             ErrorContext(pass_name="stages", fix="use 'interleaved' or '1f1b', or upgrade torch"),

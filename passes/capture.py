@@ -62,11 +62,12 @@ class _TraceThroughModules(fx.Tracer):
         self.record_stack_traces = fx_stack_traces
         self._reuse_blocks = reuse_blocks and not fx_stack_traces
         self._blocks: _RepeatedBlocks | None = None
+        self.formatted_frames: dict[tuple, tuple[str, bool]] = {}  # stacks -> the user's frames (_user_frames)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if not self.record_stack_traces and not node.stack_trace:
-            node.stack_trace = _user_stack_trace()
+            node.stack_trace = _user_stack_trace(self.formatted_frames)
         if name is not None and self._blocks is not None:
             self._blocks.name_given[node] = name  # fx names torch functions' nodes after the function
         return node
@@ -281,7 +282,7 @@ class _RepeatedBlocks:
     # -- calls -----------------------------------------------------------------------------------
     def call(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         tracer = self.tracer
-        outer_frames, found_forward = _user_frames(sys._getframe(1))  # the frames outside the block
+        outer_frames, found_forward = _user_frames(sys._getframe(1), tracer.formatted_frames)  # the frames outside the block
         try:
             if not found_forward:
                 raise _NotReusable("no forward() frame outside the block")
@@ -526,22 +527,34 @@ def _is_library_file(path: str) -> bool:
     return is_library_file(path)
 
 
-def _user_stack_trace() -> str:
+def _user_stack_trace(formatted: dict[tuple, tuple[str, bool]] | None = None) -> str:
     """The user's frames of the current stack from the outermost ``forward`` in, as
     ``traceback`` formats them (``File "f.py", line 3, in forward`` and the code line):
     what fx's filtered stack traces hold (nothing outside a forward, so placeholders get
     none), without symbolizing the frames it drops."""
-    return _user_frames(sys._getframe(1))[0]
+    return _user_frames(sys._getframe(1), formatted)[0]
 
 
-def _user_frames(frame) -> tuple[str, bool]:
+def _user_frames(frame, formatted: dict[tuple, tuple[str, bool]] | None = None) -> tuple[str, bool]:
     """(the user's frames from the outermost ``forward`` to ``frame``, formatted, whether the
-    stack holds a ``forward`` at all)."""
+    stack holds a ``forward`` at all). ``formatted``: stacks -> their result, kept by the
+    caller (every block of a model is called from the same lines)."""
     stack = []
     while frame is not None:
         stack.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back
-    stack.reverse()
+    if formatted is None:
+        return _format_user_frames(stack)
+    key = tuple(stack)
+    found = formatted.get(key)
+    if found is None:
+        found = formatted[key] = _format_user_frames(stack)
+    return found
+
+
+def _format_user_frames(stack: list[tuple[str, int, str]]) -> tuple[str, bool]:
+    """:func:`_user_frames` of ``stack``: (file, line, function) from the innermost frame out."""
+    stack = stack[::-1]
     first_forward = next((i for i, (_, _, name) in enumerate(stack) if name == "forward"), None)
     if first_forward is None:
         return "", False

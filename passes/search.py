@@ -179,6 +179,7 @@ from partc.passes.propagate import propagate
 from partc.passes.sharding import ShardingPlan, plan_sharding
 from partc.passes.split_stages import recomputable_nodes
 from partc.passes.stages import (
+    PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS,
     LayerCost,
     StagePartition,
     StageProblem,
@@ -215,9 +216,6 @@ SCHEDULES = ("1f1b", "interleaved", "zero_bubble", "gpipe")  # default order; ti
 _MESH_DIMS = ("pp", "dp", "tp")
 # Zero-bubble's weight-gradient pass fills about two thirds of the bubble (as passes/stages.py).
 _ZERO_BUBBLE_FACTOR = 3
-# torch.distributed.pipelining before 2.13 expects a gradient for every tensor a stage
-# receives, so no cut may carry a value without one (as partc.planner).
-_NEEDS_GRADIENTS_ACROSS_CUTS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 _STAGE_TIME_LIMIT = 20.0  # CBC seconds per stage ILP (only with forbidden cuts)
 _REL = 1e-9  # relative slack when comparing times against a bound
 
@@ -854,7 +852,7 @@ class _Search:
         self.bound_parts: dict[tuple, tuple] = {}  # (tp, pp, dp, m, schedule, v, recompute) -> what lower_bound shares across ZeRO stages
         self.prefixes: dict[int, tuple[np.ndarray, list[float]]] = {}  # id(array) -> (the array, its prefix sums) (_prefix)
         self.cut_hints: dict[tuple, list[int]] = {}  # (tp, pp, dp, recompute, schedule, v) -> last interleaved cut
-        forbidden = gradient_free_cuts(ctx.gm, every_value=True, recomputed=ctx.recomputed) if _NEEDS_GRADIENTS_ACROSS_CUTS else frozenset()
+        forbidden = gradient_free_cuts(ctx.gm, every_value=True, recomputed=ctx.recomputed) if PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS else frozenset()
         self.forbidden = {s: forbidden | (gradient_free_cuts(ctx.gm, recomputed=ctx.recomputed) if s == "zero_bubble" else frozenset()) for s in SCHEDULES}
 
     def sort_key(self, c: Candidate) -> tuple:

@@ -138,6 +138,10 @@ __all__ = [
 ]
 
 _PASS = "stages"
+# torch.distributed.pipelining before 2.13 expects a gradient for every tensor a stage
+# receives (2.11 fails with "has gradients None"; 2.13 handles integer inputs), so no cut
+# may carry a value without one (gradient_free_cuts), and zero-bubble does not run there.
+PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 # Each boundary is crossed twice per microbatch: activations forward, gradients backward.
 _TRANSFERS_PER_BOUNDARY = 2
