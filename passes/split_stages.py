@@ -143,8 +143,9 @@ def recomputable_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             local.add(n)
-        elif n.op in ("call_function", "call_method") and n.all_input_nodes:
-            if all(a in local or _is_python_value(a) for a in n.all_input_nodes) and any(a in local for a in n.all_input_nodes):
+        elif n.op in ("call_function", "call_method"):
+            inputs = n.all_input_nodes  # a new list at each read
+            if inputs and all(a in local or _is_python_value(a) for a in inputs) and any(a in local for a in inputs):
                 local.add(n)
     return local
 

@@ -19,9 +19,16 @@ from partc.passes.global_mean import global_mean_loss
 from partc.passes.ir import EXPORT_FRONTEND, FX_FRONTEND
 from partc.passes.layouts import class_index_mean, class_loss_arguments, holds_class_indices
 from partc.passes.propagate import propagate
+from partc.passes.stages import PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS
 
 CPU2 = partc.Cluster.preset("cpu", devices_per_node=2)
 PADDING_PER_ROW = (16, 16, 12, 9, 5, 3, 1, 0)  # sixteenths of a row: in 4 microbatches the first keeps no target
+# A step in 4 (or 2) pieces, run one after another in this process: a 2-stage pipeline's
+# microbatches. torch < 2.13 cannot pipeline these models (their targets or labels would
+# cross the cut; partc refuses), so there the pieces are 2 data-parallel replicas'
+# microbatches, over which the loss is the global batch's mean the same way (one stage).
+FOUR_PIECES = dict(mesh={"dp": 2}, microbatches=2) if PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS else dict(mesh={"pp": 2}, microbatches=4)
+TWO_PIECES = dict(mesh={"dp": 2}, microbatches=1) if PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS else dict(mesh={"pp": 2}, microbatches=2)
 
 
 def shifted_loss(logits, targets):
@@ -114,7 +121,7 @@ def test_microbatched_pipeline_gives_the_global_batch_mean(case):
     naive = _microbatch_means(copy.deepcopy(model), inputs, targets, loss_fn, 4)
     assert not torch.allclose(naive, loss_fn(model(*inputs), targets).detach(), rtol=1e-5, atol=1e-6)
 
-    pm = partc.compile(model, CPU2, inputs, loss_fn=loss_fn, example_targets=targets, mesh={"pp": 2}, microbatches=4)
+    pm = partc.compile(model, CPU2, inputs, loss_fn=loss_fn, example_targets=targets, **FOUR_PIECES)
     assert "divide_by_global_normaliser" in pm._runner.stages[-1].module.code
     # The normaliser is set again each step: the second step pads other rows (the last
     # microbatch keeps no target now), so a stale normaliser gives another loss.
@@ -176,7 +183,7 @@ def test_class_loss_of_every_frontend_and_wrapper_is_the_global_mean(kind, front
     assert not torch.allclose(naive, model(idx, labels).detach(), rtol=1e-5, atol=1e-6)  # the case tells them apart
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback to the per-piece mean
-        pm = partc.compile(model, CPU2, (idx, labels), loss_fn=output_is_loss, example_targets=labels, mesh={"pp": 2}, microbatches=4, frontend=frontend)
+        pm = partc.compile(model, CPU2, (idx, labels), loss_fn=output_is_loss, example_targets=labels, **FOUR_PIECES, frontend=frontend)
     assert pm.plan.frontend == {"fx": FX_FRONTEND, "export": EXPORT_FRONTEND}[frontend]
     assert "divide_by_global_normaliser" in pm._runner.stages[-1].module.code
     _steps_match_the_whole_batch(pm, reference, [((idx, labels), labels), ((idx, repadded(labels)), repadded(labels))], output_is_loss)
@@ -186,7 +193,7 @@ def test_all_padded_batch_gives_nan_loss_and_zero_gradients_as_torch():
     idx, labels = _tagger_batch()
     labels = torch.full_like(labels, -100)
     model = TaggerLoss("plain")
-    pm = partc.compile(copy.deepcopy(model), CPU2, (idx, labels), loss_fn=output_is_loss, example_targets=labels, mesh={"pp": 2}, microbatches=4)
+    pm = partc.compile(copy.deepcopy(model), CPU2, (idx, labels), loss_fn=output_is_loss, example_targets=labels, **FOUR_PIECES)
     assert pm._runner.normaliser is not None
     _steps_match_the_whole_batch(pm, model, [((idx, labels), labels)], output_is_loss)
     assert all(torch.count_nonzero(p.grad) == 0 for p in pm.parameters())
@@ -197,7 +204,7 @@ def test_class_weights_are_read_from_the_module_that_holds_them_at_step_time():
     loaded new class weights, the normaliser uses the loaded ones."""
     idx, labels = _tagger_batch()
     model = TaggerLoss("plain")
-    pm = partc.compile(copy.deepcopy(model), CPU2, (idx, labels), loss_fn=output_is_loss, example_targets=labels, mesh={"pp": 2}, microbatches=4)
+    pm = partc.compile(copy.deepcopy(model), CPU2, (idx, labels), loss_fn=output_is_loss, example_targets=labels, **FOUR_PIECES)
     holder = pm._runner.stages[-1].module
     holder.class_weights = holder.class_weights.clone()  # what .to(device) does to a buffer (before compile returns)
     new_weights = torch.tensor([5.0, 0.1, 0.1, 0.1, 3.0])
@@ -214,7 +221,7 @@ def test_random_targets_keep_the_per_piece_mean_and_leave_the_generator_alone():
     idx, labels = torch.randint(0, 64, (8, 16)), torch.randint(0, 5, (8, 16))
     model = TaggerLoss("random")
     with pytest.warns(UserWarning, match=r"drawn at random \(rand.*test_global_mean.py:\d+.*mask the labels in the data pipeline.*loss_reduction='sum'"):
-        pm = partc.compile(copy.deepcopy(model), CPU2, (idx, labels), loss_fn=output_is_loss, example_targets=labels, mesh={"pp": 2}, microbatches=4)
+        pm = partc.compile(copy.deepcopy(model), CPU2, (idx, labels), loss_fn=output_is_loss, example_targets=labels, **FOUR_PIECES)
     assert pm._runner.normaliser is None
     torch.manual_seed(7)
     per_piece = _microbatch_means(model, (idx, labels), labels, output_is_loss, 4)
@@ -225,7 +232,7 @@ def test_random_targets_keep_the_per_piece_mean_and_leave_the_generator_alone():
 def test_model_returning_its_loss_without_example_targets_warns():
     idx, labels = _tagger_batch()
     with pytest.warns(UserWarning, match="without example_targets.*pass example_targets"):
-        pm = partc.compile(TaggerLoss("plain"), CPU2, (idx, labels), loss_fn=output_is_loss, mesh={"pp": 2}, microbatches=4)
+        pm = partc.compile(TaggerLoss("plain"), CPU2, (idx, labels), loss_fn=output_is_loss, **FOUR_PIECES)
     assert pm._runner.normaliser is None
 
 
@@ -233,7 +240,7 @@ def test_class_weights_computed_from_parameters_are_refused():
     torch.manual_seed(0)
     idx, labels = torch.randint(0, 64, (8, 16)), torch.randint(0, 5, (8, 16))
     with pytest.raises(partc.PartcError, match="depend on a trainable parameter"):
-        partc.compile(WeightedTagger(trainable_weights=True), CPU2, (idx, labels), loss_fn=output_is_loss, example_targets=labels, mesh={"pp": 2}, microbatches=2)
+        partc.compile(WeightedTagger(trainable_weights=True), CPU2, (idx, labels), loss_fn=output_is_loss, example_targets=labels, **TWO_PIECES)
 
 
 def _graph(loss_fn, targets):

@@ -14,6 +14,11 @@ from partc.passes.capture import attach_loss, capture
 from partc.passes.ir import graph_info
 from partc.passes.propagate import propagate
 from partc.passes.split_stages import split_stages
+from partc.passes.stages import PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS
+
+# torch < 2.13 cannot send the targets (no gradient) across a pipeline cut, so partc
+# refuses to pipeline a model compiled with example_targets there.
+NEEDS_TARGETS_ACROSS_A_CUT = pytest.mark.skipif(PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS, reason="torch < 2.13: pipelining cannot send targets across a cut")
 
 
 def _loss(logits, targets):
@@ -86,7 +91,7 @@ def test_bad_stage_assignment_is_refused():
         split_stages(gm, [0, 1, 0, 1, 1, 1, 1, 1], (idx,))
 
 
-@pytest.mark.parametrize("loss_in_graph", [False, True])
+@pytest.mark.parametrize("loss_in_graph", [False, pytest.param(True, marks=NEEDS_TARGETS_ACROSS_A_CUT)])
 def test_compile_outside_torchrun_equals_single_device(loss_in_graph):
     model, idx, _ = _annotated("gpt-tiny", batch=8)
     reference = copy.deepcopy(model)
@@ -109,6 +114,7 @@ def test_compile_outside_torchrun_equals_single_device(loss_in_graph):
         torch.testing.assert_close(pm(idx), reference(idx))
 
 
+@NEEDS_TARGETS_ACROSS_A_CUT
 def test_gpt2_pipeline_with_loss_is_balanced():
     """Issue #3: GPT-2 124M at p=2 with embedding, LM head and loss counted."""
     model, (idx,) = build("gpt2", batch_size=8, device="meta")

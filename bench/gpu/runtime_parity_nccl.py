@@ -20,7 +20,7 @@ from parity import case_key, run_parity  # noqa: E402
 from test_loss_mean_parity import CASES as LOSS_MEAN_CASES  # noqa: E402
 from test_parity import CASES  # noqa: E402
 
-from partc.planner import _PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS as OLD_PIPELINING  # noqa: E402
+from partc.passes.stages import PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS as OLD_PIPELINING  # noqa: E402
 
 
 def refused_here(case: dict) -> bool:
