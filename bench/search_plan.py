@@ -48,16 +48,19 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def annotated(layers: int, batch: int) -> tuple[torch.fx.GraphModule, float, float, float]:
+def annotated(layers: int, batch: int, with_loss: bool = True) -> tuple[torch.fx.GraphModule, float, float, float]:
     """(graph, seconds to build the meta model, seconds of capture + propagate + annotate,
-    the same in CPU seconds)."""
+    the same in CPU seconds); ``with_loss``: the loss traced into the graph."""
     started = time.perf_counter()
     with torch.device("meta"):
         model = GPT(gpt3_shaped(layers))
         idx = torch.zeros(batch, SEQ, dtype=torch.long)
         targets = torch.zeros(batch, SEQ, dtype=torch.long)
     built, cpu = time.perf_counter(), time.process_time()
-    gm = annotate(propagate(attach_loss(capture(model, (idx,)), _loss), (idx, targets)))
+    if with_loss:
+        gm = annotate(propagate(attach_loss(capture(model, (idx,)), _loss), (idx, targets)))
+    else:
+        gm = annotate(propagate(capture(model, (idx,)), (idx,)))
     return gm, built - started, time.perf_counter() - built, time.process_time() - cpu
 
 

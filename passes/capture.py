@@ -527,7 +527,7 @@ def _is_library_file(path: str) -> bool:
     return is_library_file(path)
 
 
-def _user_stack_trace(formatted: dict[tuple, tuple[str, bool]] | None = None) -> str:
+def _user_stack_trace(formatted: dict[tuple, tuple[str, bool]]) -> str:
     """The user's frames of the current stack from the outermost ``forward`` in, as
     ``traceback`` formats them (``File "f.py", line 3, in forward`` and the code line):
     what fx's filtered stack traces hold (nothing outside a forward, so placeholders get
@@ -535,7 +535,7 @@ def _user_stack_trace(formatted: dict[tuple, tuple[str, bool]] | None = None) ->
     return _user_frames(sys._getframe(1), formatted)[0]
 
 
-def _user_frames(frame, formatted: dict[tuple, tuple[str, bool]] | None = None) -> tuple[str, bool]:
+def _user_frames(frame, formatted: dict[tuple, tuple[str, bool]]) -> tuple[str, bool]:
     """(the user's frames from the outermost ``forward`` to ``frame``, formatted, whether the
     stack holds a ``forward`` at all). ``formatted``: stacks -> their result, kept by the
     caller (every block of a model is called from the same lines)."""
@@ -543,8 +543,6 @@ def _user_frames(frame, formatted: dict[tuple, tuple[str, bool]] | None = None) 
     while frame is not None:
         stack.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back
-    if formatted is None:
-        return _format_user_frames(stack)
     key = tuple(stack)
     found = formatted.get(key)
     if found is None:

@@ -21,9 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 from partc.passes import sharding
-from partc.passes.annotate import annotate
-from partc.passes.capture import capture
-from partc.passes.propagate import propagate
 from partc.passes.search import _at_one_sample, search
 from partc.passes.stages import PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS
 
@@ -72,12 +69,7 @@ def bench_graph(layers: int, batch: int = 512) -> torch.fx.GraphModule:
     its targets would cross every pipeline cut, which torch's pipelining cannot send
     there, and without pipelines no layout of the 96-layer model fits (nor would the
     comparison cover stage cuts)."""
-    if not PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS:
-        return search_plan.annotated(layers, batch)[0]
-    with torch.device("meta"):
-        model = search_plan.GPT(search_plan.gpt3_shaped(layers))
-        idx = torch.zeros(batch, search_plan.SEQ, dtype=torch.long)
-    return annotate(propagate(capture(model, (idx,)), (idx,)))
+    return search_plan.annotated(layers, batch, with_loss=not PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS)[0]
 
 
 @pytest.mark.parametrize("layers", [12, 96])
