@@ -362,8 +362,8 @@ class _ChainCosts:
     def time_bands(self) -> np.ndarray:
         """:meth:`time_band` of every stage as one p x W x W array [i, b, a] (by last layer,
         then first: the DP of :func:`_best_cut` takes its minima over contiguous rows). Built
-        once, in place (few passes over one array); each element is the same operations on
-        the same floats as stage by stage."""
+        once, from :meth:`_run_sums` (a view) in three passes over one array; each element
+        is the same operations on the same floats as stage by stage."""
         if self._time_bands is None:
             W, p = self.width, self.p
             first = np.arange(W)[None, :] + np.arange(p)[:, None]  # [i, a]: layer i + a (also the last layers)
@@ -372,11 +372,9 @@ class _ChainCosts:
             receive[1:] = _TRANSFERS_PER_BOUNDARY * (self.alpha[:, None] + self.boundary[first[1:] - 1] * self.inv_bw[:, None])
             send[:-1] = _TRANSFERS_PER_BOUNDARY * (self.alpha[:, None] + self.boundary[first[:-1]] * self.inv_bw[:, None])
             with np.errstate(invalid="ignore"):
-                t = self.prefix_time[first + 1][:, :, None] - self.prefix_time[first][:, None, :]
-                t /= self.speed[:, None, None]
-                t += receive[:, None, :]  # adding 0.0 leaves a float as it is
-                t += send[:, :, None]
-            np.copyto(t, np.inf, where=_reversed(W).T[None])
+                t = self._run_sums(self.prefix_time) / self.speed[:, None, None]
+            t += receive[:, None, :]  # adding 0.0 leaves a float as it is; inf stays inf
+            t += send[:, :, None]
             self._time_bands = t
         return self._time_bands
 
@@ -394,15 +392,20 @@ class _ChainCosts:
     def memory_bands(self) -> np.ndarray:
         """Bytes of stage ``i`` holding layers ``i + a .. i + b``, as :meth:`time_bands`: [i, b, a]."""
         if self._memory_bands is None:
-            W, p = self.width, self.p
-            first = np.arange(W)[None, :] + np.arange(p)[:, None]
-            held = self.prefix_param[first + 1][:, :, None] - self.prefix_param[first][:, None, :]  # the run's parameters
-            run_act = self.prefix_act[first + 1][:, :, None] - self.prefix_act[first][:, None, :]
-            run_act *= self.inflight[:, None, None]
-            held += run_act
-            np.copyto(held, np.inf, where=_reversed(W).T[None])
+            held = self._run_sums(self.prefix_act) * self.inflight[:, None, None]
+            held += self._run_sums(self.prefix_param)
             self._memory_bands = held
         return self._memory_bands
+
+    def _run_sums(self, prefix: np.ndarray) -> np.ndarray:
+        """The sum of a per-layer column over every run ``i + a .. i + b`` of stage ``i``, from its
+        prefix sums, as :meth:`time_bands`: [i, b, a], inf where ``a > b``. A read-only strided
+        view (no copy) of one L x L table [last, first]: stage ``i``'s runs are its
+        W x W block at (i, i), the next stage's one step down the diagonal."""
+        table = prefix[1:, None] - prefix[None, :-1]  # [last, first]
+        np.copyto(table, np.inf, where=_reversed(self.L).T)
+        row, column = table.strides
+        return np.lib.stride_tricks.as_strided(table, shape=(self.p, self.width, self.width), strides=(row + column, row, column), writeable=False)
 
     def time_matrix(self, i: int) -> np.ndarray:
         """:meth:`time_band` as an L x L matrix [first, last]; inf where stage ``i`` cannot
