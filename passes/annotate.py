@@ -56,6 +56,7 @@ from partc.passes.ir import (
     canonical_name,
     gc_paused,
     graph_info,
+    make_node_info,
     op_kind,
     owning_module,
     user_source,
@@ -97,7 +98,7 @@ def annotate(gm: fx.GraphModule, *, reuse_from: fx.GraphModule | None = None) ->
         module, module_type, layer, source = placed[n]
         fwd = _forward_flops(n, kind, names[n], specs, tensor_args[n])
         ratio = _BACKWARD_RATIO.get(kind, 2.0)
-        n.meta[META_KEY] = NodeInfo(
+        n.meta[META_KEY] = make_node_info(
             op=kind,
             name=names[n],
             outputs=specs[n],

@@ -387,3 +387,21 @@ def test_reuse_from_a_graph_that_gm_is_no_copy_of_is_refused():
         annotate(gm, reuse_from=other)
     assert error.value.context.fix == "annotate the graph without reuse_from"
 
+
+
+def test_node_infos_are_what_their_constructor_makes(gpt2):
+    """annotate fills each NodeInfo's fields at once (ir.make_node_info): equal to the
+    dataclass's own construction, still frozen, and refused with a field missing."""
+    import dataclasses
+
+    from partc.passes.ir import NodeInfo, make_node_info
+
+    infos = [node_info(n) for n in gpt2.graph.nodes]
+    for info in infos:
+        fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(NodeInfo)}
+        assert type(info) is NodeInfo and info == NodeInfo(**fields) and hash(info) == hash(NodeInfo(**fields))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        infos[0].fwd_flops = 1
+    fields.pop("source")
+    with pytest.raises(TypeError, match="source"):
+        make_node_info(**fields)
