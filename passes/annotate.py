@@ -449,21 +449,29 @@ def node_meta(node: fx.Node) -> NodeInfo:
     return node.meta[META_KEY]
 
 
+_ATOMS = frozenset((int, float, bool, str, type(None)))  # constants whose text is their repr's repr
+
+
 def _signature(group: list[fx.Node], names, specs, spec_texts: dict) -> str:
     """A hash of the layer's structure: operators, shapes, constants and internal edges.
     ``spec_texts``: specs -> their text, filled as it goes (shapes repeat across layers)."""
     # The model's inputs join the first layer that reads them; like any value from outside
     # the layer they are not its structure, so blocks.0 hashes like blocks.1.
     group = [n for n in group if n.op != "placeholder"]
-    position = {n: i for i, n in enumerate(group)}
     spec_text = functools.partial(_spec_text, texts=spec_texts)
+    label = {n: repr(f"#{i}") for i, n in enumerate(group)}  # a node's text: its position, or (below) its specs
 
     def describe(arg: Any) -> str:
         """The text of an argument: a node as its position in the layer (or its specs when
         it is from outside), containers as lists and dicts of those, sorted by key,
         constants by repr, all written as ``str`` writes lists and dicts of strings."""
+        if type(arg) in _ATOMS:  # the common constants first: the same text as below
+            return repr(repr(arg))
         if isinstance(arg, fx.Node):
-            return repr(f"#{position[arg]}" if arg in position else f"ext{spec_text(specs[arg])}")
+            found = label.get(arg)
+            if found is None:
+                found = label[arg] = repr(f"ext{spec_text(specs[arg])}")
+            return found
         if isinstance(arg, (tuple, list)):
             return "[" + ", ".join([describe(a) for a in arg]) + "]"
         if isinstance(arg, dict):
@@ -471,7 +479,7 @@ def _signature(group: list[fx.Node], names, specs, spec_texts: dict) -> str:
         return repr(repr(arg))
 
     # one update of the concatenation: the same digest as one update per node
-    text = "".join(f"{n.op}|{names[n]}|{spec_text(specs[n])}|{describe(n.args)}|{describe(n.kwargs)}" for n in group)
+    text = "".join(f"{n.op}|{names[n]}|{spec_text(specs[n])}|{describe(n.args)}|{describe(n.kwargs) if n.kwargs else '{}'}" for n in group)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

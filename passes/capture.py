@@ -82,13 +82,15 @@ class _TraceThroughModules(fx.Tracer):
         self._name_of_tensor: dict[int, str] = {}
         self._parameter_proxy_cache: dict[str, fx.Proxy] | None = None
         if isinstance(root, nn.Module):
-            tensors = list(root.named_parameters())
-            if self.proxy_buffer_attributes:
-                tensors += list(root.named_buffers())
-            for name, tensor in tensors:
-                self._name_of_tensor.setdefault(id(tensor), name)
+            modules = list(root.named_modules())  # one walk: named_parameters() and named_buffers() would make two more
+            kinds = ("_parameters", "_buffers") if self.proxy_buffer_attributes else ("_parameters",)
+            for kind in kinds:  # as named_parameters() then named_buffers() name them
+                for prefix, module in modules:
+                    for attr, tensor in getattr(module, kind).items():
+                        if tensor is not None:
+                            self._name_of_tensor.setdefault(id(tensor), f"{prefix}.{attr}" if prefix else attr)
             if self._reuse_blocks and _RepeatedBlocks.allowed(self):
-                self._blocks = _RepeatedBlocks(self, root)
+                self._blocks = _RepeatedBlocks(self, [module for _, module in modules])
         try:
             return super().trace(root, concrete_args)
         finally:
@@ -259,10 +261,11 @@ class _RepeatedBlocks:
     global state that changes between its calls would be copied from its first call.
     """
 
-    def __init__(self, tracer: _TraceThroughModules, root: nn.Module):
+    def __init__(self, tracer: _TraceThroughModules, modules: list[nn.Module]):
+        """``modules``: the root's, as ``root.modules()`` lists them."""
         self.tracer = tracer
         self.members: set[int] = set()  # id() of every element of a ModuleList / Sequential
-        for container in root.modules():
+        for container in modules:
             if isinstance(container, (nn.ModuleList, nn.Sequential)):
                 self.members.update(id(child) for name, child in container.named_children() if name.isdigit())
         self.records: dict[tuple, _BlockRecord | None] = {}  # call key -> record (None: trace every call)
@@ -600,9 +603,13 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], *, frontend: str = 
 def _check_names(model: nn.Module) -> None:
     """fx writes ``self.<name>`` for every attribute it reads, so a submodule or tensor named
     with a Python keyword (``add_module("class", ...)``) would make invalid code."""
+    parts: set[str] = set()  # every part of every name (and of tied tensors' second names), from one walk
+    for name, module in model.named_modules():
+        parts.update(name.split("."), module._parameters, module._buffers)
+    if parts.isdisjoint(keyword.kwlist):
+        return
+    # the loop below finds the first bad name
     names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
-    if frozenset(".".join(names).split(".")).isdisjoint(keyword.kwlist):
-        return  # every part of every name at once; the loop below finds the first bad one
     for name in names:
         bad = [part for part in name.split(".") if keyword.iskeyword(part)]
         if bad:

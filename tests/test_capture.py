@@ -385,6 +385,27 @@ def test_python_keyword_submodule_name_is_refused_with_the_fix():
         capture(Net(), (torch.randn(2, 4),))
 
 
+@pytest.mark.parametrize("kind", ["parameter", "buffer"])
+def test_python_keyword_tensor_name_is_refused(kind):
+    """A parameter or buffer named with a keyword, inside a submodule: its full name is given."""
+    inner = torch.nn.Linear(4, 4)
+    if kind == "parameter":
+        inner.register_parameter("import", torch.nn.Parameter(torch.ones(4)))
+    else:
+        inner.register_buffer("import", torch.ones(4))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = inner
+
+        def forward(self, x):
+            return self.proj(x) * getattr(self.proj, "import")
+
+    with pytest.raises(partc.TraceError, match=r"named 'proj\.import': 'import' is a Python keyword"):
+        capture(Net(), (torch.randn(2, 4),))
+
+
 @pytest.mark.parametrize("structured", [False, True])
 def test_traced_loss_is_loss_fn_alone_on_the_models_output(structured):
     """The loss attach_loss appends, traced on its own (compile applies it to the user's
