@@ -36,6 +36,7 @@ Repeated blocks
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -259,9 +260,11 @@ def _repeatable_blocks(gm: fx.GraphModule) -> dict[fx.Node, _Block]:
     """Every node of a block that may repeat (two or more nodes, all describable) -> its block.
 
     Worked out once per graph (the search propagates the same graph again at batch 1): kept
-    on ``gm.graph`` with what they are worked out from, each node's op, target, arguments
-    (the same objects) and module stack, in order, and worked out again when any of these
-    changed."""
+    on ``gm.graph`` with what a block's replay depends on, each node's op, target and
+    arguments (the same objects), in order, and worked out again when any of these changed.
+    Module stacks only group the nodes into blocks (one per layer); a replay is exact for
+    any run of nodes, so a stack changed since (no pass does) would cost reuse, not
+    correctness, and is not kept (~15,000 tuples at 96 layers for the collector to walk)."""
     graph = gm.graph
     facts = _block_facts(graph)
     known = getattr(graph, _BLOCKS_ATTRIBUTE, None)
@@ -272,14 +275,23 @@ def _repeatable_blocks(gm: fx.GraphModule) -> dict[fx.Node, _Block]:
     return blocks
 
 
-def _block_facts(graph: fx.Graph) -> list[tuple]:
-    return [(n, n.op, n.target, n.args, n.kwargs, tuple((n.meta.get("nn_module_stack") or {}).items())) for n in graph.nodes]
+def _block_facts(graph: fx.Graph) -> tuple[list, ...]:
+    """The nodes, and their ops, targets, args and kwargs, in order: a list of each (five
+    objects for the collector to walk, not one tuple per node)."""
+    nodes = list(graph.nodes)
+    return nodes, [n.op for n in nodes], [n.target for n in nodes], [n.args for n in nodes], [n.kwargs for n in nodes]
 
 
-def _same_facts(known: list[tuple], facts: list[tuple]) -> bool:
+def _same_facts(known: tuple[list, ...], facts: tuple[list, ...]) -> bool:
     """Nodes, targets and arguments are compared as objects (1 and 1.0 are equal, not the same)."""
-    return len(known) == len(facts) and all(
-        a[0] is b[0] and a[1] == b[1] and a[2] is b[2] and a[3] is b[3] and a[4] is b[4] and a[5] == b[5] for a, b in zip(known, facts)
+    nodes, ops, targets, args, kwargs = facts
+    return (
+        len(known[0]) == len(nodes)
+        and known[1] == ops
+        and all(map(operator.is_, known[0], nodes))
+        and all(map(operator.is_, known[2], targets))
+        and all(map(operator.is_, known[3], args))
+        and all(map(operator.is_, known[4], kwargs))
     )
 
 

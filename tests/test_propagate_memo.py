@@ -159,6 +159,8 @@ def test_views_of_values_from_outside_and_inside_share_storage():
 
 
 def test_blocks_are_worked_out_once_per_graph_and_again_when_a_node_changes():
+    """Again when a node's op, target or arguments change; not for a module stack, which
+    only groups nodes into blocks: the old grouping replays exactly."""
     x = torch.randn(2, 3, 16)
     gm = capture(_Stack(), (x,))
     blocks = propagate_pass._repeatable_blocks(gm)
@@ -168,8 +170,13 @@ def test_blocks_are_worked_out_once_per_graph_and_again_when_a_node_changes():
     last.args = (*last.args[:-1], float(last.args[-1]))  # equal arguments (4 == 4.0), not the same: described again
     changed = propagate_pass._repeatable_blocks(gm)
     assert changed is not blocks and changed[last].structure != changed[first].structure
-    last.meta["nn_module_stack"] = {}  # made outside every block now
-    assert last not in propagate_pass._repeatable_blocks(gm)
+    gm = capture(_Stack(), (x,))
+    blocks = propagate_pass._repeatable_blocks(gm)
+    gm.graph.find_nodes(op="call_method", target="view")[-1].meta["nn_module_stack"] = {}  # outside every block now: kept
+    assert propagate_pass._repeatable_blocks(gm) is blocks
+    interpreter = _run(gm, (x,))
+    assert interpreter.rebuilt_blocks > 0
+    assert _metadata(interpreter.values) == _metadata(fake_values(gm, (x,), memoize=False))
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
