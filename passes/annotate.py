@@ -86,7 +86,7 @@ def annotate(gm: fx.GraphModule, *, reuse_from: fx.GraphModule | None = None) ->
     tensor_args = {n: _tensor_args(n) for n in nodes}
     if reuse_from is None:
         attributes = _attributes(gm, nodes)
-        requires_grad = _requires_grad(nodes, kinds, names, specs, attributes)
+        requires_grad = _requires_grad(nodes, kinds, names, specs, attributes, tensor_args)
         param_numel, param_bytes = _parameter_sizes(nodes, attributes)
     else:  # dtypes, parameters and the graph are the copy's: so are gradients and sizes
         requires_grad, param_numel, param_bytes = placement.requires_grad, placement.param_numel, placement.param_bytes
@@ -206,7 +206,7 @@ _DETACHING = frozenset(("detach", "argmax", "argmin"))  # outputs no gradient fl
 _NO_GRADIENT_KINDS = frozenset((OpKind.INPUT, OpKind.FACTORY, OpKind.SHAPE))
 
 
-def _requires_grad(nodes, kinds, names, specs, attributes) -> dict[fx.Node, bool]:
+def _requires_grad(nodes, kinds, names, specs, attributes, tensor_args) -> dict[fx.Node, bool]:
     result: dict[fx.Node, bool] = {}
     for n in nodes:
         floating = bool(specs[n]) and specs[n][0].dtype.is_floating_point
@@ -215,7 +215,7 @@ def _requires_grad(nodes, kinds, names, specs, attributes) -> dict[fx.Node, bool
         elif kinds[n] in _NO_GRADIENT_KINDS or names[n] in _DETACHING:
             result[n] = False
         else:
-            result[n] = floating and any(result.get(a, False) for a in n.all_input_nodes)
+            result[n] = floating and any(map(result.get, tensor_args[n]))  # (an input not seen yet: None)
     return result
 
 

@@ -364,32 +364,38 @@ class _NodeCosts:
         self.output_nodes: list[tuple[str, tuple[float, ...], bool, bool]] = []  # (name, bytes per output, batch-dependent, an input)
         diff_dep, diff_fixed = [0.0] * (L + 1), [0.0] * (L + 1)  # live-range differences of cut bytes
         rates: dict[tuple, float] = {}  # what a node's rate depends on -> the rate (repeated blocks repeat it)
+        scales: dict[torch.dtype | None, float] = {}  # ctx.dtype_scale by the node's dtype (all it reads)
+        batch_dependent, recomputed = ctx.batch_dependent, ctx.recomputed
         for n in ctx.nodes:
             info = infos[n]
-            if info.op == OpKind.PARAMETER:
-                itemsize = info.dtype.itemsize if info.dtype is not None else 4
+            op, outputs = info.op, info.outputs
+            node_dtype = outputs[0].dtype if outputs else None  # info.dtype
+            if op == OpKind.PARAMETER:
+                itemsize = node_dtype.itemsize if node_dtype is not None else 4
                 readers = tuple(sorted({infos[u].layer for u in n.users} - {info.layer}))
                 params.append((n.name, info.layer, info.param_numel, max(info.param_bytes - info.param_numel * itemsize, 0), readers))
                 continue
-            if info.op == OpKind.OUTPUT:
+            if op == OpKind.OUTPUT:
                 continue
-            scale = ctx.dtype_scale(info)
-            is_dep = n in ctx.batch_dependent
-            if info.op != OpKind.INPUT and (info.fwd_flops or info.bytes_moved):
+            scale = scales.get(node_dtype)
+            if scale is None:
+                scale = scales[node_dtype] = ctx.dtype_scale(info)
+            is_dep = n in batch_dependent
+            if op != OpKind.INPUT and (info.fwd_flops or info.bytes_moved):
                 weights = sum(infos[a].outputs[0].nbytes for a in n.all_input_nodes if a.op == "get_attr" and infos[a].outputs) * scale
-                dtype = compute_dtype if (compute_dtype is not None and info.dtype is not None and info.dtype.is_floating_point) else (info.dtype or torch.float32)
-                key = (info.op, info.outputs[:1], info.fwd_flops, dtype)
+                dtype = compute_dtype if (compute_dtype is not None and node_dtype is not None and node_dtype.is_floating_point) else (node_dtype or torch.float32)
+                key = (op, outputs[:1], info.fwd_flops, dtype)
                 rate = rates.get(key)
                 if rate is None:
                     rate = rates[key] = ctx.device.flops(dtype) * kernel_efficiency(info, ctx.device, dtype)
                 computes.append((n.name, info.layer, rate, info.fwd_flops, info.bwd_flops, info.bytes_moved * scale, weights, is_dep, bool(info.bwd_flops)))
             self.activation_nodes.append((n.name, info.layer, info.activation_bytes * scale, is_dep))
-            if not info.outputs or not n.users:
+            if not outputs or not n.users:
                 continue
-            is_input = info.op == OpKind.INPUT
-            nbytes = tuple(spec.nbytes * scale for spec in info.outputs)
+            is_input = op == OpKind.INPUT
+            nbytes = tuple(spec.nbytes * scale for spec in outputs)
             self.output_nodes.append((n.name, nbytes, is_dep, is_input))
-            if n in ctx.recomputed:
+            if n in recomputed:
                 continue  # rebuilt by each stage that reads it: never sent, never kept
             made = 0 if is_input else info.layer
             readers = sorted({infos[u].layer for u in n.users})
@@ -736,7 +742,7 @@ def _batch_dependent(nodes: Sequence[fx.Node], infos) -> set[fx.Node]:
     for n in nodes:
         if n.op == "placeholder":
             found.add(n)
-        elif infos[n].op not in (OpKind.SHAPE, OpKind.PARAMETER) and infos[n].outputs and any(a in found for a in n.all_input_nodes):
+        elif infos[n].op not in (OpKind.SHAPE, OpKind.PARAMETER) and infos[n].outputs and not found.isdisjoint(n.all_input_nodes):
             found.add(n)
     return found
 

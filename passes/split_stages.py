@@ -145,7 +145,7 @@ def recomputable_nodes(gm: fx.GraphModule) -> set[fx.Node]:
             local.add(n)
         elif n.op in ("call_function", "call_method"):
             inputs = n.all_input_nodes  # a new list at each read
-            if inputs and all(a in local or _is_python_value(a) for a in inputs) and any(a in local for a in inputs):
+            if not local.isdisjoint(inputs) and all(a in local or _is_python_value(a) for a in inputs):
                 local.add(n)
     return local
 
