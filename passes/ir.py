@@ -47,6 +47,11 @@ META_KEY = "partc"
 class OpKind(enum.Enum):
     """The canonical operator vocabulary."""
 
+    # Members are singletons compared by identity: hash them by identity too, in C, instead
+    # of Enum's Python-level hash of the name (the passes test kinds against sets and key
+    # dicts by them tens of thousands of times per plan).
+    __hash__ = object.__hash__
+
     INPUT = "input"  # a placeholder: a user input
     PARAMETER = "parameter"  # a get_attr of a parameter, buffer or constant
     OUTPUT = "output"
