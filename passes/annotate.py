@@ -66,6 +66,7 @@ from partc.passes.ir import (
 _FREE = frozenset({OpKind.INPUT, OpKind.PARAMETER, OpKind.OUTPUT, OpKind.VIEW, OpKind.SHAPE, OpKind.SPLIT})
 # Kinds whose output aliases their first input's storage.
 _ALIASING = frozenset({OpKind.VIEW, OpKind.SPLIT})
+_INDEXING_VIEWS = frozenset({"getitem", "select", "slice", "narrow"})  # indexing kinds that return views
 _BACKWARD_RATIO = {OpKind.ATTENTION: 2.5}
 
 
@@ -305,13 +306,15 @@ def _storage_owners(nodes, kinds, names, specs) -> dict[fx.Node, fx.Node]:
     """For every tensor node, the node that allocated its storage (views share their base's)."""
     base: dict[fx.Node, fx.Node] = {}
     for n in nodes:
-        source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        aliases = kinds[n] in _ALIASING or (kinds[n] == OpKind.INDEX and names[n] in ("getitem", "select", "slice", "narrow"))
-        if aliases and source is not None and kinds.get(source) not in (None,) and _is_view_source(source, kinds, specs):
-            owner = base.get(source, source)
-            base[n] = owner if _shares_storage(n, owner) else n
-        else:
-            base[n] = n
+        base[n] = n
+        kind = kinds[n]
+        if kind in _ALIASING or (kind == OpKind.INDEX and names[n] in _INDEXING_VIEWS):
+            args = n.args
+            source = args[0] if args and isinstance(args[0], fx.Node) else None
+            if source is not None and source in kinds and _is_view_source(source, kinds, specs):
+                owner = base.get(source, source)
+                if _shares_storage(n, owner):
+                    base[n] = owner
     return base
 
 

@@ -300,10 +300,19 @@ def owning_module(node: fx.Node) -> tuple[str, str]:
     """(qualified name, class name) of the innermost module whose forward made ``node``."""
     for key, entry in reversed((node.meta.get("nn_module_stack") or {}).items()):
         if key != _EMPTY_MODULE_STACK:
-            path, module_type = entry
-            type_name = module_type if isinstance(module_type, str) else module_type.__qualname__
-            return path, type_name.rsplit(".", 1)[-1]
+            try:
+                return _module_names(entry)
+            except TypeError:  # an entry that cannot be hashed (a list): worked out each time
+                return _module_names.__wrapped__(entry)
     return "", ""
+
+
+@functools.lru_cache(maxsize=1 << 14)  # a block's nodes share their modules
+def _module_names(entry: tuple[str, type | str]) -> tuple[str, str]:
+    """(qualified name, class name) of an ``nn_module_stack`` entry (path, class or its name)."""
+    path, module_type = entry
+    type_name = module_type if isinstance(module_type, str) else module_type.__qualname__
+    return path, type_name.rsplit(".", 1)[-1]
 
 
 class AttributeReader:
