@@ -132,15 +132,16 @@ _MODULE_INTERNALS = frozenset(
         "_load_state_dict_post_hooks",
     )
 )
+# Global module hooks that run around a module's call, which a copied block would skip.
+# (Registration hooks run only when a module, parameter or buffer is registered: a block
+# whose trace registers one changes its fingerprint and is traced at every call. torch 2.11's
+# export leaves a buffer registration hook behind, which must not turn reuse off for good.)
 _GLOBAL_MODULE_HOOKS = (
     "_global_forward_hooks",
     "_global_forward_pre_hooks",
     "_global_backward_hooks",
     "_global_backward_pre_hooks",
     "_global_forward_hooks_always_called",
-    "_global_module_registration_hooks",
-    "_global_parameter_registration_hooks",
-    "_global_buffer_registration_hooks",
 )
 
 

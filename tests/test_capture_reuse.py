@@ -155,6 +155,45 @@ def test_hooked_block_is_traced(copied_blocks):
     assert copied_blocks == ["blocks.2"]
 
 
+def test_global_forward_hook_turns_reuse_off_and_registration_hook_does_not(copied_blocks):
+    """A global forward hook runs around every call, which a copy would skip: every block is
+    traced. A global buffer registration hook (torch 2.11's export leaves one behind) runs
+    only when a buffer is registered, which tracing these blocks does not: they are copied."""
+    from torch.nn.modules import module as module_globals
+
+    model = Stack([Block() for _ in range(3)])
+    handle = module_globals.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        _assert_same_capture(model, (_x(),))
+    finally:
+        handle.remove()
+    assert copied_blocks == []
+    handle = module_globals.register_module_buffer_registration_hook(lambda module, name, buffer: None)
+    try:
+        _assert_same_capture(model, (_x(),))
+    finally:
+        handle.remove()
+    assert copied_blocks == ["blocks.1", "blocks.2"]
+
+
+class LazyBufferBlock(Block):
+    def forward(self, x, scale=1.0):
+        if not hasattr(self, "seen"):
+            self.register_buffer("seen", torch.ones(1))  # registered while traced: a copy would not
+        return super().forward(x, scale) * self.seen
+
+
+def test_block_that_registers_a_buffer_while_traced_is_traced(copied_blocks):
+    model = Stack([LazyBufferBlock() for _ in range(3)])
+
+    def reset():
+        for block in model.blocks:
+            block._buffers.pop("seen", None)
+
+    _assert_same_capture(model, (_x(),), reset)
+    assert copied_blocks == []
+
+
 class CountingBlock(Block):
     def forward(self, x, scale=1.0):
         self.calls += 1  # tracing changes the block: a copy would not
