@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import partc
-from parity import case_key, free_port, run_parity
+from parity import case_key, free_port, run_parity, skip_if_refused
 from partc.models import GPT, GPTConfig, build
 from partc.passes.layouts import Shard, view_output_layout
 from partc.passes.split_stages import split_stages
@@ -281,6 +281,7 @@ def test_in_place_ops_after_a_cut(catalogue_verdicts):
 # == 8. inputs needed only by a later stage =======================================================
 @pytest.mark.slow
 def test_inputs_needed_only_by_a_later_stage(catalogue_verdicts):
+    skip_if_refused(CATALOGUE_CASES["late_input"])
     torch.manual_seed(0)
     model = catalogue_worker.LateInput()
     x, offset, targets = torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 16)

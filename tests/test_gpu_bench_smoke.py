@@ -7,6 +7,7 @@ minutes are not spent on harness bugs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bare_env() -> dict[str, str]:
+    """A nearly empty environment: the checkout first on the path, then what the caller's
+    path adds (a dependency installed outside site-packages), and the caller's choice of
+    visible GPUs (none: gloo on CPU)."""
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return env
+
+
 @pytest.mark.slow
 def test_gpu_bench_smoke_runs_every_layout(tmp_path):
     command = [sys.executable, str(ROOT / "bench" / "gpu" / "run.py"), "--smoke", "--models", "gpt-tiny", "--out", str(tmp_path)]
-    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240, env=_bare_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "results.json").read_text())
     layouts = summary["models"]["gpt-tiny"]["layouts"]
@@ -43,7 +54,7 @@ def test_gpu_bench_smoke_four_processes_runs_3d_and_skips_what_cannot_apply(tmp_
     the two stages) train, and a pipeline over 4 ranks of gpt-tiny's 2 blocks is skipped
     with its reason, not launched (an empty stage used to hang the launch)."""
     command = [sys.executable, str(ROOT / "bench" / "gpu" / "run.py"), "--smoke", "--gpus", "4", "--models", "gpt-tiny", "--no-codegen", "--out", str(tmp_path)]
-    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240, env=_bare_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     layouts = json.loads((tmp_path / "results.json").read_text())["models"]["gpt-tiny"]["layouts"]
     ran = {"partc", "ddp", "fsdp2", "ddp-acc2", "ddp-acc4", "fsdp2-acc2", "fsdp2-acc4", "tp", "3d-tp2-pp2-m4", "3d-tp2-pp2-m8", "3d-tp2-pp2-m16"}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 
-from parity import case_key, run_parity
+from parity import case_key, run_parity, skip_if_refused
 
 TRACED = {"loss_in_graph": True, "padded_targets": True}
 TP_PAYS = "tp-test:1e10"  # devices slow enough that tensor parallelism shards (test_parity.TP_PAYS); slower still, the loss too
@@ -63,6 +63,7 @@ def verdicts():
 @pytest.mark.slow
 @pytest.mark.parametrize("world, case", [(w, c) for w in CASES for c in CASES[w]], ids=lambda v: v if isinstance(v, int) else "-".join(f"{k}={v}" for k, v in v.items()))
 def test_mean_over_the_global_batch(world, case, verdicts):
+    skip_if_refused(case)
     if world not in verdicts:
         verdicts[world] = run_parity(CASES[world], nproc=world, timeout=400)
     ranks = verdicts[world].get(case_key(case), [])

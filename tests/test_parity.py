@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from parity import case_key, run_parity
+from parity import case_key, run_parity, skip_if_refused
 
 MODELS = ("gpt", "gpt-tied", "llama", "skip")  # tied embedding/LM head; GQA; a skip across stages
 PIPELINE_SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zero_bubble", 2))
@@ -82,6 +82,7 @@ def _verdict(verdicts: dict, world: int, case: dict) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("world, case", [(w, c) for w in CASES for c in CASES[w]], ids=lambda v: v if isinstance(v, int) else "-".join(f"{k}={v}" for k, v in v.items()))
 def test_parity(world, case, verdicts):
+    skip_if_refused(case)
     ranks = _verdict(verdicts, world, case)
     assert len(ranks) == world, f"only {len(ranks)} of {world} ranks reported"
     failures = {r["rank"]: r["failures"] for r in ranks if r["failures"]}

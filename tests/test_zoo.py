@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from parity import case_key
+from parity import case_key, skip_if_refused
 from zoo_matrix import KNOWN_FAILURES, ROWS, row_id, run_rows, world_size
 
 TABLE = Path(__file__).parent.parent / "docs" / "models.md"
@@ -31,6 +31,7 @@ def _param(row: dict):
 @pytest.mark.slow
 @pytest.mark.parametrize("row", [_param(row) for row in ROWS])
 def test_zoo_parity(row, verdicts):
+    skip_if_refused(row)
     ranks = verdicts.get(case_key(row), [])
     assert len(ranks) == world_size(row), f"only {len(ranks)} of {world_size(row)} ranks reported"
     failures = {r["rank"]: r["failures"] for r in ranks if r["failures"]}

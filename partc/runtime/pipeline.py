@@ -235,7 +235,9 @@ class PipelineRunner:
         for x in (*inputs, targets):
             split_microbatches(x, self.microbatches, what="inputs and targets")  # clear error before any send
         graph_inputs = (*inputs, targets) if self.loss_in_graph else tuple(inputs)
-        args = [x.to(self.device) for x in graph_inputs] if self.holds_first else []
+        # contiguous: the schedule's microbatches must have the strides of the stage's example
+        # inputs (torch < 2.13 checks them), and a slice such as idx[:, :-1] has its base's
+        args = [x.to(self.device).contiguous() for x in graph_inputs] if self.holds_first else []
         losses: list[torch.Tensor] = []
         kwargs: dict[str, Any] = {}
         if self.holds_last:
