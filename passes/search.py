@@ -364,7 +364,6 @@ class _NodeCosts:
         self.output_nodes: list[tuple[str, tuple[float, ...], bool, bool]] = []  # (name, bytes per output, batch-dependent, an input)
         diff_dep, diff_fixed = [0.0] * (L + 1), [0.0] * (L + 1)  # live-range differences of cut bytes
         rates: dict[tuple, float] = {}  # what a node's rate depends on -> the rate (repeated blocks repeat it)
-        scales: dict[torch.dtype | None, float] = {}  # ctx.dtype_scale by the node's dtype (all it reads)
         batch_dependent, recomputed = ctx.batch_dependent, ctx.recomputed
         for n in ctx.nodes:
             info = infos[n]
@@ -377,9 +376,7 @@ class _NodeCosts:
                 continue
             if op == OpKind.OUTPUT:
                 continue
-            scale = scales.get(node_dtype)
-            if scale is None:
-                scale = scales[node_dtype] = ctx.dtype_scale(info)
+            scale = ctx.dtype_scale(node_dtype)
             is_dep = n in batch_dependent
             if op != OpKind.INPUT and (info.fwd_flops or info.bytes_moved):
                 weights = sum(infos[a].outputs[0].nbytes for a in n.all_input_nodes if a.op == "get_attr" and infos[a].outputs) * scale
@@ -669,11 +666,11 @@ class _Context:
             self._node_costs = _NodeCosts(self)
         return self._node_costs
 
-    def dtype_scale(self, info) -> float:
-        """Bytes in the compute dtype over bytes as traced (mixed precision halves fp32)."""
-        if self.compute_dtype is None or info.dtype is None or not info.dtype.is_floating_point:
+    def dtype_scale(self, dtype: torch.dtype | None) -> float:
+        """Bytes in the compute dtype over bytes of ``dtype`` as traced (mixed precision halves fp32)."""
+        if self.compute_dtype is None or dtype is None or not dtype.is_floating_point:
             return 1.0
-        return self.compute_dtype.itemsize / info.dtype.itemsize
+        return self.compute_dtype.itemsize / dtype.itemsize
 
     def bytes_per_param(self, zero: int, dp: int, accumulates: bool = False, gathered: bool = False) -> float:
         key = (zero, dp, accumulates, gathered)
