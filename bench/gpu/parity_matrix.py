@@ -15,18 +15,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from parity import case_key, run_parity
+from parity import case_key, refused_here, run_parity
 from test_parity import CASES
-
-from partc.passes.stages import PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS as OLD_TORCH  # pipelining cannot send targets, no zero-bubble
 
 
 def main() -> int:
     world = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    cases = [
-        c for c in CASES[world]
-        if not (OLD_TORCH and (c.get("schedule") == "zero_bubble" or (c.get("loss_in_graph") and "pp" in c["mesh"])))
-    ]
+    cases = [c for c in CASES[world] if refused_here(c) is None]  # partc refuses the others on torch < 2.13
     start = time.time()
     verdicts = run_parity(cases, world)
     failed = 0

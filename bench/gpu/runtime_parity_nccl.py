@@ -16,19 +16,9 @@ import json
 import sys
 
 sys.path[:0] = ["tests", "tests/distributed"]
-from parity import case_key, run_parity  # noqa: E402
+from parity import case_key, refused_here, run_parity  # noqa: E402
 from test_loss_mean_parity import CASES as LOSS_MEAN_CASES  # noqa: E402
 from test_parity import CASES  # noqa: E402
-
-from partc.passes.stages import PIPELINE_NEEDS_GRADIENTS_ACROSS_CUTS as OLD_PIPELINING  # noqa: E402
-
-
-def refused_here(case: dict) -> bool:
-    """Cases partc refuses by design on torch < 2.13 (its pipelining cannot run them): the
-    zero-bubble schedule, and a pipeline with the loss traced in (a cut would cross a value
-    without a gradient)."""
-    pipeline = case["mesh"].get("pp", 1) > 1
-    return OLD_PIPELINING and pipeline and (case.get("schedule") == "zero_bubble" or case.get("loss_in_graph", False))
 
 
 def main() -> int:
@@ -36,7 +26,7 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, default=2, choices=sorted(CASES))
     args = parser.parse_args()
     wanted = CASES[args.gpus] + LOSS_MEAN_CASES.get(args.gpus, [])
-    cases = [c for c in wanted if not refused_here(c)]
+    cases = [c for c in wanted if refused_here(c) is None]
     skipped = len(wanted) - len(cases)
     if args.gpus == 2:
         cases.append({"model": "gpt", "mesh": {"dp": 2}, "gradient_compression": "bf16"})  # needs NCCL
