@@ -368,7 +368,7 @@ class _NodeCosts:
         for n in ctx.nodes:
             info = infos[n]
             op, outputs = info.op, info.outputs
-            node_dtype = outputs[0].dtype if outputs else None  # info.dtype
+            node_dtype = info.dtype
             if op == OpKind.PARAMETER:
                 itemsize = node_dtype.itemsize if node_dtype is not None else 4
                 readers = tuple(sorted({infos[u].layer for u in n.users} - {info.layer}))
